@@ -1,0 +1,452 @@
+#include "core/torch_checkpoint.h"
+
+#include <cstdint>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <unordered_map>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <caffe2/serialize/inline_container.h>
+
+#include "core/errors.h"
+
+namespace prefixcap {
+namespace {
+
+// The Python values a state-dict pickle can build.
+struct PyValue;
+using PyRef = std::shared_ptr<PyValue>;
+
+struct PyValue {
+  enum class Kind { None, Bool, Int, Float, String, Tuple, List, Dict, Tensor, Global };
+  Kind kind = Kind::None;
+  int64_t int_value = 0;
+  double float_value = 0;
+  std::string text;                                // String, or "module.name" for Global
+  std::vector<PyRef> items;                        // Tuple, List
+  std::vector<std::pair<PyRef, PyRef>> dict_items; // Dict, in insertion order
+  at::Tensor tensor;
+};
+
+PyRef make(PyValue::Kind kind) {
+  auto v = std::make_shared<PyValue>();
+  v->kind = kind;
+  return v;
+}
+
+struct StorageType {
+  const char* name;
+  at::ScalarType dtype;
+};
+const StorageType kStorageTypes[] = {
+    {"torch.DoubleStorage", at::kDouble}, {"torch.FloatStorage", at::kFloat},
+    {"torch.HalfStorage", at::kHalf},     {"torch.BFloat16Storage", at::kBFloat16},
+    {"torch.LongStorage", at::kLong},     {"torch.IntStorage", at::kInt},
+    {"torch.ShortStorage", at::kShort},   {"torch.CharStorage", at::kChar},
+    {"torch.ByteStorage", at::kByte},     {"torch.BoolStorage", at::kBool},
+};
+
+const StorageType* find_storage_type(const std::string& name) {
+  for (const auto& s : kStorageTypes)
+    if (name == s.name) return &s;
+  return nullptr;
+}
+
+class Unpickler {
+ public:
+  Unpickler(const std::string& path, const uint8_t* data, size_t size,
+            std::function<at::Tensor(const std::string& key, at::ScalarType, int64_t numel)>
+                load_storage)
+      : path_(path), data_(data), size_(size), load_storage_(std::move(load_storage)) {}
+
+  PyRef run() {
+    while (true) {
+      uint8_t op = read_u8();
+      switch (op) {
+        case 0x80: read_u8(); break;                         // PROTO
+        case 0x95: read_bytes(8); break;                     // FRAME
+        case '.': {                                          // STOP
+          if (stack_.size() != 1) fail("malformed pickle: stack has " +
+                                       std::to_string(stack_.size()) + " items at STOP");
+          return stack_.back();
+        }
+        case 'N': push(make(PyValue::Kind::None)); break;
+        case 0x88: case 0x89: {                              // NEWTRUE / NEWFALSE
+          auto v = make(PyValue::Kind::Bool);
+          v->int_value = op == 0x88;
+          push(v);
+          break;
+        }
+        case 'J': push_int(static_cast<int32_t>(read_le(4))); break;  // BININT
+        case 'K': push_int(read_le(1)); break;                        // BININT1
+        case 'M': push_int(read_le(2)); break;                        // BININT2
+        case 0x8a: {                                                  // LONG1
+          size_t n = read_u8();
+          if (n > 8) fail("integer wider than 64 bits");
+          uint64_t raw = read_le(n);
+          int64_t value = static_cast<int64_t>(raw);
+          if (n > 0 && n < 8 && (raw >> (8 * n - 1)) & 1) value -= int64_t(1) << (8 * n);
+          push_int(value);
+          break;
+        }
+        case 'G': {                                                   // BINFLOAT (big-endian)
+          uint64_t bits = 0;
+          for (uint8_t b : read_bytes(8)) bits = (bits << 8) | b;
+          auto v = make(PyValue::Kind::Float);
+          std::memcpy(&v->float_value, &bits, 8);
+          push(v);
+          break;
+        }
+        case 'X': push_string(read_le(4)); break;            // BINUNICODE
+        case 0x8c: push_string(read_u8()); break;            // SHORT_BINUNICODE
+        case 'T': push_string(read_le(4)); break;            // BINSTRING
+        case 'U': push_string(read_u8()); break;             // SHORT_BINSTRING
+        case 'B': push_string(read_le(4)); break;            // BINBYTES
+        case 'C': push_string(read_u8()); break;             // SHORT_BINBYTES
+        case '}': push(make(PyValue::Kind::Dict)); break;    // EMPTY_DICT
+        case ']': push(make(PyValue::Kind::List)); break;    // EMPTY_LIST
+        case ')': push(make(PyValue::Kind::Tuple)); break;   // EMPTY_TUPLE
+        case '(': marks_.push_back(stack_.size()); break;    // MARK
+        case 't': {                                          // TUPLE
+          auto v = make(PyValue::Kind::Tuple);
+          v->items = pop_to_mark();
+          push(v);
+          break;
+        }
+        case 0x85: case 0x86: case 0x87: {                   // TUPLE1..3
+          size_t n = op - 0x84;
+          if (stack_.size() < n) fail("malformed pickle: stack underflow");
+          auto v = make(PyValue::Kind::Tuple);
+          v->items.assign(stack_.end() - n, stack_.end());
+          stack_.resize(stack_.size() - n);
+          push(v);
+          break;
+        }
+        case 'q': memo_[read_u8()] = top(); break;          // BINPUT
+        case 'r': memo_[read_le(4)] = top(); break;         // LONG_BINPUT
+        case 0x94: memo_[memo_.size()] = top(); break;      // MEMOIZE
+        case 'h': push(memo_get(read_u8())); break;         // BINGET
+        case 'j': push(memo_get(read_le(4))); break;        // LONG_BINGET
+        case 'c': {                                          // GLOBAL
+          std::string module = read_line();
+          std::string name = read_line();
+          push_global(module + "." + name);
+          break;
+        }
+        case 0x93: {                                         // STACK_GLOBAL
+          PyRef name = pop();
+          PyRef module = pop();
+          if (module->kind != PyValue::Kind::String || name->kind != PyValue::Kind::String)
+            fail("malformed STACK_GLOBAL");
+          push_global(module->text + "." + name->text);
+          break;
+        }
+        case 'Q': {                                          // BINPERSID
+          PyRef pid = pop();
+          push(persistent_load(pid));
+          break;
+        }
+        case 'R': {                                          // REDUCE
+          PyRef args = pop();
+          PyRef callable = pop();
+          push(call(callable, args));
+          break;
+        }
+        case 'b': {                                          // BUILD
+          PyRef state = pop();
+          PyRef obj = top();
+          // OrderedDict state dicts carry a `_metadata` attribute (module versions): not
+          // needed to read tensors. Anything else with state is not a plain state dict.
+          if (obj->kind != PyValue::Kind::Dict && obj->kind != PyValue::Kind::Tensor)
+            fail("unsupported object state (BUILD) in pickle");
+          break;
+        }
+        case 's': {                                          // SETITEM
+          PyRef value = pop();
+          PyRef key = pop();
+          dict_of(top())->dict_items.emplace_back(key, value);
+          break;
+        }
+        case 'u': {                                          // SETITEMS
+          auto items = pop_to_mark();
+          if (items.size() % 2) fail("malformed SETITEMS");
+          auto dict = dict_of(top());
+          for (size_t i = 0; i < items.size(); i += 2)
+            dict->dict_items.emplace_back(items[i], items[i + 1]);
+          break;
+        }
+        case 'a': {                                          // APPEND
+          PyRef value = pop();
+          list_of(top())->items.push_back(value);
+          break;
+        }
+        case 'e': {                                          // APPENDS
+          auto items = pop_to_mark();
+          auto list = list_of(top());
+          list->items.insert(list->items.end(), items.begin(), items.end());
+          break;
+        }
+        default: {
+          char buf[8];
+          std::snprintf(buf, sizeof buf, "0x%02x", op);
+          fail(std::string("pickle opcode ") + buf + " at byte " + std::to_string(pos_ - 1) +
+               " is not used by state dicts; this checkpoint holds more than tensors");
+        }
+      }
+    }
+  }
+
+ private:
+  [[noreturn]] void fail(const std::string& what) const {
+    throw FileError(path_, "cannot read checkpoint: " + what);
+  }
+  uint8_t read_u8() {
+    if (pos_ >= size_) fail("pickle ends early (truncated?)");
+    return data_[pos_++];
+  }
+  std::vector<uint8_t> read_bytes(size_t n) {
+    if (n > size_ - pos_) fail("pickle ends early (truncated?)");
+    std::vector<uint8_t> out(data_ + pos_, data_ + pos_ + n);
+    pos_ += n;
+    return out;
+  }
+  uint64_t read_le(size_t n) {
+    if (n > size_ - pos_) fail("pickle ends early (truncated?)");
+    uint64_t v = 0;
+    for (size_t i = 0; i < n; ++i) v |= uint64_t(data_[pos_ + i]) << (8 * i);
+    pos_ += n;
+    return v;
+  }
+  std::string read_line() {
+    std::string out;
+    while (true) {
+      uint8_t c = read_u8();
+      if (c == '\n') return out;
+      if (out.size() > 256) fail("GLOBAL name too long");
+      out.push_back(static_cast<char>(c));
+    }
+  }
+  void push(PyRef v) { stack_.push_back(std::move(v)); }
+  void push_int(int64_t i) {
+    auto v = make(PyValue::Kind::Int);
+    v->int_value = i;
+    push(v);
+  }
+  void push_string(uint64_t n) {
+    if (n > size_ - pos_) fail("string runs past the end of the pickle");
+    auto v = make(PyValue::Kind::String);
+    v->text.assign(reinterpret_cast<const char*>(data_ + pos_), n);
+    pos_ += n;
+    push(v);
+  }
+  void push_global(const std::string& name) {
+    bool allowed = name == "collections.OrderedDict" || name == "torch._utils._rebuild_tensor_v2" ||
+                   name == "torch._utils._rebuild_parameter" || find_storage_type(name);
+    if (!allowed)
+      fail("it refers to the Python object '" + name +
+           "'; only state dicts (dicts of tensors) are read. Save model.state_dict() instead "
+           "of the whole model");
+    auto v = make(PyValue::Kind::Global);
+    v->text = name;
+    push(v);
+  }
+  PyRef pop() {
+    if (stack_.empty() || (!marks_.empty() && stack_.size() <= marks_.back()))
+      fail("malformed pickle: stack underflow");
+    PyRef v = stack_.back();
+    stack_.pop_back();
+    return v;
+  }
+  PyRef top() const {
+    if (stack_.empty()) fail("malformed pickle: empty stack");
+    return stack_.back();
+  }
+  std::vector<PyRef> pop_to_mark() {
+    if (marks_.empty()) fail("malformed pickle: no MARK");
+    size_t mark = marks_.back();
+    marks_.pop_back();
+    if (mark > stack_.size()) fail("malformed pickle: MARK past the stack");
+    std::vector<PyRef> out(stack_.begin() + mark, stack_.end());
+    stack_.resize(mark);
+    return out;
+  }
+  PyRef memo_get(uint64_t key) const {
+    auto it = memo_.find(key);
+    if (it == memo_.end()) fail("malformed pickle: memo key " + std::to_string(key) + " unset");
+    return it->second;
+  }
+  PyRef dict_of(const PyRef& v) const {
+    if (v->kind != PyValue::Kind::Dict) fail("malformed pickle: SETITEM on a non-dict");
+    return v;
+  }
+  PyRef list_of(const PyRef& v) const {
+    if (v->kind != PyValue::Kind::List) fail("malformed pickle: APPEND on a non-list");
+    return v;
+  }
+  int64_t as_int(const PyRef& v, const char* what) const {
+    if (v->kind != PyValue::Kind::Int) fail(std::string("expected an integer for ") + what);
+    return v->int_value;
+  }
+  std::vector<int64_t> as_int_tuple(const PyRef& v, const char* what) const {
+    if (v->kind != PyValue::Kind::Tuple) fail(std::string("expected a tuple for ") + what);
+    std::vector<int64_t> out;
+    for (const auto& i : v->items) out.push_back(as_int(i, what));
+    return out;
+  }
+
+  PyRef persistent_load(const PyRef& pid) {
+    // ('storage', <storage class>, key, location, numel)
+    if (pid->kind != PyValue::Kind::Tuple || pid->items.size() != 5 ||
+        pid->items[0]->kind != PyValue::Kind::String || pid->items[0]->text != "storage" ||
+        pid->items[1]->kind != PyValue::Kind::Global ||
+        pid->items[2]->kind != PyValue::Kind::String)
+      fail("unsupported persistent id (expected a tensor storage)");
+    const StorageType* st = find_storage_type(pid->items[1]->text);
+    if (!st) fail("unsupported storage type '" + pid->items[1]->text + "'");
+    int64_t numel = as_int(pid->items[4], "storage size");
+    if (numel < 0) fail("negative storage size");
+    const std::string& key = pid->items[2]->text;
+    auto it = storages_.find(key);
+    if (it == storages_.end()) it = storages_.emplace(key, load_storage_(key, st->dtype, numel)).first;
+    if (it->second.scalar_type() != st->dtype || it->second.numel() < numel)
+      fail("storage '" + key + "' is used with two different types or sizes");
+    auto v = make(PyValue::Kind::Tensor);
+    v->tensor = it->second;
+    return v;
+  }
+
+  PyRef call(const PyRef& callable, const PyRef& args) {
+    if (callable->kind != PyValue::Kind::Global || args->kind != PyValue::Kind::Tuple)
+      fail("unsupported REDUCE");
+    const std::string& name = callable->text;
+    if (name == "collections.OrderedDict") {
+      if (!args->items.empty()) fail("OrderedDict called with arguments");
+      return make(PyValue::Kind::Dict);
+    }
+    if (name == "torch._utils._rebuild_parameter") {
+      if (args->items.size() < 1 || args->items[0]->kind != PyValue::Kind::Tensor)
+        fail("malformed _rebuild_parameter");
+      return args->items[0];
+    }
+    if (name == "torch._utils._rebuild_tensor_v2") {
+      // (storage, storage_offset, size, stride, requires_grad, backward_hooks[, metadata])
+      if (args->items.size() < 4 || args->items[0]->kind != PyValue::Kind::Tensor)
+        fail("malformed _rebuild_tensor_v2");
+      const at::Tensor& storage = args->items[0]->tensor;
+      int64_t offset = as_int(args->items[1], "storage offset");
+      auto sizes = as_int_tuple(args->items[2], "tensor size");
+      auto strides = as_int_tuple(args->items[3], "tensor stride");
+      if (sizes.size() != strides.size()) fail("tensor size and stride differ in length");
+      // The view must stay inside its storage.
+      int64_t last = offset;
+      bool empty = false;
+      for (size_t i = 0; i < sizes.size(); ++i) {
+        if (sizes[i] < 0 || strides[i] < 0) fail("negative tensor size or stride");
+        if (sizes[i] == 0) empty = true;
+        else last += (sizes[i] - 1) * strides[i];
+      }
+      if (offset < 0 || (!empty && last >= storage.numel()))
+        fail("tensor view " + shape_to_string(sizes) + " at offset " + std::to_string(offset) +
+             " runs past its storage of " + std::to_string(storage.numel()) + " elements");
+      auto v = make(PyValue::Kind::Tensor);
+      v->tensor = empty ? at::empty(sizes, storage.options())
+                        : storage.as_strided(sizes, strides, offset);
+      return v;
+    }
+    fail("cannot call '" + name + "'");
+  }
+
+  std::string path_;
+  const uint8_t* data_;
+  size_t size_;
+  size_t pos_ = 0;
+  std::function<at::Tensor(const std::string&, at::ScalarType, int64_t)> load_storage_;
+  std::vector<PyRef> stack_;
+  std::vector<size_t> marks_;
+  std::unordered_map<uint64_t, PyRef> memo_;
+  std::unordered_map<std::string, at::Tensor> storages_;
+};
+
+std::string key_to_string(const PyRef& key) {
+  if (key->kind == PyValue::Kind::String) return key->text;
+  if (key->kind == PyValue::Kind::Int) return std::to_string(key->int_value);
+  return "";
+}
+
+void flatten(const PyRef& value, const std::string& prefix, TensorMap& out, int depth,
+             const std::string& path) {
+  if (depth > 32) throw FileError(path, "cannot read checkpoint: dicts nested too deeply");
+  if (value->kind == PyValue::Kind::Tensor) {
+    out[prefix] = value->tensor;
+    return;
+  }
+  if (value->kind != PyValue::Kind::Dict) return;  // numbers, strings: not weights
+  for (const auto& [key, item] : value->dict_items) {
+    std::string name = key_to_string(key);
+    if (name.empty()) continue;
+    flatten(item, prefix.empty() ? name : prefix + "." + name, out, depth + 1, path);
+  }
+}
+
+}  // namespace
+
+TensorMap load_torch_checkpoint(const std::string& path) {
+  {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw FileError(path, "cannot open");
+    char magic[4] = {0, 0, 0, 0};
+    in.read(magic, 4);
+    if (in.gcount() < 4) throw FileError(path, "file too short to be a checkpoint");
+    if (static_cast<uint8_t>(magic[0]) == 0x80)
+      throw FileError(path,
+                      "legacy (non-zip) torch.save format, which prefixcap does not read. "
+                      "Convert it once with Python + torch: "
+                      "python3 scripts/convert_checkpoint.py IN OUT.safetensors");
+    if (std::memcmp(magic, "PK\x03\x04", 4) != 0)
+      throw FileError(path, "not a PyTorch checkpoint (no zip archive header)");
+  }
+  std::unique_ptr<caffe2::serialize::PyTorchStreamReader> reader;
+  at::DataPtr pickle;
+  size_t pickle_size = 0;
+  try {
+    reader = std::make_unique<caffe2::serialize::PyTorchStreamReader>(path);
+    if (!reader->hasRecord("data.pkl"))
+      throw FileError(path, "zip archive has no data.pkl: not a torch.save checkpoint");
+    std::tie(pickle, pickle_size) = reader->getRecord("data.pkl");
+  } catch (const c10::Error& e) {
+    throw FileError(path, std::string("cannot read the zip archive: ") + e.what_without_backtrace());
+  }
+
+  auto load_storage = [&](const std::string& key, at::ScalarType dtype, int64_t numel) {
+    const std::string record = "data/" + key;
+    try {
+      if (!reader->hasRecord(record))
+        throw FileError(path, "cannot read checkpoint: storage record '" + record + "' is missing");
+      size_t element = c10::elementSize(dtype);
+      auto [data, nbytes] = reader->getRecord(record);
+      if (static_cast<uint64_t>(numel) > nbytes / element)
+        throw FileError(path, "cannot read checkpoint: storage '" + key + "' holds " +
+                                  std::to_string(nbytes) + " bytes, " + std::to_string(numel) +
+                                  " elements need " + std::to_string(numel * element));
+      auto holder = std::make_shared<at::DataPtr>(std::move(data));
+      void* ptr = holder->get();
+      if (numel == 0) return at::empty({0}, at::TensorOptions().dtype(dtype));
+      return at::from_blob(ptr, {numel}, [holder](void*) mutable { holder.reset(); },
+                           at::TensorOptions().dtype(dtype));
+    } catch (const c10::Error& e) {
+      throw FileError(path, std::string("cannot read storage '") + key + "': " + e.what_without_backtrace());
+    }
+  };
+
+  Unpickler unpickler(path, static_cast<const uint8_t*>(pickle.get()), pickle_size, load_storage);
+  PyRef root = unpickler.run();
+  TensorMap out;
+  flatten(root, "", out, 0, path);
+  if (out.empty()) throw FileError(path, "checkpoint holds no tensors");
+  return out;
+}
+
+}  // namespace prefixcap

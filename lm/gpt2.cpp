@@ -1,0 +1,371 @@
+#include "lm/gpt2.h"
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <limits>
+
+#include <torch/nn/functional/activation.h>
+#include <torch/nn/functional/normalization.h>
+
+#include "core/errors.h"
+#include "core/weights.h"
+
+namespace prefixcap {
+
+// ---------------------------------------------------------------------------------------
+// config
+
+Gpt2Config Gpt2Config::from_json(const Json& j, const std::string& where) {
+  Gpt2Config c;
+  c.vocab_size = json_get_or<int64_t>(j, "vocab_size", c.vocab_size, where);
+  c.n_positions = json_get_or<int64_t>(j, "n_positions", c.n_positions, where);
+  c.n_embd = json_get_or<int64_t>(j, "n_embd", c.n_embd, where);
+  c.n_layer = json_get_or<int64_t>(j, "n_layer", c.n_layer, where);
+  c.n_head = json_get_or<int64_t>(j, "n_head", c.n_head, where);
+  c.n_inner = json_get_or<int64_t>(j, "n_inner", 0, where);
+  c.layer_norm_epsilon = json_get_or<double>(j, "layer_norm_epsilon", c.layer_norm_epsilon, where);
+  c.activation_function =
+      json_get_or<std::string>(j, "activation_function", c.activation_function, where);
+  c.bos_token_id = json_get_or<int64_t>(j, "bos_token_id", c.bos_token_id, where);
+  c.eos_token_id = json_get_or<int64_t>(j, "eos_token_id", c.eos_token_id, where);
+  c.tie_word_embeddings = json_get_or<bool>(j, "tie_word_embeddings", true, where);
+
+  auto positive = [&](int64_t v, const char* key) {
+    if (v <= 0) throw ConfigError(where + ": key '" + key + "' must be positive, got " + std::to_string(v));
+  };
+  positive(c.vocab_size, "vocab_size");
+  positive(c.n_positions, "n_positions");
+  positive(c.n_embd, "n_embd");
+  positive(c.n_layer, "n_layer");
+  positive(c.n_head, "n_head");
+  if (c.n_embd % c.n_head != 0)
+    throw ConfigError(where + ": n_embd (" + std::to_string(c.n_embd) +
+                      ") is not a multiple of n_head (" + std::to_string(c.n_head) + ")");
+  if (c.n_inner < 0) throw ConfigError(where + ": key 'n_inner' must not be negative");
+  if (!(c.layer_norm_epsilon > 0)) throw ConfigError(where + ": key 'layer_norm_epsilon' must be positive");
+  const std::vector<std::string> activations = {"gelu_new", "gelu_pytorch_tanh", "gelu", "relu"};
+  if (std::find(activations.begin(), activations.end(), c.activation_function) == activations.end())
+    throw ConfigError(where + ": activation_function '" + c.activation_function +
+                      "' is not supported (gelu_new, gelu_pytorch_tanh, gelu, relu)");
+  // Hugging Face options that change the arithmetic; refuse rather than silently differ.
+  if (json_get_or<bool>(j, "scale_attn_by_inverse_layer_idx", false, where) ||
+      json_get_or<bool>(j, "reorder_and_upcast_attn", false, where))
+    throw ConfigError(where + ": scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported");
+  if (!json_get_or<bool>(j, "scale_attn_weights", true, where))
+    throw ConfigError(where + ": scale_attn_weights=false is not supported");
+  return c;
+}
+
+Gpt2Config Gpt2Config::from_file(const std::string& path) {
+  return from_json(read_json_file(path), path);
+}
+
+Json Gpt2Config::to_json() const {
+  Json j;
+  j["model_type"] = "gpt2";
+  j["architectures"] = {"GPT2LMHeadModel"};
+  j["vocab_size"] = vocab_size;
+  j["n_positions"] = n_positions;
+  j["n_ctx"] = n_positions;
+  j["n_embd"] = n_embd;
+  j["n_layer"] = n_layer;
+  j["n_head"] = n_head;
+  j["n_inner"] = n_inner > 0 ? Json(n_inner) : Json(nullptr);
+  j["layer_norm_epsilon"] = layer_norm_epsilon;
+  j["activation_function"] = activation_function;
+  j["bos_token_id"] = bos_token_id;
+  j["eos_token_id"] = eos_token_id;
+  j["tie_word_embeddings"] = tie_word_embeddings;
+  return j;
+}
+
+// ---------------------------------------------------------------------------------------
+// KV cache
+
+void KvCache::select_rows(const at::Tensor& index) {
+  for (auto& layer : layers) {
+    layer.key = layer.key.index_select(0, index);
+    layer.value = layer.value.index_select(0, index);
+  }
+  if (key_mask.defined()) key_mask = key_mask.index_select(0, index);
+}
+
+KvCache make_kv_prefix_cache(const std::vector<LayerKv>& past, KvPrefixPositions positions) {
+  KvCache cache;
+  if (past.empty()) throw std::invalid_argument("key/value prefix has no layers");
+  for (const auto& layer : past) {
+    if (layer.key.dim() != 4 || layer.key.sizes() != layer.value.sizes())
+      throw std::invalid_argument("key/value prefix: expected keys and values [B, n_head, P, head_dim], got " +
+                                  shape_to_string(layer.key.sizes().vec()) + " and " +
+                                  shape_to_string(layer.value.sizes().vec()));
+    if (layer.key.sizes() != past[0].key.sizes())
+      throw std::invalid_argument("key/value prefix: layers differ in shape");
+  }
+  cache.layers = past;
+  cache.next_position = positions == KvPrefixPositions::AfterPrefix ? past[0].key.size(2) : 0;
+  return cache;
+}
+
+std::vector<LayerKv> kv_prefix_from_prompt_embeddings(const at::Tensor& prompt_embeddings,
+                                                      const Gpt2Config& config, int64_t batch) {
+  const int64_t width = config.n_layer * 2 * config.n_embd;
+  if (prompt_embeddings.dim() != 2 || prompt_embeddings.size(1) != width)
+    throw std::invalid_argument("prompt_embeddings: expected [P, " + std::to_string(width) + "], got " +
+                                shape_to_string(prompt_embeddings.sizes().vec()));
+  const int64_t P = prompt_embeddings.size(0);
+  // ref: peft/peft_model.py get_prompt: view(B, P, 2L, H, D).permute(2, 0, 3, 1, 4).split(2)
+  at::Tensor x = prompt_embeddings.unsqueeze(0).expand({batch, P, width})
+                     .reshape({batch, P, 2 * config.n_layer, config.n_head, config.head_dim()})
+                     .permute({2, 0, 3, 1, 4});  // [2L, B, H, P, D]
+  std::vector<LayerKv> out;
+  for (int64_t l = 0; l < config.n_layer; ++l)
+    out.push_back({x[2 * l].contiguous(), x[2 * l + 1].contiguous()});
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// modules
+
+Conv1DImpl::Conv1DImpl(int64_t in_features, int64_t out_features) {
+  weight = register_parameter("weight", at::empty({in_features, out_features}).normal_(0, 0.02));
+  bias = register_parameter("bias", at::zeros({out_features}));
+}
+
+at::Tensor Conv1DImpl::forward(const at::Tensor& x) {
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = weight.size(1);
+  return at::addmm(bias, x.reshape({-1, x.size(-1)}), weight).view(out_shape);
+}
+
+Gpt2AttentionImpl::Gpt2AttentionImpl(const Gpt2Config& config)
+    : n_head_(config.n_head), head_dim_(config.head_dim()) {
+  c_attn = register_module("c_attn", Conv1D(config.n_embd, 3 * config.n_embd));
+  c_proj = register_module("c_proj", Conv1D(config.n_embd, config.n_embd));
+}
+
+at::Tensor Gpt2AttentionImpl::forward(const at::Tensor& x, LayerKv* cache, const at::Tensor& attn_bias) {
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
+  auto heads = [&](const at::Tensor& t) {  // [B, T, C] -> [B, H, T, D]
+    return t.view({B, T, n_head_, head_dim_}).transpose(1, 2);
+  };
+  auto qkv = c_attn(x).split(C, /*dim=*/2);
+  at::Tensor q = heads(qkv[0]), k = heads(qkv[1]), v = heads(qkv[2]);
+  if (cache) {
+    if (cache->key.defined()) {
+      k = at::cat({cache->key, k}, 2);
+      v = at::cat({cache->value, v}, 2);
+    }
+    cache->key = k;
+    cache->value = v;
+  }
+  // [B, H, T, S]
+  at::Tensor scores = at::matmul(q, k.transpose(-2, -1)).mul_(1.0 / std::sqrt(double(head_dim_)));
+  if (attn_bias.defined()) scores = scores + attn_bias;
+  at::Tensor probs = at::softmax(scores, -1);
+  at::Tensor y = at::matmul(probs, v).transpose(1, 2).reshape({B, T, C});
+  return c_proj(y);
+}
+
+Gpt2MlpImpl::Gpt2MlpImpl(const Gpt2Config& config) : activation_(config.activation_function) {
+  c_fc = register_module("c_fc", Conv1D(config.n_embd, config.mlp_width()));
+  c_proj = register_module("c_proj", Conv1D(config.mlp_width(), config.n_embd));
+}
+
+at::Tensor Gpt2MlpImpl::forward(const at::Tensor& x) {
+  at::Tensor hidden = c_fc(x);
+  if (activation_ == "gelu_new" || activation_ == "gelu_pytorch_tanh")
+    hidden = at::gelu(hidden, "tanh");
+  else if (activation_ == "gelu")
+    hidden = at::gelu(hidden);
+  else
+    hidden = at::relu(hidden);
+  return c_proj(hidden);
+}
+
+Gpt2BlockImpl::Gpt2BlockImpl(const Gpt2Config& config) {
+  auto ln = [&] {
+    return torch::nn::LayerNorm(
+        torch::nn::LayerNormOptions({config.n_embd}).eps(config.layer_norm_epsilon));
+  };
+  ln_1 = register_module("ln_1", ln());
+  attn = register_module("attn", Gpt2Attention(config));
+  ln_2 = register_module("ln_2", ln());
+  mlp = register_module("mlp", Gpt2Mlp(config));
+}
+
+at::Tensor Gpt2BlockImpl::forward(const at::Tensor& x, LayerKv* cache, const at::Tensor& attn_bias) {
+  at::Tensor h = x + attn(ln_1(x), cache, attn_bias);
+  return h + mlp(ln_2(h));
+}
+
+Gpt2ModelImpl::Gpt2ModelImpl(const Gpt2Config& config) : config_(config) {
+  wte = register_module("wte", torch::nn::Embedding(config.vocab_size, config.n_embd));
+  wpe = register_module("wpe", torch::nn::Embedding(config.n_positions, config.n_embd));
+  h = register_module("h", torch::nn::ModuleList());
+  for (int64_t i = 0; i < config.n_layer; ++i) {
+    blocks_.push_back(Gpt2Block(config));
+    h->push_back(blocks_.back());
+  }
+  ln_f = register_module(
+      "ln_f", torch::nn::LayerNorm(torch::nn::LayerNormOptions({config.n_embd}).eps(config.layer_norm_epsilon)));
+  if (!config.tie_word_embeddings)
+    lm_head = register_module(
+        "lm_head", torch::nn::Linear(torch::nn::LinearOptions(config.n_embd, config.vocab_size).bias(false)));
+}
+
+at::Tensor Gpt2ModelImpl::embed_tokens(const at::Tensor& input_ids) {
+  return wte(input_ids);
+}
+
+at::Tensor Gpt2ModelImpl::head(const at::Tensor& hidden) {
+  const at::Tensor& w = lm_head ? lm_head->weight : wte->weight;  // [V, C]
+  return at::matmul(hidden, w.t());
+}
+
+Gpt2Output Gpt2ModelImpl::forward(const Gpt2Input& input) {
+  // Input vectors: prefix embeddings, then token embeddings. [B, N, C]
+  std::vector<at::Tensor> parts;
+  if (input.prefix_embeds.defined()) {
+    TORCH_CHECK(input.prefix_embeds.dim() == 3 && input.prefix_embeds.size(2) == config_.n_embd,
+                "prefix_embeds: expected [B, P, ", config_.n_embd, "], got ", input.prefix_embeds.sizes());
+    parts.push_back(input.prefix_embeds);
+  }
+  if (input.input_ids.defined()) {
+    TORCH_CHECK(input.input_ids.dim() == 2, "input_ids: expected [B, T], got ", input.input_ids.sizes());
+    if (input.input_ids.numel() > 0) {
+      auto lo = input.input_ids.min().item<int64_t>(), hi = input.input_ids.max().item<int64_t>();
+      TORCH_CHECK(lo >= 0 && hi < config_.vocab_size, "input_ids: token id out of range [0, ",
+                  config_.vocab_size, "): got ", lo < 0 ? lo : hi);
+    }
+    at::Tensor tok = embed_tokens(input.input_ids);
+    if (!parts.empty()) tok = tok.to(parts[0].dtype());
+    parts.push_back(tok);
+  }
+  TORCH_CHECK(!parts.empty(), "GPT-2 forward needs input_ids or prefix_embeds");
+  if (parts.size() == 2)
+    TORCH_CHECK(parts[0].size(0) == parts[1].size(0), "prefix_embeds and input_ids differ in batch size: ",
+                parts[0].size(0), " vs ", parts[1].size(0));
+  at::Tensor x = parts.size() == 1 ? parts[0] : at::cat(parts, 1);
+  const int64_t B = x.size(0), N = x.size(1);
+
+  KvCache* cache = input.cache;
+  const int64_t past = cache ? cache->length() : 0;
+  if (cache && past > 0)
+    TORCH_CHECK(cache->batch_size() == B, "KV cache holds batch ", cache->batch_size(), ", input has ", B);
+  if (cache && cache->layers.empty()) cache->layers.resize(config_.n_layer);
+  TORCH_CHECK(!cache || static_cast<int64_t>(cache->layers.size()) == config_.n_layer,
+              "KV cache has ", cache ? cache->layers.size() : 0, " layers, the model ", config_.n_layer);
+
+  // Positions.
+  at::Tensor position_ids = input.position_ids;
+  const int64_t first_position = cache ? cache->next_position : 0;
+  if (!position_ids.defined()) {
+    position_ids = at::arange(first_position, first_position + N, at::TensorOptions().dtype(at::kLong).device(x.device()))
+                       .unsqueeze(0);
+  } else {
+    TORCH_CHECK(position_ids.dim() == 2 && position_ids.size(1) == N, "position_ids: expected [B, ", N,
+                "], got ", position_ids.sizes());
+  }
+  if (N > 0) {
+    int64_t max_pos = position_ids.max().item<int64_t>();
+    TORCH_CHECK(max_pos < config_.n_positions && position_ids.min().item<int64_t>() >= 0,
+                "sequence too long: position ", max_pos, " >= n_positions ", config_.n_positions);
+  }
+  x = x + wpe(position_ids).to(x.dtype());
+
+  // Key mask over all keys (cached + new): [B, past + N] bool, or undefined if all real.
+  at::Tensor key_mask;
+  bool any_padding = false;
+  if (input.attention_mask.defined()) {
+    TORCH_CHECK(input.attention_mask.dim() == 2 && input.attention_mask.size(0) == B &&
+                    input.attention_mask.size(1) == N,
+                "attention_mask: expected [", B, ", ", N, "], got ", input.attention_mask.sizes());
+    at::Tensor new_mask = input.attention_mask.to(at::kBool);
+    any_padding = !new_mask.all().item<bool>();
+    if (any_padding || (cache && cache->key_mask.defined())) {
+      at::Tensor old_mask = (cache && cache->key_mask.defined())
+                                ? cache->key_mask
+                                : at::ones({B, past}, new_mask.options());
+      key_mask = at::cat({old_mask, new_mask}, 1);
+    }
+  } else if (cache && cache->key_mask.defined()) {
+    key_mask = at::cat({cache->key_mask, at::ones({B, N}, cache->key_mask.options())}, 1);
+  }
+  if (cache) cache->key_mask = key_mask;
+
+  // Additive attention bias [B or 1, 1, N, past + N]: causal among new inputs, masked keys out.
+  at::Tensor attn_bias;
+  if (N > 1 || key_mask.defined()) {
+    auto opts = at::TensorOptions().dtype(at::kBool).device(x.device());
+    at::Tensor allowed = at::ones({N, past + N}, opts).tril(past).unsqueeze(0);  // [1, N, S]
+    if (key_mask.defined()) allowed = allowed & key_mask.unsqueeze(1);         // [B, N, S]
+    const double lowest = x.scalar_type() == at::kDouble ? std::numeric_limits<double>::lowest()
+                                                         : std::numeric_limits<float>::lowest();
+    attn_bias = at::zeros(allowed.sizes(), x.options()).masked_fill_(allowed.logical_not(), lowest).unsqueeze(1);
+  }
+
+  Gpt2Output out;
+  if (input.output_hidden_states) out.hidden_states.push_back(x);
+  for (int64_t i = 0; i < config_.n_layer; ++i) {
+    x = blocks_[i]->forward(x, cache ? &cache->layers[i] : nullptr, attn_bias);
+    if (input.output_hidden_states) out.hidden_states.push_back(x);
+  }
+  if (cache) cache->next_position = first_position + N;
+  x = ln_f(x);
+  out.last_hidden_state = x;
+  if (input.logits == LogitsMode::All) out.logits = head(x);
+  else if (input.logits == LogitsMode::Last) out.logits = head(x.select(1, N - 1));
+  return out;
+}
+
+// The one mapping table between checkpoint names and ours:
+//   transformer.X              -> X             (GPT2LMHeadModel saves under "transformer.")
+//   lm_head.weight             -> ignored when tied (it equals wte.weight), kept otherwise
+//   h.N.attn.bias, masked_bias -> ignored (causal-mask buffers, recomputed here)
+// Conv1D weights keep their [in, out] layout: Conv1DImpl multiplies x @ weight.
+void Gpt2ModelImpl::load_weights(const TensorMap& weights, const std::string& source) {
+  TensorMap renamed;
+  for (const auto& [key, tensor] : weights) {
+    std::string name = key.rfind("transformer.", 0) == 0 ? key.substr(12) : key;
+    if (renamed.count(name))
+      throw FileError(source, "tensor '" + name + "' appears twice (with and without 'transformer.')");
+    renamed[name] = tensor;
+  }
+  StrictLoadOptions options;
+  options.source = source;
+  options.ignorable = {"h.*.attn.bias", "h.*.attn.masked_bias"};
+  if (config_.tie_word_embeddings) options.ignorable.push_back("lm_head.weight");
+  load_state_strict(*this, renamed, options);
+}
+
+void Gpt2ModelImpl::freeze() {
+  for (auto& p : parameters()) p.set_requires_grad(false);
+  eval();
+}
+
+Gpt2Model load_gpt2(const std::string& path) {
+  namespace fs = std::filesystem;
+  fs::path folder = fs::is_directory(path) ? fs::path(path) : fs::path(path).parent_path();
+  fs::path config_path = folder / "config.json";
+  if (!fs::exists(config_path)) throw FileError(config_path.string(), "missing (GPT-2 config.json)");
+  Gpt2Config config = Gpt2Config::from_file(config_path.string());
+  fs::path weights_path;
+  if (fs::is_directory(path)) {
+    for (const char* name : {"model.safetensors", "pytorch_model.bin"})
+      if (fs::exists(folder / name)) {
+        weights_path = folder / name;
+        break;
+      }
+    if (weights_path.empty())
+      throw FileError(path, "no model.safetensors or pytorch_model.bin in the GPT-2 folder");
+  } else {
+    weights_path = path;
+  }
+  Gpt2Model model(config);
+  model->load_weights(load_weight_file(weights_path.string()), weights_path.string());
+  model->freeze();
+  return model;
+}
+
+}  // namespace prefixcap

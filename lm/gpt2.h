@@ -1,0 +1,173 @@
+// GPT-2 (Hugging Face GPT2LMHeadModel semantics) with prefix embeddings, deep key/value
+// prefixes, padded-batch attention masks and a KV cache. Module names equal Hugging Face's
+// checkpoint keys (wte, wpe, h.N.attn.c_attn, ...), so named_parameters() are the keys.
+// ref: karpathy/nanoGPT model.py (3adf61e); huggingface/transformers modeling_gpt2.py.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/embedding.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/normalization.h>
+#include <torch/nn/pimpl.h>
+
+#include "core/json_config.h"
+#include "core/tensor_map.h"
+
+namespace prefixcap {
+
+struct Gpt2Config {
+  int64_t vocab_size = 50257;          // tokens in the vocabulary
+  int64_t n_positions = 1024;          // longest sequence (prefix + tokens)
+  int64_t n_embd = 768;                // hidden width
+  int64_t n_layer = 12;                // transformer blocks
+  int64_t n_head = 12;                 // attention heads
+  int64_t n_inner = 0;                 // MLP width; 0 = 4 * n_embd
+  double layer_norm_epsilon = 1e-5;    // LayerNorm epsilon
+  std::string activation_function = "gelu_new";  // gelu_new | gelu_pytorch_tanh | gelu | relu
+  int64_t bos_token_id = 50256;        // <|endoftext|>
+  int64_t eos_token_id = 50256;        // <|endoftext|>
+  bool tie_word_embeddings = true;     // output head = wte (Hugging Face default)
+
+  int64_t head_dim() const { return n_embd / n_head; }
+  int64_t mlp_width() const { return n_inner > 0 ? n_inner : 4 * n_embd; }
+
+  // From a Hugging Face config.json; checks every value it uses. `where` names the file.
+  static Gpt2Config from_json(const Json& j, const std::string& where);
+  static Gpt2Config from_file(const std::string& path);
+  Json to_json() const;
+};
+
+// Keys and values of one layer in the per-head space after c_attn: [B, n_head, S, head_dim].
+struct LayerKv {
+  at::Tensor key;
+  at::Tensor value;
+};
+
+// Incremental-decoding state: every layer's keys/values so far, which of those keys are real
+// (padding excluded), and the position id the next input gets.
+struct KvCache {
+  std::vector<LayerKv> layers;   // empty until the first forward (or a key/value prefix)
+  at::Tensor key_mask;           // [B, S] bool, true = real key; undefined = all real
+  int64_t next_position = 0;     // position id of the next input vector
+
+  int64_t length() const { return layers.empty() ? 0 : layers[0].key.size(2); }
+  int64_t batch_size() const { return layers.empty() ? 0 : layers[0].key.size(0); }
+  // Keeps rows `index` (int64 [N]) in that order: beam reordering and expansion.
+  void select_rows(const at::Tensor& index);
+};
+
+// Where token positions start after a deep key/value prefix of length P.
+enum class KvPrefixPositions {
+  AfterPrefix,  // P, P+1, ... (Hugging Face past_key_values / PEFT prefix tuning; default)
+  FromZero,     // 0, 1, ... (the prefix slots take no positions)
+};
+
+// A KV cache that starts with a deep key/value prefix (Li & Liang). `past` holds one LayerKv
+// per layer, each [B, n_head, P, head_dim].
+KvCache make_kv_prefix_cache(const std::vector<LayerKv>& past,
+                             KvPrefixPositions positions = KvPrefixPositions::AfterPrefix);
+
+// PEFT's saved `prompt_embeddings` [P, n_layer * 2 * n_embd] as per-layer keys/values for
+// batch size `batch`: flat index ((2*l + kv) * n_head + h) * head_dim + d.
+std::vector<LayerKv> kv_prefix_from_prompt_embeddings(const at::Tensor& prompt_embeddings,
+                                                      const Gpt2Config& config, int64_t batch);
+
+enum class LogitsMode { All, Last, None };
+
+struct Gpt2Input {
+  at::Tensor input_ids;       // [B, T] int64 token ids (optional if prefix_embeds given)
+  at::Tensor prefix_embeds;   // [B, P, n_embd] vectors placed before the tokens (optional)
+  at::Tensor attention_mask;  // [B, P + T] 1 = real, 0 = padding (optional); keys at 0 are
+                              // excluded for every query (HF semantics); cached keys keep theirs
+  at::Tensor position_ids;    // [B, P + T] (optional; default continues from the cache)
+  KvCache* cache = nullptr;   // read and extended when given
+  LogitsMode logits = LogitsMode::All;
+  bool output_hidden_states = false;
+};
+
+struct Gpt2Output {
+  at::Tensor logits;                       // [B, P+T, V], or [B, V] for LogitsMode::Last
+  at::Tensor last_hidden_state;            // [B, P+T, n_embd] after ln_f
+  std::vector<at::Tensor> hidden_states;   // embeddings + each block's output (if asked)
+};
+
+// GPT-2's Conv1D: y = x @ weight + bias with weight stored [in, out] as in the checkpoints.
+class Conv1DImpl : public torch::nn::Module {
+ public:
+  Conv1DImpl(int64_t in_features, int64_t out_features);
+  at::Tensor forward(const at::Tensor& x);
+  at::Tensor weight;  // [in, out]
+  at::Tensor bias;    // [out]
+};
+TORCH_MODULE(Conv1D);
+
+class Gpt2AttentionImpl : public torch::nn::Module {
+ public:
+  explicit Gpt2AttentionImpl(const Gpt2Config& config);
+  // x [B, T, C]; attn_bias broadcastable to [B, H, T, S] (additive) or undefined.
+  at::Tensor forward(const at::Tensor& x, LayerKv* cache, const at::Tensor& attn_bias);
+  Conv1D c_attn{nullptr}, c_proj{nullptr};
+
+ private:
+  int64_t n_head_, head_dim_;
+};
+TORCH_MODULE(Gpt2Attention);
+
+class Gpt2MlpImpl : public torch::nn::Module {
+ public:
+  explicit Gpt2MlpImpl(const Gpt2Config& config);
+  at::Tensor forward(const at::Tensor& x);
+  Conv1D c_fc{nullptr}, c_proj{nullptr};
+
+ private:
+  std::string activation_;
+};
+TORCH_MODULE(Gpt2Mlp);
+
+class Gpt2BlockImpl : public torch::nn::Module {
+ public:
+  explicit Gpt2BlockImpl(const Gpt2Config& config);
+  at::Tensor forward(const at::Tensor& x, LayerKv* cache, const at::Tensor& attn_bias);
+  torch::nn::LayerNorm ln_1{nullptr}, ln_2{nullptr};
+  Gpt2Attention attn{nullptr};
+  Gpt2Mlp mlp{nullptr};
+};
+TORCH_MODULE(Gpt2Block);
+
+class Gpt2ModelImpl : public torch::nn::Module {
+ public:
+  explicit Gpt2ModelImpl(const Gpt2Config& config);
+
+  Gpt2Output forward(const Gpt2Input& input);
+  // Token embeddings wte[ids]: [B, T] -> [B, T, n_embd].
+  at::Tensor embed_tokens(const at::Tensor& input_ids);
+  // ln_f output -> logits with the (tied or separate) output head.
+  at::Tensor head(const at::Tensor& hidden);
+
+  // Loads a state dict with any supported naming (see the mapping table in gpt2.cpp).
+  void load_weights(const TensorMap& weights, const std::string& source);
+  // No parameter requires grad; gradients still flow to prefix inputs.
+  void freeze();
+
+  const Gpt2Config& config() const { return config_; }
+
+  torch::nn::Embedding wte{nullptr}, wpe{nullptr};
+  torch::nn::ModuleList h{nullptr};
+  torch::nn::LayerNorm ln_f{nullptr};
+  torch::nn::Linear lm_head{nullptr};  // only when untied: weight [V, n_embd], no bias
+
+ private:
+  Gpt2Config config_;
+  std::vector<Gpt2Block> blocks_;
+};
+TORCH_MODULE(Gpt2Model);
+
+// Loads config.json + weights from a Hugging Face GPT-2 folder (model.safetensors, else
+// pytorch_model.bin), or from an explicit weight file next to a config.json. Frozen, eval mode.
+Gpt2Model load_gpt2(const std::string& path);
+
+}  // namespace prefixcap

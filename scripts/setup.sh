@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Installs every Debian package prefixcap needs (idempotent; needs root or sudo on a fresh
+# Debian 12), then configures and builds into build/ (or $PREFIXCAP_BUILD_DIR).
+#
+#   scripts/setup.sh              install + configure + build (Release)
+#   scripts/setup.sh --no-build   install only
+#   Torch_DIR=/opt/libtorch/share/cmake/Torch scripts/setup.sh   use another LibTorch (CUDA too)
+#   PREFIXCAP_CMAKE_ARGS="-DPREFIXCAP_SANITIZE=ON" scripts/setup.sh   extra CMake options
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+build_dir="${PREFIXCAP_BUILD_DIR:-$root/build}"
+do_build=1
+[[ "${1:-}" == "--no-build" ]] && do_build=0
+
+packages=(
+  build-essential cmake pkg-config git
+  libtorch-dev                    # LibTorch 1.13 (CPU); any newer one works via Torch_DIR
+  libopenblas0-pthread            # fast BLAS behind LibTorch (Debian's default is the reference BLAS)
+  nlohmann-json3-dev libpcre2-dev libcli11-dev
+  libgtest-dev libgmock-dev
+  libsndfile1-dev libsoxr-dev
+  libavformat-dev libavcodec-dev libavutil-dev libswresample-dev libswscale-dev
+  libopencv-dev
+  libspdlog-dev libfmt-dev
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  sudo_cmd=()
+  if [[ $(id -u) -ne 0 ]]; then
+    command -v sudo >/dev/null || { echo "setup: run as root or install sudo" >&2; exit 1; }
+    sudo_cmd=(sudo)
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo_cmd[@]}" apt-get update -q || { echo "setup: apt-get update failed (no network?)" >&2; exit 1; }
+  "${sudo_cmd[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+  echo "setup: all Debian packages present"
+fi
+
+((do_build)) || exit 0
+
+cmake_args=(-S "$root" -B "$build_dir" -DCMAKE_BUILD_TYPE=Release)
+[[ -n "${Torch_DIR:-}" ]] && cmake_args+=("-DTorch_DIR=$Torch_DIR")
+# shellcheck disable=SC2206
+[[ -n "${PREFIXCAP_CMAKE_ARGS:-}" ]] && cmake_args+=(${PREFIXCAP_CMAKE_ARGS})
+cmake "${cmake_args[@]}"
+cmake --build "$build_dir" -j "$(nproc)"
+echo "setup: built into $build_dir"

@@ -1,0 +1,160 @@
+#include "tests/fixture_runner.h"
+
+#include <cmath>
+#include <filesystem>
+#include <sstream>
+
+#include <ATen/ATen.h>
+
+#include "core/errors.h"
+
+namespace prefixcap::fixtures {
+
+int FixtureReport::passed() const {
+  int n = 0;
+  for (const auto& c : cases) n += c.passed;
+  return n;
+}
+int FixtureReport::failed() const { return static_cast<int>(cases.size()) - passed(); }
+
+std::string detect_kind(const std::string& folder, const Json& cases) {
+  namespace fs = std::filesystem;
+  if (cases.contains("merges") && cases.contains("vocab") && cases.contains("cases") && cases["cases"].is_array())
+    return "gpt2-tokenizer";
+  if (cases.contains("model") && cases["model"].is_object() && cases["model"].contains("config")) {
+    fs::path config = fs::path(folder) / cases["model"]["config"].get<std::string>();
+    if (fs::exists(config)) {
+      Json c = read_json_file(config.string());
+      if (c.value("model_type", "") == "gpt2") return "gpt2-lm";
+    }
+  }
+  return "";
+}
+
+FixtureReport run_fixture(const std::string& folder) {
+  namespace fs = std::filesystem;
+  fs::path cases_path = fs::path(folder) / "cases.json";
+  if (!fs::exists(cases_path)) throw FileError(cases_path.string(), "missing: not a fixture folder");
+  Json cases = read_json_file(cases_path.string());
+  std::string kind = detect_kind(folder, cases);
+  if (kind == "gpt2-tokenizer") return run_gpt2_tokenizer_fixture(folder, cases);
+  if (kind == "gpt2-lm") return run_gpt2_lm_fixture(folder, cases);
+  throw FileError(cases_path.string(), "fixture kind not recognised (fixture '" +
+                                           cases.value("fixture", std::string("?")) + "')");
+}
+
+namespace {
+std::string index_string(const at::Tensor& t, int64_t flat) {
+  std::string out = "[";
+  auto sizes = t.sizes();
+  std::vector<int64_t> idx(sizes.size());
+  for (int64_t d = static_cast<int64_t>(sizes.size()) - 1; d >= 0; --d) {
+    idx[d] = sizes[d] ? flat % sizes[d] : 0;
+    flat = sizes[d] ? flat / sizes[d] : 0;
+  }
+  for (size_t i = 0; i < idx.size(); ++i) out += (i ? "," : "") + std::to_string(idx[i]);
+  return out + "]";
+}
+}  // namespace
+
+std::string compare_close(const std::string& what, const at::Tensor& got_in, const at::Tensor& expected_in,
+                          double atol, double rtol, double* max_diff) {
+  at::Tensor got = got_in.detach().to(at::kCPU, at::kDouble).contiguous();
+  at::Tensor expected = expected_in.detach().to(at::kCPU, at::kDouble).contiguous();
+  if (got.sizes() != expected.sizes()) {
+    std::ostringstream s;
+    s << what << ": shape " << got.sizes() << ", expected " << expected.sizes();
+    return s.str();
+  }
+  at::Tensor diff = (got - expected).abs();
+  at::Tensor excess = diff - (atol + rtol * expected.abs());
+  double worst_diff = diff.numel() ? diff.max().item<double>() : 0.0;
+  if (max_diff) *max_diff = worst_diff;
+  if (!got.isfinite().all().item<bool>() && expected.isfinite().all().item<bool>()) {
+    return what + ": non-finite values in the output";
+  }
+  if (excess.numel() == 0 || excess.max().item<double>() <= 0) return "";
+  int64_t i = excess.view(-1).argmax().item<int64_t>();
+  std::ostringstream s;
+  s.precision(9);
+  s << what << ": at " << index_string(got, i) << " got " << got.view(-1)[i].item<double>() << ", expected "
+    << expected.view(-1)[i].item<double>() << " (max|diff| " << worst_diff << ", atol " << atol << ", rtol "
+    << rtol << ")";
+  return s.str();
+}
+
+std::string compare_exact(const std::string& what, const at::Tensor& got_in, const at::Tensor& expected_in) {
+  at::Tensor got = got_in.to(at::kCPU, at::kLong).contiguous();
+  at::Tensor expected = expected_in.to(at::kCPU, at::kLong).contiguous();
+  std::ostringstream s;
+  if (got.sizes() != expected.sizes()) {
+    s << what << ": shape " << got.sizes() << ", expected " << expected.sizes() << "; got " << got.view(-1)
+      << " expected " << expected.view(-1);
+    return s.str();
+  }
+  at::Tensor ne = got.ne(expected).view(-1);
+  if (!ne.any().item<bool>()) return "";
+  int64_t i = ne.nonzero()[0][0].item<int64_t>();
+  s << what << ": first difference at " << index_string(got, i) << ": got " << got.view(-1)[i].item<int64_t>()
+    << ", expected " << expected.view(-1)[i].item<int64_t>();
+  return s.str();
+}
+
+void tolerance_of(const Json& output, double* atol, double* rtol) {
+  *atol = 0;
+  *rtol = 0;
+  if (output.contains("tolerance")) {
+    *atol = output["tolerance"].value("atol", 0.0);
+    *rtol = output["tolerance"].value("rtol", 0.0);
+  }
+}
+
+void Checks::close(const std::string& what, const at::Tensor& got, const at::Tensor& expected, double atol,
+                   double rtol) {
+  double max_diff = 0;
+  std::string problem = compare_close(what, got, expected, atol, rtol, &max_diff);
+  if (!problem.empty()) {
+    failures.push_back(problem);
+    return;
+  }
+  std::ostringstream s;
+  s.precision(3);
+  s << what << " max|d| " << max_diff;
+  notes.push_back(s.str());
+}
+
+void Checks::exact(const std::string& what, const at::Tensor& got, const at::Tensor& expected) {
+  std::string problem = compare_exact(what, got, expected);
+  if (problem.empty()) notes.push_back(what + " exact");
+  else failures.push_back(problem);
+}
+
+void Checks::require(bool ok, const std::string& failure) {
+  if (!ok) failures.push_back(failure);
+}
+
+std::string Checks::result() const {
+  auto join = [](const std::vector<std::string>& v) {
+    std::string out;
+    for (const auto& s : v) out += (out.empty() ? "" : "; ") + s;
+    return out;
+  };
+  if (!failures.empty()) return "FAIL:" + join(failures);
+  return join(notes);
+}
+
+CaseResult run_case(const std::string& name, const std::function<std::string()>& body) {
+  CaseResult r;
+  r.name = name;
+  try {
+    std::string problem = body();
+    r.passed = problem.rfind("FAIL:", 0) != 0;
+    r.detail = r.passed ? problem : problem.substr(5);
+  } catch (const std::exception& e) {
+    r.passed = false;
+    r.detail = std::string("error: ") + e.what();
+  }
+  return r;
+}
+
+}  // namespace prefixcap::fixtures

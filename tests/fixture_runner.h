@@ -1,0 +1,63 @@
+// Runs the cases of a fixture folder (../shared/fixtures/<name>) according to its cases.json.
+// The kind of fixture is recognised from the folder's content, and nothing about a particular
+// folder (shapes, names, counts) is assumed: any folder with the same schema runs unchanged.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <ATen/Tensor.h>
+
+#include "core/json_config.h"
+
+namespace prefixcap::fixtures {
+
+struct CaseResult {
+  std::string name;     // "<weights file>/<case>" or "<case>"
+  bool passed = false;
+  std::string detail;   // what was compared, the worst difference, or why it failed
+};
+
+struct FixtureReport {
+  std::string kind;
+  std::vector<CaseResult> cases;
+  int passed() const;
+  int failed() const;
+};
+
+// Throws if the folder is not a fixture of a known kind.
+FixtureReport run_fixture(const std::string& folder);
+
+// Kind name of a folder ("gpt2-lm", "gpt2-tokenizer", ...), or "" if unknown.
+std::string detect_kind(const std::string& folder, const Json& cases);
+
+// ---- helpers shared by the per-kind runners ----
+
+// Elementwise max|got-ref| <= atol + rtol*|ref|. Returns "" on success, else a description
+// with the worst index, got, expected and max difference.
+std::string compare_close(const std::string& what, const at::Tensor& got, const at::Tensor& expected,
+                          double atol, double rtol, double* max_diff = nullptr);
+std::string compare_exact(const std::string& what, const at::Tensor& got, const at::Tensor& expected);
+
+// tolerance {"atol", "rtol"} of an output entry of cases.json.
+void tolerance_of(const Json& output, double* atol, double* rtol);
+
+// Collects the comparisons of one case; result() is what a run_case body returns.
+struct Checks {
+  std::vector<std::string> failures;
+  std::vector<std::string> notes;
+  void close(const std::string& what, const at::Tensor& got, const at::Tensor& expected, double atol, double rtol);
+  void exact(const std::string& what, const at::Tensor& got, const at::Tensor& expected);
+  void require(bool ok, const std::string& failure);
+  std::string result() const;  // "FAIL:..." when any comparison failed
+};
+
+// Runs `body`, turning exceptions into a failed result; a body result starting "FAIL:" fails.
+CaseResult run_case(const std::string& name, const std::function<std::string()>& body);
+
+// Per-kind runners.
+FixtureReport run_gpt2_lm_fixture(const std::string& folder, const Json& cases);
+FixtureReport run_gpt2_tokenizer_fixture(const std::string& folder, const Json& cases);
+
+}  // namespace prefixcap::fixtures

@@ -1,0 +1,307 @@
+#include <gtest/gtest.h>
+
+#include <caffe2/serialize/inline_container.h>
+#include <torch/nn/module.h>
+#include <torch/nn/modules/linear.h>
+
+#include "core/errors.h"
+#include "core/json_config.h"
+#include "core/safetensors.h"
+#include "core/threads.h"
+#include "core/torch_checkpoint.h"
+#include "core/weights.h"
+#include "tests/test_helpers.h"
+
+using namespace prefixcap;
+using prefixcap::testing::fixture_dir;
+using prefixcap::testing::safetensors_bytes;
+using prefixcap::testing::TempDir;
+using prefixcap::testing::write_bytes;
+
+namespace {
+
+// Expects `fn` to throw an exception whose message contains every piece of `parts`.
+template <typename Fn>
+void expect_error(Fn fn, const std::vector<std::string>& parts) {
+  try {
+    fn();
+    ADD_FAILURE() << "no exception thrown";
+  } catch (const std::exception& e) {
+    std::string msg = e.what();
+    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "message: " << msg << "\nmissing: " << p;
+  }
+}
+
+const std::string kFloat4 = std::string(16, '\0');  // 4 float zeros
+
+}  // namespace
+
+// ---------------------------------------------------------------------------- safetensors
+
+TEST(Safetensors, RoundTripKeepsValuesDtypesAndMetadata) {
+  TempDir dir;
+  TensorMap in;
+  in["a.weight"] = at::arange(12, at::kFloat).reshape({3, 4});
+  in["b.half"] = at::arange(5, at::kFloat).to(at::kHalf);
+  in["c.bf16"] = at::tensor({1.5f, -2.0f}).to(at::kBFloat16);
+  in["d.ids"] = at::tensor({int64_t(1) << 40, int64_t(-3)});
+  in["e.mask"] = at::tensor({1, 0, 1}).to(at::kBool);
+  in["f.empty"] = at::empty({0, 3});
+  save_safetensors(dir.file("x.safetensors"), in, {{"format", "pt"}});
+  SafetensorsFile f(dir.file("x.safetensors"));
+  EXPECT_EQ(f.metadata().at("format"), "pt");
+  EXPECT_EQ(f.entry("b.half").dtype, "F16");
+  EXPECT_EQ(f.entry("c.bf16").dtype, "BF16");
+  TensorMap out = f.load_all();
+  ASSERT_EQ(out.size(), in.size());
+  for (const auto& [name, t] : in) {
+    EXPECT_EQ(out[name].scalar_type(), t.scalar_type()) << name;
+    EXPECT_TRUE(out[name].equal(t)) << name;
+  }
+}
+
+TEST(Safetensors, TensorsOutliveTheFileObjectAndWritesStayPrivate) {
+  TempDir dir;
+  save_safetensors(dir.file("x.safetensors"), {{"w", at::ones({4})}});
+  at::Tensor t;
+  {
+    SafetensorsFile f(dir.file("x.safetensors"));
+    t = f.tensor("w");
+  }
+  t.add_(1);  // copy-on-write mapping: allowed, and the file is unchanged
+  EXPECT_TRUE(t.equal(at::full({4}, 2.0f)));
+  EXPECT_TRUE(load_safetensors(dir.file("x.safetensors"))["w"].equal(at::ones({4})));
+}
+
+TEST(Safetensors, FailedWriteKeepsThePreviousFile) {
+  TempDir dir;
+  save_safetensors(dir.file("x.safetensors"), {{"w", at::ones({2})}});
+  TensorMap bad;
+  bad["z"] = at::ones({2}, at::kComplexFloat);  // not storable: the write is refused
+  EXPECT_THROW(save_safetensors(dir.file("x.safetensors"), bad), std::invalid_argument);
+  EXPECT_TRUE(load_safetensors(dir.file("x.safetensors"))["w"].equal(at::ones({2})));
+  EXPECT_THROW(save_safetensors(dir.file("no/such/dir/x.safetensors"), {{"w", at::ones({2})}}), FileError);
+}
+
+struct BadFile {
+  std::string name;
+  std::string bytes;
+  std::string message;
+};
+
+TEST(Safetensors, MalformedFilesGiveOneClearError) {
+  TempDir dir;
+  const std::string ok_entry = R"("w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]})";
+  std::vector<BadFile> cases = {
+      {"empty", "", "shorter than the 8-byte header length"},
+      {"short", "abc", "shorter than the 8-byte header length"},
+      {"header_past_end", safetensors_bytes("{" + ok_entry + "}", kFloat4, 4096), "runs past the end of the file"},
+      {"header_huge", safetensors_bytes("{}", "", int64_t(1) << 50), "exceeds the limit"},
+      {"bad_json", safetensors_bytes("{\"w\":", kFloat4), "not valid JSON"},
+      {"not_object", safetensors_bytes("[1,2]", ""), "not a JSON object"},
+      {"unknown_dtype", safetensors_bytes(R"({"w":{"dtype":"F8","shape":[4],"data_offsets":[0,4]}})", "abcd"), "unknown dtype 'F8'"},
+      {"size_mismatch", safetensors_bytes(R"({"w":{"dtype":"F32","shape":[5],"data_offsets":[0,16]}})", kFloat4), "needs 20 bytes"},
+      {"past_data", safetensors_bytes(R"({"w":{"dtype":"F32","shape":[8],"data_offsets":[0,32]}})", kFloat4), "past the data section"},
+      {"reversed", safetensors_bytes(R"({"w":{"dtype":"F32","shape":[0],"data_offsets":[8,0]}})", kFloat4), "reversed"},
+      {"negative_dim", safetensors_bytes(R"({"w":{"dtype":"F32","shape":[-4],"data_offsets":[0,16]}})", kFloat4), "negative"},
+      {"overflow", safetensors_bytes(R"({"w":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,16]}})", kFloat4), "overflows"},
+      {"overlap", safetensors_bytes(R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})", kFloat4), "overlapping"},
+      {"missing_offsets", safetensors_bytes(R"({"w":{"dtype":"F32","shape":[4]}})", kFloat4), "data_offsets"},
+      {"bad_metadata", safetensors_bytes(R"({"__metadata__":{"a":1}})", ""), "__metadata__"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.name);
+    std::string path = dir.file(c.name + ".safetensors");
+    write_bytes(path, c.bytes);
+    expect_error([&] { SafetensorsFile f(path); }, {path, c.message});
+  }
+  expect_error([&] { SafetensorsFile f(dir.file("missing.safetensors")); }, {"missing.safetensors", "cannot open"});
+  expect_error([&] { SafetensorsFile f(dir.path()); }, {"not a regular file"});
+}
+
+TEST(Safetensors, TruncatedRealFileIsRejected) {
+  TempDir dir;
+  std::string bytes = prefixcap::testing::read_bytes(fixture_dir("gpt2-tiny") + "/model.safetensors");
+  ASSERT_GT(bytes.size(), 1000u);
+  write_bytes(dir.file("cut.safetensors"), bytes.substr(0, bytes.size() - 100));
+  expect_error([&] { SafetensorsFile f(dir.file("cut.safetensors")); }, {"cut.safetensors", "truncated"});
+}
+
+// ---------------------------------------------------------------------------- torch checkpoints
+
+TEST(TorchCheckpoint, ReadsStateDictEqualToSafetensors) {
+  TensorMap pt = load_torch_checkpoint(fixture_dir("gpt2-tiny") + "/pytorch_model.bin");
+  TensorMap st = load_safetensors(fixture_dir("gpt2-tiny") + "/model.safetensors");
+  ASSERT_EQ(pt.size(), st.size());
+  for (const auto& [name, t] : st) {
+    ASSERT_TRUE(pt.count(name)) << name;
+    EXPECT_EQ(pt[name].sizes(), t.sizes()) << name;
+    EXPECT_TRUE(pt[name].equal(t)) << name;
+  }
+}
+
+TEST(TorchCheckpoint, NestedDictsAreFlattenedWithDots) {
+  TensorMap pt = load_torch_checkpoint(fixture_dir("cnn14-tiny") + "/checkpoint.pth");
+  TensorMap st = load_safetensors(fixture_dir("cnn14-tiny") + "/model.safetensors");
+  for (const auto& [name, t] : st) {
+    ASSERT_TRUE(pt.count("model." + name)) << name;
+    EXPECT_TRUE(pt["model." + name].equal(t)) << name;
+  }
+}
+
+namespace {
+// A zip checkpoint with a hand-written data.pkl (and optional storage records).
+void write_checkpoint(const std::string& path, const std::string& pickle,
+                      const std::vector<std::pair<std::string, std::string>>& records = {}) {
+  caffe2::serialize::PyTorchStreamWriter writer(path);
+  writer.writeRecord("data.pkl", pickle.data(), pickle.size());
+  for (const auto& [name, bytes] : records) writer.writeRecord(name, bytes.data(), bytes.size());
+  writer.writeEndOfFile();
+}
+// Protocol-2 pickle pieces.
+std::string unicode(const std::string& s) {
+  std::string out = "X";
+  uint32_t n = static_cast<uint32_t>(s.size());
+  for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>((n >> (8 * i)) & 0xFF));
+  return out + s;
+}
+std::string small_int(int v) { return std::string("K") + static_cast<char>(v); }
+// {'w': tensor(storage '0', offset, size (n,), stride (1,))}
+std::string tensor_dict_pickle(int offset, int n, int numel) {
+  return std::string("\x80\x02}") + unicode("w") + "ctorch._utils\n_rebuild_tensor_v2\n(" + "(" + unicode("storage") +
+         "ctorch\nFloatStorage\n" + unicode("0") + unicode("cpu") + small_int(numel) + "tQ" + small_int(offset) + "(" +
+         small_int(n) + "t(" + small_int(1) + "t\x89}tRs.";
+}
+}  // namespace
+
+TEST(TorchCheckpoint, HandWrittenStateDictReads) {
+  TempDir dir;
+  float values[4] = {1, 2, 3, 4};
+  write_checkpoint(dir.file("ok.pt"), tensor_dict_pickle(1, 3, 4),
+                   {{"data/0", std::string(reinterpret_cast<char*>(values), 16)}});
+  TensorMap t = load_torch_checkpoint(dir.file("ok.pt"));
+  ASSERT_EQ(t.size(), 1u);
+  EXPECT_TRUE(t["w"].equal(at::tensor({2.0f, 3.0f, 4.0f})));
+}
+
+TEST(TorchCheckpoint, HostileOrBrokenCheckpointsGiveClearErrors) {
+  TempDir dir;
+  float values[4] = {1, 2, 3, 4};
+  const std::string storage(reinterpret_cast<char*>(values), 16);
+
+  write_checkpoint(dir.file("view_out_of_range.pt"), tensor_dict_pickle(2, 3, 4), {{"data/0", storage}});
+  expect_error([&] { load_torch_checkpoint(dir.file("view_out_of_range.pt")); }, {"runs past its storage"});
+
+  write_checkpoint(dir.file("storage_too_small.pt"), tensor_dict_pickle(0, 3, 100), {{"data/0", storage}});
+  expect_error([&] { load_torch_checkpoint(dir.file("storage_too_small.pt")); }, {"storage '0' holds 16 bytes"});
+
+  write_checkpoint(dir.file("missing_storage.pt"), tensor_dict_pickle(0, 3, 4));
+  expect_error([&] { load_torch_checkpoint(dir.file("missing_storage.pt")); }, {"data/0", "missing"});
+
+  write_checkpoint(dir.file("code.pt"), std::string("\x80\x02") + "cos\nsystem\n(" + unicode("true") + "tR.");
+  expect_error([&] { load_torch_checkpoint(dir.file("code.pt")); }, {"os.system", "only state dicts"});
+
+  write_checkpoint(dir.file("truncated_pickle.pt"), std::string("\x80\x02}") + unicode("w"));
+  expect_error([&] { load_torch_checkpoint(dir.file("truncated_pickle.pt")); }, {"truncated"});
+
+  write_checkpoint(dir.file("unknown_opcode.pt"), std::string("\x80\x02\xff."));
+  expect_error([&] { load_torch_checkpoint(dir.file("unknown_opcode.pt")); }, {"opcode 0xff"});
+
+  write_checkpoint(dir.file("no_tensors.pt"), std::string("\x80\x02}") + unicode("epoch") + small_int(3) + "s.");
+  expect_error([&] { load_torch_checkpoint(dir.file("no_tensors.pt")); }, {"no tensors"});
+
+  write_bytes(dir.file("legacy.pt"), std::string("\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.", 15));
+  expect_error([&] { load_torch_checkpoint(dir.file("legacy.pt")); }, {"legacy", "convert_checkpoint.py"});
+
+  write_bytes(dir.file("text.pt"), "hello, not a checkpoint");
+  expect_error([&] { load_torch_checkpoint(dir.file("text.pt")); }, {"text.pt", "not a PyTorch checkpoint"});
+
+  std::string real = prefixcap::testing::read_bytes(fixture_dir("gpt2-tiny") + "/pytorch_model.bin");
+  write_bytes(dir.file("cut.bin"), real.substr(0, real.size() / 2));
+  expect_error([&] { load_torch_checkpoint(dir.file("cut.bin")); }, {"cut.bin"});
+}
+
+// ---------------------------------------------------------------------------- strict loading
+
+namespace {
+struct TwoLayers : torch::nn::Module {
+  TwoLayers() {
+    fc1 = register_module("fc1", torch::nn::Linear(3, 4));
+    fc2 = register_module("fc2", torch::nn::Linear(4, 2));
+  }
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+};
+TensorMap two_layer_weights() {
+  return {{"fc1.weight", at::ones({4, 3})}, {"fc1.bias", at::zeros({4})},
+          {"fc2.weight", at::full({2, 4}, 2.0).to(at::kHalf)}, {"fc2.bias", at::zeros({2}).to(at::kBFloat16)}};
+}
+}  // namespace
+
+TEST(StrictLoad, LoadsAndConvertsHalfPrecision) {
+  TwoLayers m;
+  load_state_strict(m, two_layer_weights(), {{}, {}, "w.safetensors"});
+  EXPECT_EQ(m.fc2->weight.scalar_type(), at::kFloat);
+  EXPECT_TRUE(m.fc2->weight.equal(at::full({2, 4}, 2.0f)));
+  EXPECT_TRUE(m.fc1->weight.equal(at::ones({4, 3})));
+}
+
+TEST(StrictLoad, ReportsMissingUnexpectedAndWrongShapes) {
+  TwoLayers m;
+  TensorMap w = two_layer_weights();
+  w.erase("fc1.bias");
+  w["fc2.weight"] = at::ones({4, 4});
+  w["extra.thing"] = at::ones({1});
+  expect_error([&] { load_state_strict(m, w, {{}, {}, "w.safetensors"}); },
+               {"w.safetensors: tensor 'fc1.bias' is missing", "tensor 'fc2.weight': expected [2, 4], got [4, 4]",
+                "unexpected tensors not used by the model: 'extra.thing'"});
+  TensorMap w2 = two_layer_weights();
+  w2["extra.thing"] = at::ones({1});
+  TwoLayers m2;
+  EXPECT_NO_THROW(load_state_strict(m2, w2, {{"extra.*"}, {}, "w"}));
+  TensorMap w3 = two_layer_weights();
+  w3["fc1.weight"] = at::ones({4, 3}, at::kLong);
+  expect_error([&] { load_state_strict(m2, w3, {{}, {}, "w"}); }, {"fc1.weight", "expected a floating tensor"});
+}
+
+TEST(StrictLoad, GlobMatch) {
+  EXPECT_TRUE(glob_match("h.*.attn.bias", "h.11.attn.bias"));
+  EXPECT_FALSE(glob_match("h.*.attn.bias", "h.11.attn.c_attn.bias"));
+  EXPECT_TRUE(glob_match("*", ""));
+  EXPECT_TRUE(glob_match("a*b*c", "aXbYbc"));
+  EXPECT_FALSE(glob_match("a*b", "ac"));
+}
+
+TEST(WeightFile, FormatIsChosenByContent) {
+  TempDir dir;
+  // A safetensors file named .bin and a zip checkpoint named .safetensors both read.
+  std::string st = prefixcap::testing::read_bytes(fixture_dir("gpt2-tiny") + "/model.safetensors");
+  std::string pt = prefixcap::testing::read_bytes(fixture_dir("gpt2-tiny") + "/pytorch_model.bin");
+  write_bytes(dir.file("a.bin"), st);
+  write_bytes(dir.file("b.safetensors"), pt);
+  EXPECT_TRUE(load_weight_file(dir.file("a.bin"))["wte.weight"].equal(load_weight_file(dir.file("b.safetensors"))["wte.weight"]));
+}
+
+// ---------------------------------------------------------------------------- config, threads
+
+TEST(JsonConfig, ErrorsNameFileAndKey) {
+  TempDir dir;
+  write_bytes(dir.file("bad.json"), "{\"a\": 1,");
+  expect_error([&] { read_json_file(dir.file("bad.json")); }, {"bad.json", "invalid JSON"});
+  Json j = {{"n", "seven"}, {"typo", 1}};
+  expect_error([&] { json_get<int>(j, "n", "c.json"); }, {"c.json", "'n'", "wrong type"});
+  expect_error([&] { json_get<int>(j, "m", "c.json"); }, {"c.json", "missing key 'm'"});
+  expect_error([&] { json_check_keys(j, {"n"}, "c.json"); }, {"unknown key 'typo'"});
+  EXPECT_EQ(json_get_or<int>(j, "m", 5, "c.json"), 5);
+}
+
+TEST(Threads, ExplicitCountIsApplied) {
+  ThreadSetup s = configure_threads({1, 1});
+  EXPECT_EQ(s.num_threads, 1);
+  EXPECT_EQ(at::get_num_threads(), 1);
+  s = configure_threads({2, 1});
+  EXPECT_EQ(at::get_num_threads(), 2);
+  EXPECT_GE(available_cores(), 1);
+  setenv("PREFIXCAP_THREADS", "lots", 1);
+  EXPECT_THROW(configure_threads(), ConfigError);
+  unsetenv("PREFIXCAP_THREADS");
+}

@@ -1,0 +1,18 @@
+// Every fixture folder of the core engine, through the same runner as fixture_check.
+#include <gtest/gtest.h>
+
+#include "tests/fixture_runner.h"
+#include "tests/test_helpers.h"
+
+namespace {
+
+void expect_fixture_passes(const std::string& name) {
+  auto report = prefixcap::fixtures::run_fixture(prefixcap::testing::fixture_dir(name));
+  ASSERT_FALSE(report.cases.empty());
+  for (const auto& c : report.cases) EXPECT_TRUE(c.passed) << name << "/" << c.name << ": " << c.detail;
+}
+
+}  // namespace
+
+TEST(Fixtures, Gpt2Tiny) { expect_fixture_passes("gpt2-tiny"); }
+TEST(Fixtures, Gpt2Tokenizer) { expect_fixture_passes("gpt2-tokenizer"); }

@@ -1,0 +1,291 @@
+// GPT-2, tokenizer and decoding: properties that must hold beyond the golden cases
+// (cache equivalence, batching, errors). Golden comparisons live in test_fixtures.
+#include <gtest/gtest.h>
+
+#include <torch/autograd.h>
+
+#include "core/errors.h"
+#include "core/weights.h"
+#include "lm/decoding.h"
+#include "lm/gpt2.h"
+#include "lm/loss.h"
+#include "lm/tokenizer.h"
+#include "tests/test_helpers.h"
+
+using namespace prefixcap;
+using prefixcap::testing::fixture_dir;
+using prefixcap::testing::TempDir;
+using prefixcap::testing::write_bytes;
+
+namespace {
+
+Gpt2Model tiny_lm() {
+  static Gpt2Model lm = load_gpt2(fixture_dir("gpt2-tiny"));
+  return lm;
+}
+
+at::Tensor random_prefix(int64_t B, int64_t P, int64_t C, uint64_t seed) {
+  auto gen = at::detail::createCPUGenerator(seed);
+  return at::randn({B, P, C}, gen);
+}
+
+}  // namespace
+
+TEST(Gpt2, LoadsAllThreeFormatsToTheSameWeights) {
+  Gpt2Model a = load_gpt2(fixture_dir("gpt2-tiny"));
+  Gpt2Model b = load_gpt2(fixture_dir("gpt2-tiny") + "/pytorch_model.bin");
+  Gpt2Model c = load_gpt2(fixture_dir("gpt2-tiny") + "/variant-prefixed.safetensors");
+  auto pa = a->named_parameters(), pb = b->named_parameters(), pc = c->named_parameters();
+  ASSERT_EQ(pa.size(), pb.size());
+  for (const auto& item : pa) {
+    EXPECT_TRUE(item.value().equal(pb[item.key()])) << item.key();
+    EXPECT_TRUE(item.value().equal(pc[item.key()])) << item.key();
+    EXPECT_FALSE(item.value().requires_grad()) << item.key();
+  }
+}
+
+TEST(Gpt2, ConfigErrorsNameTheKey) {
+  TempDir dir;
+  write_bytes(dir.file("config.json"), R"({"model_type":"gpt2","n_embd":64,"n_head":5})");
+  try {
+    Gpt2Config::from_file(dir.file("config.json"));
+    FAIL();
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("not a multiple of n_head"), std::string::npos) << e.what();
+  }
+  write_bytes(dir.file("config.json"), R"({"model_type":"gpt2","activation_function":"swish"})");
+  EXPECT_THROW(Gpt2Config::from_file(dir.file("config.json")), ConfigError);
+  write_bytes(dir.file("config.json"), R"({"n_layer":"twelve"})");
+  EXPECT_THROW(Gpt2Config::from_file(dir.file("config.json")), ConfigError);
+  EXPECT_THROW(load_gpt2(dir.path()), std::exception);  // config bad, and no weights anyway
+}
+
+TEST(Gpt2, WrongShapesAreRefusedWithTheTensorName) {
+  Gpt2Config config = Gpt2Config::from_file(fixture_dir("gpt2-tiny") + "/config.json");
+  config.n_layer = 3;  // the file has 2 layers
+  Gpt2Model lm(config);
+  try {
+    lm->load_weights(load_weight_file(fixture_dir("gpt2-tiny") + "/model.safetensors"), "model.safetensors");
+    FAIL();
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("tensor 'h.2.attn.c_attn.weight' is missing"), std::string::npos) << e.what();
+  }
+  config.n_layer = 2;
+  config.n_inner = 128;
+  Gpt2Model lm2(config);
+  try {
+    lm2->load_weights(load_weight_file(fixture_dir("gpt2-tiny") + "/model.safetensors"), "model.safetensors");
+    FAIL();
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("tensor 'h.0.mlp.c_fc.weight': expected [64, 128], got [64, 256]"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
+TEST(Gpt2, IncrementalDecodingWithCacheEqualsFullForward) {
+  auto lm = tiny_lm();
+  torch::NoGradGuard no_grad;
+  at::Tensor prefix = random_prefix(2, 4, 64, 1);
+  at::Tensor ids = at::randint(0, 50257, {2, 6}, at::detail::createCPUGenerator(2));
+  Gpt2Input full;
+  full.prefix_embeds = prefix;
+  full.input_ids = ids;
+  at::Tensor expected = lm->forward(full).logits;  // [2, 10, V]
+
+  KvCache cache;
+  Gpt2Input first;
+  first.prefix_embeds = prefix;
+  first.input_ids = ids.narrow(1, 0, 2);
+  first.cache = &cache;
+  at::Tensor got = lm->forward(first).logits;
+  std::vector<at::Tensor> parts = {got};
+  for (int64_t t = 2; t < 6; ++t) {
+    Gpt2Input step;
+    step.input_ids = ids.narrow(1, t, 1);
+    step.cache = &cache;
+    parts.push_back(lm->forward(step).logits);
+  }
+  EXPECT_EQ(cache.length(), 10);
+  EXPECT_TRUE(at::allclose(at::cat(parts, 1), expected, 1e-4, 1e-4));
+}
+
+TEST(Gpt2, PaddedBatchRowsEqualTheirUnpaddedRuns) {
+  auto lm = tiny_lm();
+  torch::NoGradGuard no_grad;
+  at::Tensor prefix = random_prefix(2, 3, 64, 3);
+  at::Tensor ids = at::randint(1, 50257, {2, 5}, at::detail::createCPUGenerator(4));
+  at::Tensor mask = at::ones({2, 8}, at::kLong);
+  mask[1].narrow(0, 6, 2).fill_(0);  // row 1: 3 prefix + 3 real tokens + 2 pads
+  Gpt2Input batch;
+  batch.prefix_embeds = prefix;
+  batch.input_ids = ids;
+  batch.attention_mask = mask;
+  at::Tensor logits = lm->forward(batch).logits;
+  Gpt2Input single;
+  single.prefix_embeds = prefix.narrow(0, 1, 1);
+  single.input_ids = ids.narrow(0, 1, 1).narrow(1, 0, 3);
+  at::Tensor alone = lm->forward(single).logits;
+  EXPECT_TRUE(at::allclose(logits[1].narrow(0, 0, 6), alone[0], 1e-4, 1e-4));
+}
+
+TEST(Gpt2, FrozenLmPassesGradientsToThePrefixOnly) {
+  auto lm = tiny_lm();
+  at::Tensor prefix = random_prefix(1, 3, 64, 5).set_requires_grad(true);
+  at::Tensor ids = torch::tensor({{10, 20, 30}}, torch::kLong);
+  Gpt2Input x;
+  x.prefix_embeds = prefix;
+  x.input_ids = ids;
+  at::Tensor loss = prefix_caption_loss(lm->forward(x).logits, ids, {}, 3);
+  loss.backward();
+  ASSERT_TRUE(prefix.grad().defined());
+  EXPECT_GT(prefix.grad().abs().sum().item<double>(), 0);
+  for (const auto& p : lm->parameters()) EXPECT_FALSE(p.grad().defined());
+}
+
+TEST(Gpt2, InputErrorsAreClear) {
+  auto lm = tiny_lm();
+  torch::NoGradGuard no_grad;
+  Gpt2Input x;
+  x.input_ids = torch::tensor({{50257}}, torch::kLong);
+  EXPECT_THROW(lm->forward(x), c10::Error);
+  x.input_ids = at::zeros({1, 200}, at::kLong);  // n_positions is 128
+  try {
+    lm->forward(x);
+    FAIL();
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("sequence too long"), std::string::npos);
+  }
+  Gpt2Input none;
+  EXPECT_THROW(lm->forward(none), c10::Error);
+}
+
+TEST(Decoding, BatchedAndBeamResultsEqualSingleRuns) {
+  auto lm = tiny_lm();
+  at::Tensor prefix = random_prefix(3, 5, 64, 7);
+  for (int beam : {1, 3}) {
+    DecodingOptions o;
+    o.beam_size = beam;
+    o.max_tokens = 8;
+    o.stop_token_ids = {13, 50256};
+    Prompt all;
+    all.prefix_embeds = prefix;
+    auto batched = generate(*lm, all, o);
+    ASSERT_EQ(batched.size(), 3u);
+    for (int64_t b = 0; b < 3; ++b) {
+      Prompt one;
+      one.prefix_embeds = prefix.narrow(0, b, 1);
+      auto single = generate(*lm, one, o);
+      EXPECT_EQ(single[0][0].ids, batched[b][0].ids) << "beam " << beam << " row " << b;
+      EXPECT_NEAR(single[0][0].score, batched[b][0].score, 1e-4);
+    }
+  }
+}
+
+TEST(Decoding, GreedyEqualsArgmaxOfFullRecomputation) {
+  auto lm = tiny_lm();
+  torch::NoGradGuard no_grad;
+  at::Tensor prefix = random_prefix(1, 4, 64, 9);
+  DecodingOptions o;
+  o.max_tokens = 6;
+  o.stop_token_ids = {};
+  Prompt p;
+  p.prefix_embeds = prefix;
+  auto got = generate(*lm, p, o)[0][0].ids;
+  std::vector<int64_t> expected;
+  for (int t = 0; t < 6; ++t) {
+    Gpt2Input x;
+    x.prefix_embeds = prefix;
+    if (!expected.empty()) x.input_ids = at::tensor(expected, at::kLong).unsqueeze(0);
+    x.logits = LogitsMode::Last;
+    expected.push_back(lm->forward(x).logits.argmax(-1).item<int64_t>());
+  }
+  EXPECT_EQ(got, expected);
+}
+
+TEST(Decoding, SamplingIsReproduciblePerSeedAndRespectsTopK) {
+  auto lm = tiny_lm();
+  Prompt p;
+  p.prefix_embeds = random_prefix(2, 4, 64, 11);
+  DecodingOptions o;
+  o.sample = true;
+  o.top_k = 1;  // top-1 sampling is greedy
+  o.max_tokens = 5;
+  o.stop_token_ids = {};
+  DecodingOptions g = o;
+  g.sample = false;
+  EXPECT_EQ(generate(*lm, p, o)[1][0].ids, generate(*lm, p, g)[1][0].ids);
+  o.top_k = 0;
+  o.top_p = 0.9;
+  o.temperature = 1.5;
+  o.num_return = 3;
+  o.seed = 42;
+  auto a = generate(*lm, p, o), b = generate(*lm, p, o);
+  ASSERT_EQ(a[0].size(), 3u);
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(a[0][i].ids, b[0][i].ids);
+}
+
+TEST(Decoding, KvPrefixPromptDecodes) {
+  auto lm = tiny_lm();
+  const auto& cfg = lm->config();
+  at::Tensor prompt_embeddings = at::randn({4, cfg.n_layer * 2 * cfg.n_embd}, at::detail::createCPUGenerator(13));
+  Prompt p;
+  p.kv_prefix = kv_prefix_from_prompt_embeddings(prompt_embeddings, cfg, 2);
+  p.prompt_ids = torch::tensor({{50256}, {50256}}, torch::kLong);
+  DecodingOptions o;
+  o.beam_size = 2;
+  o.max_tokens = 4;
+  auto out = generate(*lm, p, o);
+  ASSERT_EQ(out.size(), 2u);
+  EXPECT_EQ(out[0][0].ids, out[1][0].ids);  // same prompt twice, same caption
+}
+
+TEST(Decoding, BadOptionsAreRefused) {
+  DecodingOptions o;
+  o.beam_size = 0;
+  EXPECT_THROW(validate(o), std::invalid_argument);
+  o = {};
+  o.temperature = 0;
+  EXPECT_THROW(validate(o), std::invalid_argument);
+  o = {};
+  o.beam_size = 2;
+  o.num_return = 3;
+  EXPECT_THROW(validate(o), std::invalid_argument);
+  o = {};
+  o.top_p = 1.5;
+  EXPECT_THROW(validate(o), std::invalid_argument);
+}
+
+TEST(Tokenizer, SpecialTokenAndInvalidUtf8) {
+  auto tok = Gpt2Tokenizer::from_folder(fixture_dir("gpt2-tokenizer"));
+  EXPECT_EQ(tok.encode("."), std::vector<int64_t>{13});
+  EXPECT_EQ(tok.encode("<|endoftext|>", /*allow_special=*/true), std::vector<int64_t>{50256});
+  EXPECT_GT(tok.encode("<|endoftext|>").size(), 1u);  // plain text without allow_special
+  EXPECT_EQ(tok.decode({50256}), "<|endoftext|>");
+  EXPECT_THROW(tok.encode(std::string("a\xff b")), std::invalid_argument);
+  EXPECT_THROW(tok.decode({-1}), std::out_of_range);
+  EXPECT_THROW(tok.decode({tok.vocab_size()}), std::out_of_range);
+}
+
+TEST(Tokenizer, BadFilesAreReported) {
+  TempDir dir;
+  write_bytes(dir.file("vocab.json"), "[1, 2]");
+  write_bytes(dir.file("merges.txt"), "#version: 0.2\na b\n");
+  EXPECT_THROW(Gpt2Tokenizer::from_folder(dir.path()), FileError);
+  write_bytes(dir.file("vocab.json"), R"({"a": 0, "b": 1, "ab": 2})");
+  write_bytes(dir.file("merges.txt"), "#version: 0.2\nab\n");
+  try {
+    Gpt2Tokenizer::from_folder(dir.path());
+    FAIL();
+  } catch (const FileError& e) {
+    EXPECT_NE(std::string(e.what()).find("line 2"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(Gpt2Tokenizer(dir.file("nope.json"), dir.file("merges.txt")), FileError);
+}
+
+TEST(Tokenizer, Utf8ReplacementFollowsPython) {
+  EXPECT_EQ(utf8_decode_replace("a\xC3"), "a\xEF\xBF\xBD");
+  EXPECT_EQ(utf8_decode_replace("\xE2\x82("), "\xEF\xBF\xBD(");
+  EXPECT_EQ(utf8_decode_replace("\xC0\xAF"), "\xEF\xBF\xBD\xEF\xBF\xBD");
+  EXPECT_EQ(utf8_decode_replace("\xE2\x82\xAC"), "\xE2\x82\xAC");
+}
