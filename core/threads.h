@@ -7,12 +7,14 @@ namespace prefixcap {
 
 struct ThreadOptions {
   int num_threads = 0;    // LibTorch intra-op threads; 0 = $PREFIXCAP_THREADS or all cores
-  int blas_threads = 0;   // OpenBLAS threads; 0 = $PREFIXCAP_BLAS_THREADS or num_threads
+  int blas_threads = 0;   // OpenBLAS threads; 0 = $PREFIXCAP_BLAS_THREADS, else num_threads
+                          // for OpenMP OpenBLAS (one shared pool) and 1 for pthreads OpenBLAS
 };
 
 struct ThreadSetup {
   int num_threads = 0;
   int blas_threads = 0;       // -1 when no OpenBLAS was found in the process
+  int blas_mode = -1;         // openblas_get_parallel(): 1 = pthreads, 2 = OpenMP, -1 = no OpenBLAS
 };
 
 // Applies the options (call once, early, from the app's main). Returns what was set.

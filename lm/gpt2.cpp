@@ -10,6 +10,7 @@
 
 #include "core/errors.h"
 #include "core/weights.h"
+#include "lm/skinny_matmul.h"
 
 namespace prefixcap {
 
@@ -128,14 +129,16 @@ std::vector<LayerKv> kv_prefix_from_prompt_embeddings(const at::Tensor& prompt_e
 // modules
 
 Conv1DImpl::Conv1DImpl(int64_t in_features, int64_t out_features) {
-  weight = register_parameter("weight", at::empty({in_features, out_features}).normal_(0, 0.02));
+  weight = register_parameter("weight", at::empty({out_features, in_features}).normal_(0, 0.02));
   bias = register_parameter("bias", at::zeros({out_features}));
 }
 
 at::Tensor Conv1DImpl::forward(const at::Tensor& x) {
   auto out_shape = x.sizes().vec();
-  out_shape.back() = weight.size(1);
-  return at::addmm(bias, x.reshape({-1, x.size(-1)}), weight).view(out_shape);
+  out_shape.back() = weight.size(0);
+  at::Tensor rows = x.reshape({-1, x.size(-1)});
+  if (skinny_applicable(rows, weight)) return skinny_matmul_nk(rows, weight, bias).view(out_shape);  // decoding
+  return at::linear(rows, weight, bias).view(out_shape);
 }
 
 Gpt2AttentionImpl::Gpt2AttentionImpl(const Gpt2Config& config)
@@ -220,6 +223,7 @@ at::Tensor Gpt2ModelImpl::embed_tokens(const at::Tensor& input_ids) {
 
 at::Tensor Gpt2ModelImpl::head(const at::Tensor& hidden) {
   const at::Tensor& w = lm_head ? lm_head->weight : wte->weight;  // [V, C]
+  if (skinny_applicable(hidden, w)) return skinny_matmul_nk(hidden, w);  // decoding
   return at::matmul(hidden, w.t());
 }
 
@@ -319,24 +323,66 @@ Gpt2Output Gpt2ModelImpl::forward(const Gpt2Input& input) {
   return out;
 }
 
-// The one mapping table between checkpoint names and ours:
+// The one mapping table between checkpoint names/layouts and ours:
 //   transformer.X              -> X             (GPT2LMHeadModel saves under "transformer.")
 //   lm_head.weight             -> ignored when tied (it equals wte.weight), kept otherwise
 //   h.N.attn.bias, masked_bias -> ignored (causal-mask buffers, recomputed here)
-// Conv1D weights keep their [in, out] layout: Conv1DImpl multiplies x @ weight.
+//   h.N.{attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj}.weight: Conv1D [in, out] -> [out, in]
+namespace {
+bool is_conv1d_weight(const std::string& name) {
+  return glob_match("h.*.attn.c_attn.weight", name) || glob_match("h.*.attn.c_proj.weight", name) ||
+         glob_match("h.*.mlp.c_fc.weight", name) || glob_match("h.*.mlp.c_proj.weight", name);
+}
+}  // namespace
+
 void Gpt2ModelImpl::load_weights(const TensorMap& weights, const std::string& source) {
   TensorMap renamed;
   for (const auto& [key, tensor] : weights) {
     std::string name = key.rfind("transformer.", 0) == 0 ? key.substr(12) : key;
     if (renamed.count(name))
-      throw FileError(source, "tensor '" + name + "' appears twice (with and without 'transformer.')");
-    renamed[name] = tensor;
+      throw FileError(source, "tensor '" + key + "' appears twice (with and without 'transformer.')");
+    if (is_conv1d_weight(name)) {
+      if (tensor.dim() != 2)
+        throw FileError(source, "tensor '" + key + "': expected a 2-D Conv1D weight, got " +
+                                    shape_to_string(tensor.sizes().vec()));
+      renamed[name] = tensor.t().contiguous();
+    } else {
+      renamed[name] = tensor;
+    }
   }
   StrictLoadOptions options;
   options.source = source;
   options.ignorable = {"h.*.attn.bias", "h.*.attn.masked_bias"};
   if (config_.tie_word_embeddings) options.ignorable.push_back("lm_head.weight");
-  load_state_strict(*this, renamed, options);
+  try {
+    load_state_strict(*this, renamed, options);
+  } catch (const std::runtime_error& e) {
+    // Report Conv1D shapes as the checkpoint stores them ([in, out]), not transposed.
+    std::string message = e.what();
+    for (const auto& [name, tensor] : renamed) {
+      if (!is_conv1d_weight(name)) continue;
+      std::string key = "tensor '" + name + "': expected ";
+      size_t at = message.find(key);
+      if (at == std::string::npos) continue;
+      auto params = named_parameters();
+      const at::Tensor* expected = params.find(name);
+      if (!expected) continue;
+      size_t line_end = message.find('\n', at);
+      std::string fixed = key + shape_to_string(expected->t().sizes().vec()) + ", got " +
+                          shape_to_string(tensor.t().sizes().vec());
+      message.replace(at, (line_end == std::string::npos ? message.size() : line_end) - at, fixed);
+    }
+    throw std::runtime_error(message);
+  }
+}
+
+TensorMap Gpt2ModelImpl::hf_state_dict() const {
+  TensorMap out;
+  for (const auto& item : named_parameters()) {
+    at::Tensor t = item.value().detach();
+    out[item.key()] = is_conv1d_weight(item.key()) ? t.t().contiguous() : t;
+  }
+  return out;
 }
 
 void Gpt2ModelImpl::freeze() {

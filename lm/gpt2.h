@@ -95,12 +95,14 @@ struct Gpt2Output {
   std::vector<at::Tensor> hidden_states;   // embeddings + each block's output (if asked)
 };
 
-// GPT-2's Conv1D: y = x @ weight + bias with weight stored [in, out] as in the checkpoints.
+// GPT-2's Conv1D. Checkpoints store its weight [in, out] (x @ weight); it is held here
+// transposed, [out, in] like nn.Linear, so that decoding can stream each output's weights
+// contiguously. The loader's mapping table transposes (see gpt2_checkpoint_to_module).
 class Conv1DImpl : public torch::nn::Module {
  public:
   Conv1DImpl(int64_t in_features, int64_t out_features);
   at::Tensor forward(const at::Tensor& x);
-  at::Tensor weight;  // [in, out]
+  at::Tensor weight;  // [out, in]
   at::Tensor bias;    // [out]
 };
 TORCH_MODULE(Conv1D);
@@ -150,6 +152,8 @@ class Gpt2ModelImpl : public torch::nn::Module {
 
   // Loads a state dict with any supported naming (see the mapping table in gpt2.cpp).
   void load_weights(const TensorMap& weights, const std::string& source);
+  // The state dict in Hugging Face layout (keys without "transformer.", Conv1D [in, out]).
+  TensorMap hf_state_dict() const;
   // No parameter requires grad; gradients still flow to prefix inputs.
   void freeze();
 

@@ -17,6 +17,7 @@ packages=(
   build-essential cmake pkg-config git
   libtorch-dev                    # LibTorch 1.13 (CPU); any newer one works via Torch_DIR
   libopenblas0-pthread            # fast BLAS behind LibTorch (Debian's default is the reference BLAS)
+  libopenblas0-openmp             # the same BLAS on LibTorch's own OpenMP pool (selected below)
   nlohmann-json3-dev libpcre2-dev libcli11-dev
   libgtest-dev libgmock-dev
   libsndfile1-dev libsoxr-dev
@@ -25,22 +26,41 @@ packages=(
   libspdlog-dev libfmt-dev
 )
 
+sudo_cmd=()
+if [[ $(id -u) -ne 0 ]]; then sudo_cmd=(sudo); fi
+
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if ((${#missing[@]})); then
   echo "setup: installing ${missing[*]}"
-  sudo_cmd=()
-  if [[ $(id -u) -ne 0 ]]; then
-    command -v sudo >/dev/null || { echo "setup: run as root or install sudo" >&2; exit 1; }
-    sudo_cmd=(sudo)
+  if ((${#sudo_cmd[@]})) && ! command -v sudo >/dev/null; then
+    echo "setup: run as root or install sudo" >&2
+    exit 1
   fi
   export DEBIAN_FRONTEND=noninteractive
-  "${sudo_cmd[@]}" apt-get update -q || { echo "setup: apt-get update failed (no network?)" >&2; exit 1; }
-  "${sudo_cmd[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+  ${sudo_cmd[@]+"${sudo_cmd[@]}"} apt-get update -q || { echo "setup: apt-get update failed (no network?)" >&2; exit 1; }
+  ${sudo_cmd[@]+"${sudo_cmd[@]}"} apt-get install -y -q --no-install-recommends "${missing[@]}"
 else
   echo "setup: all Debian packages present"
+fi
+
+# LibTorch reaches BLAS through the libblas.so.3 alternative. The OpenMP build of OpenBLAS
+# shares LibTorch's OpenMP threads; the pthreads build adds a second pool that fights it for the
+# cores (docs/threads.md has the measurements). Select the OpenMP one unless told not to.
+if [[ "${PREFIXCAP_KEEP_BLAS:-0}" != 1 ]]; then
+  multiarch=$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
+  for lib in libblas.so.3 liblapack.so.3 libopenblas.so.0; do
+    alt="$lib-$multiarch"
+    target="/usr/lib/$multiarch/openblas-openmp/$lib"
+    [[ -e "$target" ]] && update-alternatives --query "$alt" >/dev/null 2>&1 || continue
+    current=$(update-alternatives --query "$alt" | awk '/^Value:/ {print $2}')
+    if [[ "$current" != "$target" ]]; then
+      echo "setup: selecting OpenMP OpenBLAS for $lib"
+      ${sudo_cmd[@]+"${sudo_cmd[@]}"} update-alternatives --quiet --set "$alt" "$target"
+    fi
+  done
 fi
 
 ((do_build)) || exit 0

@@ -1,0 +1,89 @@
+// Shared bits of the benchmark programs: timing, peak RSS, memory bandwidth, JSON output.
+#pragma once
+
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace prefixcap::bench {
+
+inline double now_seconds() {
+  using clock = std::chrono::steady_clock;
+  return std::chrono::duration<double>(clock::now().time_since_epoch()).count();
+}
+
+// Best (smallest) wall time of `repeats` runs of fn, in seconds.
+inline double best_time(int repeats, const std::function<void()>& fn) {
+  double best = 1e300;
+  for (int i = 0; i < repeats; ++i) {
+    double t0 = now_seconds();
+    fn();
+    best = std::min(best, now_seconds() - t0);
+  }
+  return best;
+}
+
+// Peak resident set size of this process, bytes.
+inline double peak_rss_bytes() {
+  struct rusage usage {};
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_maxrss) * 1024.0;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2,fma", "default")))
+#endif
+inline double sum_floats(const float* data, size_t begin, size_t end) {
+  float acc[16] = {0};
+  size_t i = begin;
+  for (; i + 16 <= end; i += 16)
+    for (int k = 0; k < 16; ++k) acc[k] += data[i + k];
+  double s = 0;
+  for (float a : acc) s += a;
+  return s;
+}
+
+// Current resident set size, bytes (/proc/self/statm).
+inline double current_rss_bytes() {
+  long pages = 0, resident = 0;
+  if (FILE* f = std::fopen("/proc/self/statm", "r")) {
+    if (std::fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = 0;
+    std::fclose(f);
+  }
+  return static_cast<double>(resident) * 4096.0;
+}
+
+// Read bandwidth (bytes/s): `threads` threads sum disjoint parts of a buffer larger than the
+// caches; best of several passes. The buffer is freed before returning.
+inline double measure_read_bandwidth(int threads, size_t bytes = size_t(512) << 20) {
+  const size_t n = bytes / sizeof(float);
+  std::vector<float> data(n, 1.0f);
+  std::vector<double> sums(threads);
+  double best = 0;
+  for (int pass = 0; pass < 5; ++pass) {
+    double t0 = now_seconds();
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t) {
+      pool.emplace_back([&, t] {
+        sums[t] = sum_floats(data.data(), n * t / threads, n * (t + 1) / threads);
+      });
+    }
+    for (auto& th : pool) th.join();
+    double dt = now_seconds() - t0;
+    best = std::max(best, static_cast<double>(bytes) / dt);
+  }
+  double total = 0;
+  for (double s : sums) total += s;
+  if (total < 0) std::printf("#");  // keep the sums alive
+  return best;
+}
+
+}  // namespace prefixcap::bench
