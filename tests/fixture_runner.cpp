@@ -21,6 +21,19 @@ std::string detect_kind(const std::string& folder, const Json& cases) {
   namespace fs = std::filesystem;
   if (cases.contains("merges") && cases.contains("vocab") && cases.contains("cases") && cases["cases"].is_array())
     return "gpt2-tokenizer";
+  if (cases.contains("model_files") && cases["model_files"].contains("config")) {
+    fs::path config = fs::path(folder) / cases["model_files"]["config"].get<std::string>();
+    if (fs::exists(config) && read_json_file(config.string()).value("model_type", "") == "cnn14") return "cnn14";
+  }
+  if (cases.contains("cases") && cases["cases"].is_array() && !cases["cases"].empty()) {
+    const Json& first = cases["cases"][0];
+    if (first.contains("file") && first.contains("expected")) return "audio-decode";
+    if (cases.contains("config") && first.contains("outputs")) {
+      for (const Json& c : cases["cases"])
+        if (c.contains("outputs") && (c["outputs"].contains("logmel") || c["outputs"].contains("mel_filterbank")))
+          return "mel-frontend";
+    }
+  }
   if (cases.contains("model") && cases["model"].is_object() && cases["model"].contains("config")) {
     fs::path config = fs::path(folder) / cases["model"]["config"].get<std::string>();
     if (fs::exists(config)) {
@@ -39,6 +52,9 @@ FixtureReport run_fixture(const std::string& folder) {
   std::string kind = detect_kind(folder, cases);
   if (kind == "gpt2-tokenizer") return run_gpt2_tokenizer_fixture(folder, cases);
   if (kind == "gpt2-lm") return run_gpt2_lm_fixture(folder, cases);
+  if (kind == "audio-decode") return run_audio_decode_fixture(folder, cases);
+  if (kind == "mel-frontend") return run_mel_frontend_fixture(folder, cases);
+  if (kind == "cnn14") return run_cnn14_fixture(folder, cases);
   throw FileError(cases_path.string(), "fixture kind not recognised (fixture '" +
                                            cases.value("fixture", std::string("?")) + "')");
 }

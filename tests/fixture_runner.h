@@ -59,5 +59,8 @@ CaseResult run_case(const std::string& name, const std::function<std::string()>&
 // Per-kind runners.
 FixtureReport run_gpt2_lm_fixture(const std::string& folder, const Json& cases);
 FixtureReport run_gpt2_tokenizer_fixture(const std::string& folder, const Json& cases);
+FixtureReport run_audio_decode_fixture(const std::string& folder, const Json& cases);
+FixtureReport run_mel_frontend_fixture(const std::string& folder, const Json& cases);
+FixtureReport run_cnn14_fixture(const std::string& folder, const Json& cases);
 
 }  // namespace prefixcap::fixtures

@@ -16,3 +16,6 @@ void expect_fixture_passes(const std::string& name) {
 
 TEST(Fixtures, Gpt2Tiny) { expect_fixture_passes("gpt2-tiny"); }
 TEST(Fixtures, Gpt2Tokenizer) { expect_fixture_passes("gpt2-tokenizer"); }
+TEST(Fixtures, AudioDecode) { expect_fixture_passes("audio-decode"); }
+TEST(Fixtures, MelFrontend) { expect_fixture_passes("mel-frontend"); }
+TEST(Fixtures, Cnn14Tiny) { expect_fixture_passes("cnn14-tiny"); }

@@ -1,0 +1,369 @@
+#include "pipeline/audio_decode.h"
+
+#include <sndfile.h>
+#include <soxr.h>
+
+extern "C" {
+#include <libavcodec/avcodec.h>
+#include <libavformat/avformat.h>
+#include <libavutil/avutil.h>
+}
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+
+#include "core/errors.h"
+
+namespace prefixcap {
+
+class AudioSource {
+ public:
+  virtual ~AudioSource() = default;
+  const AudioInfo& info() const { return info_; }
+  // Appends native interleaved float frames; false at the end of the stream.
+  virtual bool read(std::vector<float>& out) = 0;
+
+ protected:
+  AudioInfo info_;
+};
+
+namespace {
+
+uint32_t le32(const unsigned char* p) { return p[0] | (p[1] << 8) | (p[2] << 16) | (uint32_t(p[3]) << 24); }
+
+// libsndfile trusts RIFF sizes loosely: a cut-off WAV decodes as shorter audio without an
+// error. Walk the chunks ourselves so truncation and lying sizes are reported, not returned.
+void validate_riff(const std::string& path) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in) return;
+  const uint64_t file_size = static_cast<uint64_t>(in.tellg());
+  in.seekg(0);
+  unsigned char head[12];
+  if (file_size < 12 || !in.read(reinterpret_cast<char*>(head), 12)) return;
+  if (std::memcmp(head, "RIFF", 4) != 0 || std::memcmp(head + 8, "WAVE", 4) != 0) return;
+  uint64_t offset = 12;
+  while (offset + 8 <= file_size) {
+    unsigned char chunk[8];
+    in.seekg(static_cast<std::streamoff>(offset));
+    if (!in.read(reinterpret_cast<char*>(chunk), 8)) break;
+    const uint32_t size = le32(chunk + 4);
+    const std::string id(reinterpret_cast<char*>(chunk), 4);
+    const uint64_t body = offset + 8;
+    if (id == "data") {
+      const uint64_t available = file_size - body;
+      if (size != 0xFFFFFFFFu && size != 0 && size > available)
+        throw FileError(path, "truncated WAV: the header announces " + std::to_string(size) +
+                                  " bytes of audio, the file holds " + std::to_string(available));
+      return;
+    }
+    if (body + size > file_size)
+      throw FileError(path, "corrupt WAV: chunk '" + id + "' claims " + std::to_string(size) +
+                                " bytes, past the end of the file (no audio data found)");
+    offset = body + size + (size & 1);
+  }
+  throw FileError(path, "corrupt WAV: no 'data' chunk");
+}
+
+class SndfileSource : public AudioSource {
+ public:
+  // Returns nullptr (no error) when libsndfile does not recognise the content.
+  static std::unique_ptr<SndfileSource> open(const std::string& path) {
+    SF_INFO sfinfo;
+    std::memset(&sfinfo, 0, sizeof sfinfo);
+    SNDFILE* file = sf_open(path.c_str(), SFM_READ, &sfinfo);
+    if (!file) return nullptr;
+    auto src = std::unique_ptr<SndfileSource>(new SndfileSource(path, file, sfinfo));
+    return src;
+  }
+  ~SndfileSource() override { sf_close(file_); }
+
+  bool read(std::vector<float>& out) override {
+    const sf_count_t chunk = 16384;
+    const size_t old = out.size();
+    out.resize(old + chunk * info_.channels);
+    sf_count_t got = sf_readf_float(file_, out.data() + old, chunk);
+    if (got < 0) got = 0;
+    out.resize(old + got * info_.channels);
+    if (sf_error(file_) != SF_ERR_NO_ERROR)
+      throw FileError(path_, std::string("decoding failed: ") + sf_strerror(file_));
+    read_ += got;
+    if (got == 0) {
+      if (exact_length_ && info_.frames > 0 && read_ < info_.frames)
+        throw FileError(path_, "truncated: " + std::to_string(read_) + " of " + std::to_string(info_.frames) +
+                                   " frames could be read");
+      return false;
+    }
+    return true;
+  }
+
+ private:
+  SndfileSource(const std::string& path, SNDFILE* file, const SF_INFO& sfinfo) : path_(path), file_(file) {
+    info_.sample_rate = sfinfo.samplerate;
+    info_.channels = sfinfo.channels;
+    info_.frames = sfinfo.frames;
+    info_.decoder = "libsndfile";
+    SF_FORMAT_INFO fmt;
+    fmt.format = sfinfo.format & SF_FORMAT_TYPEMASK;
+    info_.format = sf_command(file, SFC_GET_FORMAT_MAJOR, &fmt, sizeof fmt) == 0 && fmt.name ? fmt.name : "?";
+    // MPEG frame counts are estimates; every other format libsndfile reads states exact lengths.
+    exact_length_ = (sfinfo.format & SF_FORMAT_TYPEMASK) != 0x230000 /* SF_FORMAT_MPEG */;
+    if (info_.sample_rate > 0 && info_.frames >= 0) info_.duration_s = double(info_.frames) / info_.sample_rate;
+  }
+  std::string path_;
+  SNDFILE* file_;
+  sf_count_t read_ = 0;
+  bool exact_length_ = true;
+};
+
+std::string av_error(int code) {
+  char buf[AV_ERROR_MAX_STRING_SIZE] = {0};
+  av_strerror(code, buf, sizeof buf);
+  return buf;
+}
+
+class FfmpegSource : public AudioSource {
+ public:
+  explicit FfmpegSource(const std::string& path) : path_(path) {
+    av_log_set_level(AV_LOG_QUIET);
+    int rc = avformat_open_input(&format_, path.c_str(), nullptr, nullptr);
+    if (rc < 0) throw FileError(path, "not a readable audio or video file (" + av_error(rc) + ")");
+    rc = avformat_find_stream_info(format_, nullptr);
+    if (rc < 0) throw FileError(path, "cannot read stream information (" + av_error(rc) + ")");
+    const AVCodec* codec = nullptr;
+    stream_ = av_find_best_stream(format_, AVMEDIA_TYPE_AUDIO, -1, -1, &codec, 0);
+    if (stream_ < 0 || !codec) throw FileError(path, "no decodable audio track");
+    AVStream* st = format_->streams[stream_];
+    codec_ = avcodec_alloc_context3(codec);
+    if (!codec_ || avcodec_parameters_to_context(codec_, st->codecpar) < 0)
+      throw FileError(path, "cannot set up the audio decoder");
+    rc = avcodec_open2(codec_, codec, nullptr);
+    if (rc < 0) throw FileError(path, "cannot open the audio decoder (" + av_error(rc) + ")");
+    packet_ = av_packet_alloc();
+    frame_ = av_frame_alloc();
+    info_.sample_rate = codec_->sample_rate;
+    info_.channels = codec_->ch_layout.nb_channels;
+    if (info_.sample_rate <= 0 || info_.channels <= 0) throw FileError(path, "audio track without rate or channels");
+    info_.decoder = "ffmpeg";
+    info_.format = std::string(format_->iformat->name) + "/" + codec->name;
+    if (st->duration != AV_NOPTS_VALUE && st->duration > 0)
+      info_.duration_s = st->duration * av_q2d(st->time_base);
+    else if (format_->duration != AV_NOPTS_VALUE && format_->duration > 0)
+      info_.duration_s = double(format_->duration) / AV_TIME_BASE;
+  }
+  ~FfmpegSource() override {
+    av_frame_free(&frame_);
+    av_packet_free(&packet_);
+    avcodec_free_context(&codec_);
+    avformat_close_input(&format_);
+  }
+
+  bool read(std::vector<float>& out) override {
+    while (true) {
+      int rc = avcodec_receive_frame(codec_, frame_);
+      if (rc == 0) {
+        append(out);
+        av_frame_unref(frame_);
+        return true;
+      }
+      if (rc == AVERROR_EOF) return false;
+      if (rc != AVERROR(EAGAIN)) throw FileError(path_, "corrupt audio data (" + av_error(rc) + ")");
+      if (draining_) return false;
+      rc = av_read_frame(format_, packet_);
+      if (rc == AVERROR_EOF) {
+        draining_ = true;
+        avcodec_send_packet(codec_, nullptr);
+        continue;
+      }
+      if (rc < 0) throw FileError(path_, "cannot read the file (" + av_error(rc) + "; truncated?)");
+      if (packet_->stream_index == stream_) {
+        rc = avcodec_send_packet(codec_, packet_);
+        if (rc < 0 && rc != AVERROR(EAGAIN)) {
+          av_packet_unref(packet_);
+          throw FileError(path_, "corrupt audio data (" + av_error(rc) + ")");
+        }
+      }
+      av_packet_unref(packet_);
+    }
+  }
+
+ private:
+  void append(std::vector<float>& out) {
+    const int channels = frame_->ch_layout.nb_channels;
+    const int n = frame_->nb_samples;
+    if (channels != info_.channels) throw FileError(path_, "channel count changes inside the stream");
+    const size_t old = out.size();
+    out.resize(old + size_t(n) * channels);
+    float* dst = out.data() + old;
+    const auto fmt = static_cast<AVSampleFormat>(frame_->format);
+    const bool planar = av_sample_fmt_is_planar(fmt);
+    for (int c = 0; c < channels; ++c) {
+      const uint8_t* plane = planar ? frame_->extended_data[c] : frame_->extended_data[0];
+      for (int i = 0; i < n; ++i) {
+        const int idx = planar ? i : i * channels + c;
+        float v;
+        switch (av_get_packed_sample_fmt(fmt)) {
+          case AV_SAMPLE_FMT_FLT: v = reinterpret_cast<const float*>(plane)[idx]; break;
+          case AV_SAMPLE_FMT_DBL: v = static_cast<float>(reinterpret_cast<const double*>(plane)[idx]); break;
+          case AV_SAMPLE_FMT_S16: v = reinterpret_cast<const int16_t*>(plane)[idx] / 32768.0f; break;
+          case AV_SAMPLE_FMT_S32: v = static_cast<float>(reinterpret_cast<const int32_t*>(plane)[idx] / 2147483648.0); break;
+          case AV_SAMPLE_FMT_U8: v = (plane[idx] - 128) / 128.0f; break;
+          case AV_SAMPLE_FMT_S64: v = static_cast<float>(reinterpret_cast<const int64_t*>(plane)[idx] / 9223372036854775808.0); break;
+          default: throw FileError(path_, "unsupported sample format");
+        }
+        dst[size_t(i) * channels + c] = v;
+      }
+    }
+  }
+
+  std::string path_;
+  AVFormatContext* format_ = nullptr;
+  AVCodecContext* codec_ = nullptr;
+  AVPacket* packet_ = nullptr;
+  AVFrame* frame_ = nullptr;
+  int stream_ = -1;
+  bool draining_ = false;
+};
+
+}  // namespace
+
+struct AudioReader::Resampler {
+  soxr_t soxr = nullptr;
+  double ratio = 1;
+  ~Resampler() {
+    if (soxr) soxr_delete(soxr);
+  }
+};
+
+AudioReader::AudioReader(const std::string& path, const AudioDecodeOptions& options)
+    : path_(path), options_(options) {
+  {
+    std::ifstream probe(path, std::ios::binary | std::ios::ate);
+    if (!probe) throw FileError(path, "cannot open");
+    if (probe.tellg() == 0) throw FileError(path, "empty file");
+  }
+  if (options.target_rate < 0) throw std::invalid_argument("target_rate must be >= 0");
+  if (!options.mono && options.target_rate != 0)
+    throw std::invalid_argument("multi-channel output is only available at the native rate (target_rate 0)");
+  validate_riff(path);
+  source_ = SndfileSource::open(path);
+  if (!source_) source_ = std::make_unique<FfmpegSource>(path);
+  info_ = source_->info();
+  output_rate_ = options.target_rate > 0 ? options.target_rate : info_.sample_rate;
+  output_channels_ = options.mono ? 1 : info_.channels;
+  native_skip_ = static_cast<int64_t>(std::llround(std::max(0.0, options.start_s) * info_.sample_rate));
+  if (options.duration_s >= 0) native_left_ = static_cast<int64_t>(std::llround(options.duration_s * info_.sample_rate));
+  if (output_rate_ != info_.sample_rate) {
+    resampler_ = std::make_unique<Resampler>();
+    soxr_error_t err = nullptr;
+    soxr_io_spec_t io = soxr_io_spec(SOXR_FLOAT32_I, SOXR_FLOAT32_I);
+    soxr_quality_spec_t quality = soxr_quality_spec(SOXR_VHQ, 0);
+    resampler_->soxr = soxr_create(info_.sample_rate, output_rate_, 1, &err, &io, &quality, nullptr);
+    if (err) throw std::runtime_error(std::string("libsoxr: ") + err);
+    resampler_->ratio = double(output_rate_) / info_.sample_rate;
+  }
+}
+
+AudioReader::~AudioReader() = default;
+
+bool AudioReader::pull_native() {
+  std::vector<float> native;
+  while (native.empty()) {
+    if (!source_->read(native)) {
+      check_complete();
+      return false;
+    }
+  }
+  native_decoded_ += static_cast<int64_t>(native.size() / info_.channels);
+  const int C = info_.channels;
+  int64_t frames = static_cast<int64_t>(native.size() / C);
+  int64_t begin = 0;
+  if (native_skip_ > 0) {
+    begin = std::min(frames, native_skip_);
+    native_skip_ -= begin;
+  }
+  int64_t end = frames;
+  if (native_left_ >= 0) {
+    end = std::min(frames, begin + native_left_);
+    native_left_ -= (end - begin);
+  }
+  std::vector<float> chunk;
+  if (options_.mono) {
+    chunk.resize(end - begin);
+    for (int64_t i = begin; i < end; ++i) {
+      float s = 0;
+      for (int c = 0; c < C; ++c) s += native[i * C + c];
+      chunk[i - begin] = s / C;
+    }
+  } else {
+    chunk.assign(native.begin() + begin * C, native.begin() + end * C);
+  }
+  if (!resampler_) {
+    pending_.insert(pending_.end(), chunk.begin(), chunk.end());
+  } else {
+    size_t capacity = static_cast<size_t>(chunk.size() * resampler_->ratio) + 256;
+    size_t old = pending_.size();
+    pending_.resize(old + capacity);
+    size_t done_in = 0, done_out = 0;
+    soxr_error_t err = soxr_process(resampler_->soxr, chunk.data(), chunk.size(), &done_in, pending_.data() + old,
+                                    capacity, &done_out);
+    if (err) throw std::runtime_error(std::string("libsoxr: ") + err);
+    pending_.resize(old + done_out);
+  }
+  if (native_left_ == 0) source_done_ = true;
+  return true;
+}
+
+// A stream that ends well before the length its container announced is a cut-off file
+// (lossy streams decode frame by frame and would otherwise return partial audio silently).
+void AudioReader::check_complete() const {
+  if (native_left_ >= 0 || info_.duration_s <= 0) return;  // a window, or no announced length
+  const double decoded_s = double(native_decoded_) / info_.sample_rate;
+  if (decoded_s < info_.duration_s * 0.98 - 0.05)
+    throw FileError(path_, "truncated: decoded " + std::to_string(decoded_s) + " s of the " +
+                               std::to_string(info_.duration_s) + " s the file announces");
+}
+
+size_t AudioReader::read(std::vector<float>& out, size_t max_frames) {
+  const size_t want = max_frames * output_channels_;
+  while (pending_.size() - pending_begin_ < want && !flushed_) {
+    if (!source_done_ && pull_native()) continue;
+    source_done_ = true;
+    if (resampler_) {  // drain the resampler's tail
+      while (true) {
+        size_t old = pending_.size();
+        pending_.resize(old + 4096);
+        size_t done_out = 0;
+        soxr_process(resampler_->soxr, nullptr, 0, nullptr, pending_.data() + old, 4096, &done_out);
+        pending_.resize(old + done_out);
+        if (done_out == 0) break;
+      }
+    }
+    flushed_ = true;
+  }
+  size_t n = std::min(want, pending_.size() - pending_begin_);
+  n -= n % output_channels_;
+  out.insert(out.end(), pending_.begin() + pending_begin_, pending_.begin() + pending_begin_ + n);
+  pending_begin_ += n;
+  if (pending_begin_ > (1u << 20)) {  // keep memory bounded
+    pending_.erase(pending_.begin(), pending_.begin() + pending_begin_);
+    pending_begin_ = 0;
+  }
+  position_ += n / output_channels_;
+  return n / output_channels_;
+}
+
+Waveform decode_audio(const std::string& path, const AudioDecodeOptions& options) {
+  AudioReader reader(path, options);
+  Waveform w;
+  w.sample_rate = reader.output_rate();
+  w.channels = reader.output_channels();
+  w.source = reader.info();
+  while (reader.read(w.samples, 1 << 16) > 0) {
+  }
+  if (w.samples.empty()) throw FileError(path, "no audio samples decoded");
+  return w;
+}
+
+}  // namespace prefixcap

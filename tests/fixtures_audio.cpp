@@ -1,0 +1,210 @@
+// Fixture kinds of the audio path: media decoding, the log-mel front end, CNN14.
+#include <cmath>
+#include <filesystem>
+#include <regex>
+
+#include <ATen/ATen.h>
+#include <torch/types.h>
+
+#include "core/errors.h"
+#include "core/safetensors.h"
+#include "core/weights.h"
+#include "encoders/cnn14.h"
+#include "encoders/log_mel.h"
+#include "pipeline/audio_decode.h"
+#include "tests/fixture_runner.h"
+
+namespace prefixcap::fixtures {
+namespace fs = std::filesystem;
+
+namespace {
+
+double snr_db(const std::vector<float>& y_in, const at::Tensor& ref_in, int64_t n) {
+  at::Tensor ref = ref_in.to(at::kDouble).flatten().narrow(0, 0, std::min<int64_t>(n, ref_in.numel()));
+  at::Tensor y = at::zeros({ref.numel()}, at::kDouble);
+  int64_t m = std::min<int64_t>(ref.numel(), static_cast<int64_t>(y_in.size()));
+  if (m > 0) y.narrow(0, 0, m).copy_(at::from_blob(const_cast<float*>(y_in.data()), {m}, at::kFloat).to(at::kDouble));
+  double signal = ref.pow(2).sum().item<double>(), noise = (y - ref).pow(2).sum().item<double>();
+  return noise == 0 ? INFINITY : 10 * std::log10(signal / noise);
+}
+
+void tolerance_flat(const Json& output, double* atol, double* rtol, double atol_default, double rtol_default) {
+  *atol = output.value("atol", atol_default);
+  *rtol = output.value("rtol", rtol_default);
+}
+
+std::string fmt(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.2f", v);
+  return buf;
+}
+
+}  // namespace
+
+FixtureReport run_audio_decode_fixture(const std::string& folder, const Json& cases) {
+  FixtureReport report;
+  report.kind = "audio-decode";
+  SafetensorsFile golden((fs::path(folder) / "golden.safetensors").string());
+  int target_rate = 32000;
+  std::smatch m;
+  std::string target = cases.value("target", "");
+  if (std::regex_search(target, m, std::regex("(\\d+) Hz"))) target_rate = std::stoi(m[1]);
+  for (const Json& c : cases.at("cases")) {
+    const std::string path = (fs::path(folder) / c.at("file").get<std::string>()).string();
+    const Json& expected = c.at("expected");
+    report.cases.push_back(run_case(c.at("name").get<std::string>(), [&]() -> std::string {
+      if (expected.value("error", false)) {
+        try {
+          Waveform w = decode_audio(path, {target_rate});
+          return "FAIL:decoded " + std::to_string(w.samples.size()) + " samples instead of reporting an error";
+        } catch (const FileError& e) {
+          return std::string("rejected: ") + e.what();
+        }
+      }
+      Checks checks;
+      if (c.contains("native")) {
+        const Json& native = c["native"];
+        AudioDecodeOptions opt;
+        opt.target_rate = 0;
+        opt.mono = false;
+        Waveform w = decode_audio(path, opt);
+        checks.require(w.sample_rate == native.at("sample_rate").get<int>(), "native rate " + std::to_string(w.sample_rate));
+        at::Tensor ref = golden.tensor(native.at("tensor").get<std::string>()).to(at::kDouble) / 32768.0;
+        at::Tensor got = at::from_blob(w.samples.data(), {static_cast<int64_t>(w.samples.size())}, at::kFloat)
+                             .to(at::kDouble)
+                             .view({-1, w.channels});
+        checks.close("native samples", got, ref, 0, 0);
+      }
+      Waveform w = decode_audio(path, {target_rate});
+      const int64_t samples = expected.at("samples").get<int64_t>();
+      const int64_t tolerance = expected.value("sample_count_tolerance", 0);
+      const int64_t got_n = static_cast<int64_t>(w.samples.size());
+      checks.require(std::llabs(got_n - samples) <= tolerance,
+                     "length " + std::to_string(got_n) + ", expected " + std::to_string(samples) + " +- " + std::to_string(tolerance));
+      if (expected.contains("duration_s")) {
+        double duration = double(got_n) / target_rate;
+        checks.require(std::fabs(duration - expected["duration_s"].get<double>()) <= expected.value("duration_tolerance_s", 0.0),
+                       "duration " + fmt(duration) + " s");
+      }
+      std::string ref_name = expected.contains("tensor") ? expected["tensor"].get<std::string>()
+                                                         : expected.at("snr_vs").get<std::string>();
+      at::Tensor ref = golden.tensor(ref_name);
+      if (expected.contains("min_snr_db")) {
+        double snr = snr_db(w.samples, ref, samples);
+        checks.require(snr >= expected["min_snr_db"].get<double>(), "SNR " + fmt(snr) + " dB below " + fmt(expected["min_snr_db"].get<double>()));
+        checks.notes.push_back("SNR " + fmt(snr) + " dB, " + std::to_string(got_n) + " samples");
+      } else {  // exact: the file stores float32(ref)
+        at::Tensor got = at::from_blob(w.samples.data(), {got_n}, at::kFloat).clone();
+        checks.exact("bits", got.view(at::kInt), ref.to(at::kFloat).view(at::kInt));
+      }
+      return checks.result();
+    }));
+  }
+  return report;
+}
+
+FixtureReport run_mel_frontend_fixture(const std::string& folder, const Json& cases) {
+  FixtureReport report;
+  report.kind = "mel-frontend";
+  const std::string config_path = (fs::path(folder) / cases.at("config").get<std::string>()).string();
+  LogMelConfig config = LogMelConfig::from_json(read_json_file(config_path), config_path);
+  SafetensorsFile golden((fs::path(folder) / "golden.safetensors").string());
+  LogMelFrontEnd front_end(config);
+  for (const Json& c : cases.at("cases")) {
+    report.cases.push_back(run_case(c.at("name").get<std::string>(), [&]() -> std::string {
+      Checks checks;
+      LogMelOutput out;
+      if (c.at("inputs").contains("waveform"))
+        out = front_end->forward_all(golden.tensor(c["inputs"]["waveform"].at("tensor").get<std::string>()));
+      for (auto it = c.at("outputs").begin(); it != c.at("outputs").end(); ++it) {
+        double atol, rtol;
+        tolerance_flat(it.value(), &atol, &rtol, 1e-4, 1e-3);
+        at::Tensor expected = golden.tensor(it.value().at("tensor").get<std::string>());
+        const std::string& key = it.key();
+        at::Tensor got;
+        if (key == "hann_window") got = hann_window_periodic(config.window_size);
+        else if (key == "mel_filterbank") got = slaney_mel_filterbank(config);
+        else if (key == "power_spectrogram") got = out.power_spectrogram;
+        else if (key == "mel_power") got = out.mel_power;
+        else if (key == "logmel") got = out.logmel;
+        else {
+          checks.require(false, "unknown output '" + key + "'");
+          continue;
+        }
+        checks.close(key, got, expected, atol, rtol);
+      }
+      return checks.result();
+    }));
+  }
+  return report;
+}
+
+FixtureReport run_cnn14_fixture(const std::string& folder, const Json& cases) {
+  FixtureReport report;
+  report.kind = "cnn14";
+  const Json& files = cases.at("model_files");
+  const std::string config_path = (fs::path(folder) / files.at("config").get<std::string>()).string();
+  Cnn14Config config = Cnn14Config::from_file(config_path);
+  SafetensorsFile golden((fs::path(folder) / "golden.safetensors").string());
+  double default_atol = 1e-4, default_rtol = 1e-3;
+  if (cases.contains("default_tolerance")) tolerance_flat(cases["default_tolerance"], &default_atol, &default_rtol, 1e-4, 1e-3);
+  for (auto f = files.begin(); f != files.end(); ++f) {
+    if (f.key() == "config") continue;
+    std::string file = f.value().get<std::string>();
+    file = file.substr(0, file.find(' '));  // "checkpoint.pth ({'model': state_dict}, ...)"
+    const std::string path = (fs::path(folder) / file).string();
+    Cnn14 model{nullptr};
+    CaseResult load = run_case(file + "/load", [&] {
+      model = Cnn14(config);
+      model->load_weights(load_weight_file(path), path);
+      model->freeze();
+      return std::string("strict load");
+    });
+    report.cases.push_back(load);
+    if (!load.passed) continue;
+    for (const Json& c : cases.at("cases")) {
+      report.cases.push_back(run_case(file + "/" + c.at("name").get<std::string>(), [&]() -> std::string {
+        torch::NoGradGuard no_grad;
+        Checks checks;
+        const Json& input = c.at("inputs").at("waveform");
+        at::Tensor waveform = golden.tensor(input.at("tensor").get<std::string>());
+        if (input.contains("file")) {  // the same samples as a WAV: the decoder must give them exactly
+          std::string wav = input["file"].get<std::string>();
+          Waveform w = decode_audio((fs::path(folder) / wav.substr(0, wav.find(' '))).string(), {0});
+          checks.close("decoded " + wav.substr(0, wav.find(' ')),
+                       at::from_blob(w.samples.data(), {1, static_cast<int64_t>(w.samples.size())}, at::kFloat), waveform, 0, 0);
+        }
+        LogMelOutput front = model->front_end->forward_all(waveform);
+        Cnn14Output out = model->forward_logmel(front.logmel, /*keep_blocks=*/true);
+        for (auto it = c.at("outputs").begin(); it != c.at("outputs").end(); ++it) {
+          const std::string& key = it.key();
+          double atol, rtol;
+          tolerance_flat(it.value(), &atol, &rtol, default_atol, default_rtol);
+          at::Tensor expected = golden.tensor(it.value().at("tensor").get<std::string>());
+          at::Tensor got;
+          if (key == "spectrogram") got = front.power_spectrogram;
+          else if (key == "logmel") got = out.logmel;
+          else if (key == "temporal_features") got = out.temporal_features.transpose(1, 2);  // upstream [B, C, T']
+          else if (key == "embedding") got = out.embedding;
+          else if (key == "clipwise_output") got = out.clipwise_output;
+          else if (key.rfind("conv_block", 0) == 0) {
+            size_t index = std::stoul(key.substr(10));
+            if (index < 1 || index > out.blocks.size()) {
+              checks.require(false, "no block " + key);
+              continue;
+            }
+            got = out.blocks[index - 1];
+          } else {
+            checks.require(false, "unknown output '" + key + "'");
+            continue;
+          }
+          checks.close(key, got, expected, atol, rtol);
+        }
+        return checks.result();
+      }));
+    }
+  }
+  return report;
+}
+
+}  // namespace prefixcap::fixtures

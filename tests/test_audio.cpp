@@ -1,0 +1,167 @@
+// Audio path beyond the golden cases: streaming, windows, clip length, bad inputs.
+#include <gtest/gtest.h>
+
+#include <sndfile.h>
+
+#include <cmath>
+
+#include "core/errors.h"
+#include "core/safetensors.h"
+#include "encoders/cnn14.h"
+#include "pipeline/audio_decode.h"
+#include "tests/test_helpers.h"
+
+using namespace prefixcap;
+using prefixcap::testing::fixture_dir;
+using prefixcap::testing::read_bytes;
+using prefixcap::testing::TempDir;
+using prefixcap::testing::write_bytes;
+
+namespace {
+std::string audio(const std::string& name) { return fixture_dir("audio-decode") + "/" + name; }
+
+template <typename Fn>
+std::string error_of(Fn fn) {
+  try {
+    fn();
+  } catch (const FileError& e) {
+    return e.what();
+  }
+  return "";
+}
+}  // namespace
+
+TEST(AudioDecode, StreamingInChunksEqualsWholeFileDecode) {
+  Waveform whole = decode_audio(audio("leaves_48k_s16_stereo.flac"));
+  AudioReader reader(audio("leaves_48k_s16_stereo.flac"));
+  std::vector<float> streamed;
+  size_t calls = 0;
+  while (reader.read(streamed, 1000) > 0) ++calls;
+  EXPECT_GT(calls, 50u);
+  ASSERT_EQ(streamed.size(), whole.samples.size());
+  for (size_t i = 0; i < streamed.size(); ++i) ASSERT_EQ(streamed[i], whole.samples[i]) << i;
+  EXPECT_EQ(reader.position(), static_cast<int64_t>(streamed.size()));
+  EXPECT_EQ(reader.info().sample_rate, 48000);
+  EXPECT_NEAR(reader.info().duration_s, 3.0, 1e-9);
+}
+
+TEST(AudioDecode, WindowsCutTheRequestedSpan) {
+  Waveform whole = decode_audio(audio("leaves_44k1_s16_stereo.wav"), {0});
+  AudioDecodeOptions opt;
+  opt.target_rate = 0;
+  opt.start_s = 1.0;
+  opt.duration_s = 0.5;
+  Waveform part = decode_audio(audio("leaves_44k1_s16_stereo.wav"), opt);
+  ASSERT_EQ(part.samples.size(), 22050u);
+  for (size_t i = 0; i < part.samples.size(); ++i) ASSERT_EQ(part.samples[i], whole.samples[44100 + i]);
+}
+
+TEST(AudioDecode, DownmixIsTheMeanOfTheChannels) {
+  AudioDecodeOptions stereo;
+  stereo.target_rate = 0;
+  stereo.mono = false;
+  Waveform s = decode_audio(audio("leaves_44k1_s16_stereo.wav"), stereo);
+  Waveform m = decode_audio(audio("leaves_44k1_s16_stereo.wav"), {0});
+  ASSERT_EQ(s.channels, 2);
+  ASSERT_EQ(m.samples.size() * 2, s.samples.size());
+  for (size_t i = 0; i < m.samples.size(); i += 997)
+    EXPECT_FLOAT_EQ(m.samples[i], (s.samples[2 * i] + s.samples[2 * i + 1]) / 2) << i;
+}
+
+TEST(AudioDecode, CorruptAndMissingTracksAreReported) {
+  TempDir dir;
+  // A video (here: a still image stream) without any audio track.
+  std::string msg = error_of([&] { decode_audio(fixture_dir("clip-vit-tiny") + "/rocket.jpg"); });
+  EXPECT_NE(msg.find("no decodable audio track"), std::string::npos) << msg;
+  // MP3 cut in half: the Xing header announces 3 s.
+  std::string mp3 = read_bytes(audio("leaves_44k1_stereo.mp3"));
+  write_bytes(dir.file("cut.mp3"), mp3.substr(0, mp3.size() / 2));
+  msg = error_of([&] { decode_audio(dir.file("cut.mp3")); });
+  EXPECT_NE(msg.find("truncated"), std::string::npos) << msg;
+  // Ogg Vorbis cut in half.
+  std::string ogg = read_bytes(audio("leaves_44k1_stereo_vorbis.ogg"));
+  write_bytes(dir.file("cut.ogg"), ogg.substr(0, ogg.size() / 2));
+  msg = error_of([&] { decode_audio(dir.file("cut.ogg")); });
+  EXPECT_FALSE(msg.empty()) << "a cut Ogg file decoded without an error";
+  // Garbage in the middle of an Ogg file.
+  std::string bad = ogg;
+  for (size_t i = bad.size() / 3; i < bad.size() / 3 + 4000; ++i) bad[i] = static_cast<char>(i * 7919);
+  write_bytes(dir.file("garbage.ogg"), bad);
+  msg = error_of([&] { decode_audio(dir.file("garbage.ogg")); });
+  EXPECT_FALSE(msg.empty()) << "a corrupt Ogg file decoded without an error";
+  // Missing file, folder.
+  EXPECT_NE(error_of([&] { decode_audio(dir.file("nope.wav")); }).find("cannot open"), std::string::npos);
+}
+
+TEST(AudioDecode, LongFileStreamsWithBoundedMemory) {
+  // 10 minutes of 48 kHz stereo FLAC, read in 1 s chunks at 32 kHz: the reader's buffer
+  // never holds more than a few chunks.
+  TempDir dir;
+  SF_INFO info{};
+  info.samplerate = 48000;
+  info.channels = 2;
+  info.format = SF_FORMAT_FLAC | SF_FORMAT_PCM_16;
+  SNDFILE* f = sf_open(dir.file("long.flac").c_str(), SFM_WRITE, &info);
+  ASSERT_NE(f, nullptr);
+  std::vector<short> block(48000 * 2);
+  for (int s = 0; s < 600; ++s) {
+    for (int i = 0; i < 48000; ++i) block[2 * i] = block[2 * i + 1] = static_cast<short>(8000 * std::sin(i * 0.05 + s));
+    sf_writef_short(f, block.data(), 48000);
+  }
+  sf_close(f);
+  auto rss_mb = [] {
+    long pages = 0, resident = 0;
+    FILE* statm = std::fopen("/proc/self/statm", "r");
+    if (statm) {
+      if (std::fscanf(statm, "%ld %ld", &pages, &resident) != 2) resident = 0;
+      std::fclose(statm);
+    }
+    return resident * 4096.0 / 1e6;
+  };
+  AudioReader reader(dir.file("long.flac"));
+  std::vector<float> chunk;
+  int64_t total = 0;
+  const double before = rss_mb();
+  double peak = before;
+  while (true) {
+    chunk.clear();
+    size_t n = reader.read(chunk, 32000);
+    if (n == 0) break;
+    total += n;
+    peak = std::max(peak, rss_mb());
+  }
+  EXPECT_NEAR(static_cast<double>(total), 600.0 * 32000, 2);
+  // The whole output would be 77 MB of floats; streaming keeps a few chunks.
+  EXPECT_LT(peak - before, 30.0);
+}
+
+TEST(Cnn14, ClipLengthPolicyPadsOrCuts) {
+  std::vector<float> x(100, 1.0f);
+  auto padded = fit_clip_length(x, 50, 3.0);
+  ASSERT_EQ(padded.size(), 150u);
+  EXPECT_EQ(padded[99], 1.0f);
+  EXPECT_EQ(padded[100], 0.0f);
+  EXPECT_EQ(fit_clip_length(x, 50, 1.0).size(), 50u);
+  EXPECT_EQ(fit_clip_length(x, 50, 0).size(), 100u);
+}
+
+TEST(Cnn14, ConfigAndShapeErrorsAreClear) {
+  TempDir dir;
+  write_bytes(dir.file("config.json"), R"({"model_type":"cnn14","channels":[4,8,16]})");
+  EXPECT_THROW(Cnn14Config::from_file(dir.file("config.json")), ConfigError);
+  write_bytes(dir.file("config.json"), R"({"model_type":"cnn14","fmax":20000})");
+  EXPECT_THROW(Cnn14Config::from_file(dir.file("config.json")), ConfigError);
+  Cnn14Config c = Cnn14Config::from_file(fixture_dir("cnn14-tiny") + "/config.json");
+  c.channels[5] = 256;
+  Cnn14 model(c);
+  try {
+    model->load_weights(load_safetensors(fixture_dir("cnn14-tiny") + "/model.safetensors"), "model.safetensors");
+    FAIL();
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("tensor 'conv_block6.conv1.weight': expected [256, 64, 3, 3], got [128, 64, 3, 3]"),
+              std::string::npos)
+        << e.what();
+  }
+  Cnn14 tiny = load_cnn14(fixture_dir("cnn14-tiny"));
+  EXPECT_THROW(tiny->forward(at::zeros({1, 3200})), c10::Error);  // 0.1 s: too short for five poolings
+}
