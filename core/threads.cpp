@@ -61,17 +61,21 @@ ThreadSetup configure_threads(const ThreadOptions& options) {
   setup.num_threads = options.num_threads > 0 ? options.num_threads
                                               : env_int("PREFIXCAP_THREADS", 0);
   if (setup.num_threads <= 0) setup.num_threads = available_cores();
+  const int mode = blas_parallel_mode();
   int blas = options.blas_threads > 0 ? options.blas_threads : env_int("PREFIXCAP_BLAS_THREADS", 0);
-  if (blas <= 0) {
-    // OpenMP OpenBLAS shares LibTorch's thread pool: give it every thread. The pthreads build
-    // keeps a second pool whose threads fight LibTorch's spinning OpenMP workers for the
-    // cores (GPT-2 decoding measured 16 tokens/s with 2+2 threads, 38 with 2+1 on 2 cores),
-    // so it gets one thread unless told otherwise.
-    blas = blas_parallel_mode() == 1 ? 1 : setup.num_threads;
+  if (mode == 2) {
+    // OpenMP OpenBLAS shares LibTorch's thread pool (its setter changes the OpenMP thread
+    // count for everyone), so both get the same number.
+    blas = setup.num_threads;
+  } else if (blas <= 0) {
+    // The pthreads build keeps a second pool whose threads fight LibTorch's spinning OpenMP
+    // workers for the cores (GPT-2 decoding measured 16 tokens/s with 2+2 threads, 38 with
+    // 2+1 on 2 cores), so it gets one thread unless told otherwise.
+    blas = mode == 1 ? 1 : setup.num_threads;
   }
-  at::set_num_threads(setup.num_threads);
   setup.blas_threads = set_blas_threads(blas);
-  setup.blas_mode = blas_parallel_mode();
+  at::set_num_threads(setup.num_threads);  // last: OpenBLAS's setter may touch OpenMP's count
+  setup.blas_mode = mode;
   return setup;
 }
 

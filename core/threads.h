@@ -7,8 +7,8 @@ namespace prefixcap {
 
 struct ThreadOptions {
   int num_threads = 0;    // LibTorch intra-op threads; 0 = $PREFIXCAP_THREADS or all cores
-  int blas_threads = 0;   // OpenBLAS threads; 0 = $PREFIXCAP_BLAS_THREADS, else num_threads
-                          // for OpenMP OpenBLAS (one shared pool) and 1 for pthreads OpenBLAS
+  int blas_threads = 0;   // pthreads OpenBLAS threads; 0 = $PREFIXCAP_BLAS_THREADS, else 1.
+                          // OpenMP OpenBLAS always shares LibTorch's pool (num_threads).
 };
 
 struct ThreadSetup {

@@ -82,11 +82,13 @@ LogMelOutput LogMelFrontEndImpl::forward_all(const at::Tensor& waveform) {
   at::Tensor x = waveform.to(window_.dtype());
   // Reflect padding without repeating the edge sample (torch 'reflect').
   at::Tensor padded = at::reflection_pad1d(x.unsqueeze(1), {pad, pad}).squeeze(1);  // [B, N + n_fft]
-  at::Tensor spec = at::stft(padded, config_.window_size, config_.hop_size, config_.window_size, window_,
-                             /*normalized=*/false, /*onesided=*/true, /*return_complex=*/true);  // [B, F, T]
+  // Frames t*hop .. t*hop + n_fft of the padded signal, windowed, real FFT: [B, T, F].
+  // (unfold + rfft: the same numbers as at::stft, about 2x faster here, already time-major)
+  at::Tensor frames = padded.unfold(/*dimension=*/1, config_.window_size, config_.hop_size) * window_;
+  at::Tensor spec = at::view_as_real(at::fft_rfft(frames));  // [B, T, F, 2]
   LogMelOutput out;
-  out.power_spectrogram = at::view_as_real(spec).pow(2).sum(-1).transpose(1, 2).unsqueeze(1);  // [B, 1, T, F]
-  out.mel_power = at::matmul(out.power_spectrogram, mel_basis_);                            // [B, 1, T, M]
+  out.power_spectrogram = (spec.select(-1, 0).square() + spec.select(-1, 1).square()).unsqueeze(1);  // [B, 1, T, F]
+  out.mel_power = at::matmul(out.power_spectrogram, mel_basis_);                                       // [B, 1, T, M]
   out.logmel = 10.0 * at::log10(at::clamp_min(out.mel_power, config_.amin));
   if (config_.ref != 1.0) out.logmel = out.logmel - 10.0 * std::log10(std::max(config_.amin, config_.ref));
   if (config_.top_db >= 0) {

@@ -300,6 +300,8 @@ TEST(Threads, ExplicitCountIsApplied) {
   EXPECT_EQ(at::get_num_threads(), 1);
   s = configure_threads({2, 1});
   EXPECT_EQ(at::get_num_threads(), 2);
+  if (s.blas_mode == 2) EXPECT_EQ(s.blas_threads, 2);  // OpenMP OpenBLAS shares the pool
+  if (s.blas_mode == 1) EXPECT_EQ(s.blas_threads, 1);
   EXPECT_GE(available_cores(), 1);
   setenv("PREFIXCAP_THREADS", "lots", 1);
   EXPECT_THROW(configure_threads(), ConfigError);
