@@ -400,7 +400,7 @@ TensorMap load_torch_checkpoint(const std::string& path) {
     char magic[4] = {0, 0, 0, 0};
     in.read(magic, 4);
     if (in.gcount() < 4) throw FileError(path, "file too short to be a checkpoint");
-    if (static_cast<uint8_t>(magic[0]) == 0x80)
+    if (static_cast<uint8_t>(magic[0]) == 0x80 && magic[1] >= 2 && magic[1] <= 5)
       throw FileError(path,
                       "legacy (non-zip) torch.save format, which prefixcap does not read. "
                       "Convert it once with Python + torch: "

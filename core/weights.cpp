@@ -14,12 +14,15 @@ namespace prefixcap {
 TensorMap load_weight_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw FileError(path, "cannot open");
-  char magic[4] = {0, 0, 0, 0};
-  in.read(magic, 4);
+  unsigned char head[9] = {0};
+  in.read(reinterpret_cast<char*>(head), 9);
   in.close();
-  const bool is_zip = magic[0] == 'P' && magic[1] == 'K' && magic[2] == 3 && magic[3] == 4;
-  const bool is_pickle = static_cast<uint8_t>(magic[0]) == 0x80;
-  if (is_zip || is_pickle) return load_torch_checkpoint(path);
+  // safetensors: 8-byte header length, then '{'. Zip: "PK\3\4". Legacy torch.save: a pickle
+  // (PROTO 2..5) whose first value is the LONG1 magic number.
+  const bool is_safetensors = head[8] == '{';
+  const bool is_zip = head[0] == 'P' && head[1] == 'K' && head[2] == 3 && head[3] == 4;
+  const bool is_pickle = head[0] == 0x80 && head[1] >= 2 && head[1] <= 5 && head[2] == 0x8a;
+  if (!is_safetensors && (is_zip || is_pickle)) return load_torch_checkpoint(path);
   return load_safetensors(path);
 }
 

@@ -39,6 +39,7 @@ std::string detect_kind(const std::string& folder, const Json& cases) {
     if (fs::exists(config)) {
       Json c = read_json_file(config.string());
       if (c.value("model_type", "") == "gpt2") return "gpt2-lm";
+      if (c.value("model_type", "") == "clip" || c.value("model_type", "") == "clip_vision_model") return "clip-vision";
     }
   }
   return "";
@@ -55,6 +56,7 @@ FixtureReport run_fixture(const std::string& folder) {
   if (kind == "audio-decode") return run_audio_decode_fixture(folder, cases);
   if (kind == "mel-frontend") return run_mel_frontend_fixture(folder, cases);
   if (kind == "cnn14") return run_cnn14_fixture(folder, cases);
+  if (kind == "clip-vision") return run_clip_vision_fixture(folder, cases);
   throw FileError(cases_path.string(), "fixture kind not recognised (fixture '" +
                                            cases.value("fixture", std::string("?")) + "')");
 }

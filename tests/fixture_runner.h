@@ -62,5 +62,6 @@ FixtureReport run_gpt2_tokenizer_fixture(const std::string& folder, const Json& 
 FixtureReport run_audio_decode_fixture(const std::string& folder, const Json& cases);
 FixtureReport run_mel_frontend_fixture(const std::string& folder, const Json& cases);
 FixtureReport run_cnn14_fixture(const std::string& folder, const Json& cases);
+FixtureReport run_clip_vision_fixture(const std::string& folder, const Json& cases);
 
 }  // namespace prefixcap::fixtures

@@ -19,3 +19,4 @@ TEST(Fixtures, Gpt2Tokenizer) { expect_fixture_passes("gpt2-tokenizer"); }
 TEST(Fixtures, AudioDecode) { expect_fixture_passes("audio-decode"); }
 TEST(Fixtures, MelFrontend) { expect_fixture_passes("mel-frontend"); }
 TEST(Fixtures, Cnn14Tiny) { expect_fixture_passes("cnn14-tiny"); }
+TEST(Fixtures, ClipVitTiny) { expect_fixture_passes("clip-vit-tiny"); }

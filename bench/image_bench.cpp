@@ -1,0 +1,72 @@
+// image_bench: CLIP ViT-B/32 shape (random weights) images/s at batch 1 and 16, and CLIP
+// preprocessing (JPEG decode + Pillow bicubic resize + crop + normalise) images/s for a
+// 1024x768 JPEG made here. Prints one JSON object. Options: --threads N.
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+#include <opencv2/core.hpp>
+#include <opencv2/imgcodecs.hpp>
+#include <torch/types.h>
+
+#include "bench/bench_util.h"
+#include "core/threads.h"
+#include "encoders/clip_vision.h"
+#include "encoders/image_preprocess.h"
+
+using namespace prefixcap;
+using namespace prefixcap::bench;
+
+int main(int argc, char** argv) {
+  ThreadOptions threads;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "--threads" && i + 1 < argc) threads.num_threads = std::stoi(argv[++i]);
+    else {
+      std::fprintf(stderr, "usage: image_bench [--threads N]\n");
+      return a == "--help" ? 0 : 1;
+    }
+  }
+  ThreadSetup setup = configure_threads(threads);
+  nlohmann::json out;
+  out["benchmark"] = "image_bench";
+  out["threads"] = setup.num_threads;
+  torch::NoGradGuard no_grad;
+
+  // A 1024x768 photo-like JPEG (smooth gradients + texture), quality 90.
+  cv::Mat m(768, 1024, CV_8UC3);
+  for (int y = 0; y < m.rows; ++y)
+    for (int x = 0; x < m.cols; ++x)
+      m.at<cv::Vec3b>(y, x) = cv::Vec3b((x / 4 + y / 8) % 256, (y / 3) % 256, ((x * y) / 97) % 256);
+  std::vector<uchar> buffer;
+  cv::imencode(".jpg", m, buffer, {cv::IMWRITE_JPEG_QUALITY, 90});
+  const std::string jpeg(buffer.begin(), buffer.end());
+  ClipPreprocessConfig pre;
+  clip_pixel_values(decode_image_bytes(jpeg, "bench.jpg"), pre);
+  const int n = 40;
+  double t = best_time(3, [&] {
+    for (int i = 0; i < n; ++i) clip_pixel_values(decode_image_bytes(jpeg, "bench.jpg"), pre);
+  });
+  out["preprocess_1024x768_jpeg_images_per_s"] = n / t;
+  double td = best_time(3, [&] {
+    for (int i = 0; i < n; ++i) decode_image_bytes(jpeg, "bench.jpg");
+  });
+  out["jpeg_decode_only_images_per_s"] = n / td;
+
+  ClipVisionConfig config;  // ViT-B/32
+  config.projection_dim = 512;
+  torch::manual_seed(0);
+  ClipVisionTransformer vit(config);
+  vit->freeze();
+  at::Tensor one = at::randn({1, 3, 224, 224}), sixteen = at::randn({16, 3, 224, 224});
+  vit->forward(one);
+  double t1 = best_time(5, [&] { vit->forward(one); });
+  double t16 = best_time(3, [&] { vit->forward(sixteen); });
+  out["vit_b32_images_per_s_batch1"] = 1.0 / t1;
+  out["vit_b32_images_per_s_batch16"] = 16.0 / t16;
+  out["peak_rss_MB"] = peak_rss_bytes() / 1e6;
+  std::printf("%s\n", out.dump(2).c_str());
+  return 0;
+}

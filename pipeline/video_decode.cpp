@@ -1,0 +1,131 @@
+#include "pipeline/video_decode.h"
+
+extern "C" {
+#include <libavcodec/avcodec.h>
+#include <libavformat/avformat.h>
+#include <libavutil/imgutils.h>
+#include <libswscale/swscale.h>
+}
+
+#include <cmath>
+#include <memory>
+
+#include "core/errors.h"
+
+namespace prefixcap {
+
+namespace {
+struct FfmpegVideo {
+  AVFormatContext* format = nullptr;
+  AVCodecContext* codec = nullptr;
+  AVPacket* packet = nullptr;
+  AVFrame* frame = nullptr;
+  SwsContext* sws = nullptr;
+  ~FfmpegVideo() {
+    sws_freeContext(sws);
+    av_frame_free(&frame);
+    av_packet_free(&packet);
+    avcodec_free_context(&codec);
+    avformat_close_input(&format);
+  }
+};
+}  // namespace
+
+std::vector<VideoFrame> sample_video_frames(const std::string& path, int count, VideoInfo* info_out) {
+  if (count <= 0) throw std::invalid_argument("frame count must be positive");
+  av_log_set_level(AV_LOG_QUIET);
+  FfmpegVideo v;
+  if (avformat_open_input(&v.format, path.c_str(), nullptr, nullptr) < 0)
+    throw FileError(path, "not a readable video file");
+  if (avformat_find_stream_info(v.format, nullptr) < 0) throw FileError(path, "cannot read stream information");
+  const AVCodec* codec = nullptr;
+  int stream = av_find_best_stream(v.format, AVMEDIA_TYPE_VIDEO, -1, -1, &codec, 0);
+  if (stream < 0 || !codec) throw FileError(path, "no decodable video track");
+  AVStream* st = v.format->streams[stream];
+  v.codec = avcodec_alloc_context3(codec);
+  if (!v.codec || avcodec_parameters_to_context(v.codec, st->codecpar) < 0 || avcodec_open2(v.codec, codec, nullptr) < 0)
+    throw FileError(path, "cannot open the video decoder");
+  v.packet = av_packet_alloc();
+  v.frame = av_frame_alloc();
+
+  VideoInfo info;
+  info.width = v.codec->width;
+  info.height = v.codec->height;
+  info.has_audio = av_find_best_stream(v.format, AVMEDIA_TYPE_AUDIO, -1, -1, nullptr, 0) >= 0;
+  const double time_base = av_q2d(st->time_base);
+  if (st->duration != AV_NOPTS_VALUE && st->duration > 0) info.duration_s = st->duration * time_base;
+  else if (v.format->duration != AV_NOPTS_VALUE && v.format->duration > 0) info.duration_s = double(v.format->duration) / AV_TIME_BASE;
+  const double start = st->start_time != AV_NOPTS_VALUE ? st->start_time * time_base : 0.0;
+
+  // Targets; with an unknown duration every frame is kept and thinned at the end.
+  std::vector<double> targets;
+  if (info.duration_s > 0)
+    for (int i = 0; i < count; ++i) targets.push_back(start + (i + 0.5) * info.duration_s / count);
+  std::vector<VideoFrame> all, picked;
+  size_t next = 0;
+
+  auto convert = [&](double t) {
+    VideoFrame f;
+    f.time_s = t - start;
+    f.image.width = v.frame->width;
+    f.image.height = v.frame->height;
+    f.image.channels = 3;
+    f.image.pixels.resize(static_cast<size_t>(f.image.width) * f.image.height * 3);
+    v.sws = sws_getCachedContext(v.sws, v.frame->width, v.frame->height, static_cast<AVPixelFormat>(v.frame->format),
+                                 v.frame->width, v.frame->height, AV_PIX_FMT_RGB24, SWS_BICUBIC | SWS_ACCURATE_RND,
+                                 nullptr, nullptr, nullptr);
+    if (!v.sws) throw FileError(path, "cannot convert the video's pixel format");
+    uint8_t* dst[4] = {f.image.pixels.data(), nullptr, nullptr, nullptr};
+    int dst_stride[4] = {f.image.width * 3, 0, 0, 0};
+    sws_scale(v.sws, v.frame->data, v.frame->linesize, 0, v.frame->height, dst, dst_stride);
+    return f;
+  };
+  int64_t decoded = 0;
+  auto take = [&]() {
+    ++decoded;
+    int64_t pts = v.frame->best_effort_timestamp;
+    double t = pts == AV_NOPTS_VALUE ? 0.0 : pts * time_base;
+    if (targets.empty()) {
+      all.push_back(convert(t));
+      return;
+    }
+    // This frame serves every target it is the first frame at or after.
+    while (next < targets.size() && t + 1e-9 >= targets[next]) {
+      picked.push_back(convert(t));
+      ++next;
+    }
+  };
+
+  bool draining = false;
+  while (targets.empty() || next < targets.size()) {
+    int rc = avcodec_receive_frame(v.codec, v.frame);
+    if (rc == 0) {
+      take();
+      av_frame_unref(v.frame);
+      continue;
+    }
+    if (rc == AVERROR_EOF || (rc == AVERROR(EAGAIN) && draining)) break;
+    if (rc != AVERROR(EAGAIN)) throw FileError(path, "corrupt video data");
+    rc = av_read_frame(v.format, v.packet);
+    if (rc < 0) {
+      draining = true;
+      avcodec_send_packet(v.codec, nullptr);
+      continue;
+    }
+    if (v.packet->stream_index == stream) avcodec_send_packet(v.codec, v.packet);
+    av_packet_unref(v.packet);
+  }
+  if (decoded == 0) throw FileError(path, "no video frame could be decoded");
+  if (targets.empty()) {
+    for (int i = 0; i < count; ++i) picked.push_back(all[std::min(all.size() - 1, static_cast<size_t>((i + 0.5) * all.size() / count))]);
+  } else {
+    // The stream ended before the last targets (duration overstated): repeat the last frame kept,
+    // or, if none was kept, fall back to the end of the stream.
+    if (picked.empty()) throw FileError(path, "no video frame at or after " + std::to_string(targets[0]) + " s");
+    while (picked.size() < targets.size()) picked.push_back(picked.back());
+  }
+  if (info_out) *info_out = info;
+  return picked;
+}
+
+}  // namespace prefixcap

@@ -1,0 +1,26 @@
+// Frames of a video for the image path: decode with FFmpeg, keep K frames spread evenly over
+// the clip (frame i nearest after (i + 0.5) * duration / K), as 8-bit RGB.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "encoders/image_preprocess.h"
+
+namespace prefixcap {
+
+struct VideoFrame {
+  Image8 image;           // RGB
+  double time_s = 0;      // presentation time
+};
+
+struct VideoInfo {
+  double duration_s = -1;
+  int width = 0, height = 0;
+  bool has_audio = false;
+};
+
+// Throws FileError when the file has no video track or no frame decodes.
+std::vector<VideoFrame> sample_video_frames(const std::string& path, int count, VideoInfo* info = nullptr);
+
+}  // namespace prefixcap

@@ -1,0 +1,165 @@
+// Image and video path beyond the golden cases: bad inputs, EXIF, frame sampling, configs.
+#include <gtest/gtest.h>
+
+#include <opencv2/core.hpp>
+#include <opencv2/imgcodecs.hpp>
+
+#include "core/errors.h"
+#include "core/safetensors.h"
+#include "encoders/clip_vision.h"
+#include "encoders/image_preprocess.h"
+#include "pipeline/video_decode.h"
+#include "tests/test_helpers.h"
+
+using namespace prefixcap;
+using prefixcap::testing::fixture_dir;
+using prefixcap::testing::read_bytes;
+using prefixcap::testing::TempDir;
+using prefixcap::testing::write_bytes;
+
+namespace {
+template <typename Fn>
+std::string error_of(Fn fn) {
+  try {
+    fn();
+  } catch (const FileError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+std::string encode_jpeg(int width, int height) {
+  cv::Mat m(height, width, CV_8UC3);
+  for (int y = 0; y < height; ++y)
+    for (int x = 0; x < width; ++x) m.at<cv::Vec3b>(y, x) = cv::Vec3b(x % 256, y % 256, (x + y) % 256);
+  std::vector<uchar> out;
+  cv::imencode(".jpg", m, out);
+  return std::string(out.begin(), out.end());
+}
+
+// Inserts an EXIF APP1 segment with the given orientation after SOI.
+std::string with_exif_orientation(const std::string& jpeg, int orientation) {
+  std::string tiff = std::string("II*\0", 4) + std::string("\x08\0\0\0", 4) + std::string("\x01\0", 2) +
+                     std::string("\x12\x01\x03\0\x01\0\0\0", 8) + std::string(1, char(orientation)) +
+                     std::string("\0\0\0", 3) + std::string("\0\0\0\0", 4);
+  std::string payload = std::string("Exif\0\0", 6) + tiff;
+  size_t len = payload.size() + 2;
+  std::string app1 = std::string("\xFF\xE1", 2) + char(len >> 8) + char(len & 0xFF) + payload;
+  return jpeg.substr(0, 2) + app1 + jpeg.substr(2);
+}
+}  // namespace
+
+TEST(ImageDecode, BadImagesGiveClearErrors) {
+  TempDir dir;
+  std::string jpeg = read_bytes(fixture_dir("clip-vit-tiny") + "/rocket.jpg");
+  write_bytes(dir.file("cut.jpg"), jpeg.substr(0, jpeg.size() / 2));
+  EXPECT_NE(error_of([&] { decode_image(dir.file("cut.jpg")); }).find("truncated JPEG"), std::string::npos);
+  std::string png = read_bytes(fixture_dir("clip-vit-tiny") + "/chelsea.png");
+  write_bytes(dir.file("cut.png"), png.substr(0, png.size() / 2));
+  EXPECT_NE(error_of([&] { decode_image(dir.file("cut.png")); }).find("not a decodable image"), std::string::npos);
+  write_bytes(dir.file("text.jpg"), "this is not a picture\n");
+  EXPECT_NE(error_of([&] { decode_image(dir.file("text.jpg")); }).find("text.jpg: not a decodable image"), std::string::npos);
+  write_bytes(dir.file("empty.png"), "");
+  EXPECT_NE(error_of([&] { decode_image(dir.file("empty.png")); }).find("empty file"), std::string::npos);
+  // PNG header claiming 0 x 10 and 50000 x 50000 pixels: refused before decoding.
+  std::string zero = png.substr(0, 33);
+  zero[16] = zero[17] = zero[18] = zero[19] = 0;
+  write_bytes(dir.file("zero.png"), zero);
+  EXPECT_NE(error_of([&] { decode_image(dir.file("zero.png")); }).find("zero size"), std::string::npos);
+  std::string bomb = png.substr(0, 33);
+  for (int i : {16, 20}) {
+    bomb[i] = 0;
+    bomb[i + 1] = 0;
+    bomb[i + 2] = char(0xC3);
+    bomb[i + 3] = 0x50;  // 50000
+  }
+  write_bytes(dir.file("bomb.png"), bomb);
+  EXPECT_NE(error_of([&] { decode_image(dir.file("bomb.png")); }).find("exceeds the limit"), std::string::npos);
+  ImageDecodeOptions small;
+  small.max_pixels = 1000;
+  EXPECT_NE(error_of([&] { decode_image(fixture_dir("clip-vit-tiny") + "/rocket.jpg", small); }).find("exceeds the limit"),
+            std::string::npos);
+}
+
+TEST(ImageDecode, ExifOrientationIsHonouredUnlessDisabled) {
+  TempDir dir;
+  write_bytes(dir.file("rotated.jpg"), with_exif_orientation(encode_jpeg(64, 32), 6));  // 90 degrees clockwise
+  Image8 turned = decode_image(dir.file("rotated.jpg"));
+  EXPECT_EQ(turned.width, 32);
+  EXPECT_EQ(turned.height, 64);
+  ImageDecodeOptions raw;
+  raw.apply_exif_orientation = false;
+  Image8 stored = decode_image(dir.file("rotated.jpg"), raw);
+  EXPECT_EQ(stored.width, 64);
+  EXPECT_EQ(stored.height, 32);
+}
+
+TEST(ImageDecode, GrayStaysOneChannelAndCropIsRgb) {
+  Image8 gray = decode_image(fixture_dir("clip-vit-tiny") + "/camera.png");
+  EXPECT_EQ(gray.channels, 1);
+  at::Tensor crop = clip_crop_u8(gray, ClipPreprocessConfig{});
+  EXPECT_EQ(crop.sizes(), (std::vector<int64_t>{3, 224, 224}));
+  EXPECT_TRUE(crop[0].equal(crop[1]) && crop[1].equal(crop[2]));
+}
+
+TEST(ImageDecode, PillowResizeIdentityAndUpscaleSizes) {
+  Image8 img = decode_image(fixture_dir("clip-vit-tiny") + "/page.png");
+  Image8 same = resize_bicubic_pillow(img, img.width, img.height);
+  EXPECT_EQ(same.pixels, img.pixels);
+  Image8 up = resize_bicubic_pillow(img, img.width * 2, img.height + 7);
+  EXPECT_EQ(up.width, img.width * 2);
+  EXPECT_EQ(up.height, img.height + 7);
+  EXPECT_THROW(resize_bicubic_pillow(img, 0, 5), std::invalid_argument);
+}
+
+TEST(Video, FramesAreSampledEvenlyOverTheClip) {
+  for (const char* name : {"leaves_video_h264_flac.mkv", "leaves_video_h264_aac.mp4"}) {
+    VideoInfo info;
+    auto frames = sample_video_frames(fixture_dir("audio-decode") + "/" + name, 4, &info);
+    ASSERT_EQ(frames.size(), 4u) << name;
+    EXPECT_TRUE(info.has_audio);
+    EXPECT_NEAR(info.duration_s, 3.0, 0.05) << name;
+    // 4 fps, 12 frames: targets 0.375, 1.125, 1.875, 2.625 s -> frames at 0.5, 1.25, 2.0, 2.75 s.
+    const double expected[] = {0.5, 1.25, 2.0, 2.75};
+    for (int i = 0; i < 4; ++i) {
+      EXPECT_NEAR(frames[i].time_s, expected[i], 1e-6) << name << " frame " << i;
+      EXPECT_EQ(frames[i].image.width, 160);
+      EXPECT_EQ(frames[i].image.height, 106);
+      EXPECT_EQ(frames[i].image.channels, 3);
+    }
+    auto one = sample_video_frames(fixture_dir("audio-decode") + "/" + name, 1);
+    EXPECT_NEAR(one[0].time_s, 1.5, 1e-6);
+  }
+}
+
+TEST(Video, FilesWithoutFramesAreReported) {
+  TempDir dir;
+  EXPECT_NE(error_of([&] { sample_video_frames(fixture_dir("audio-decode") + "/leaves_48k_s16_stereo.flac", 4); })
+                .find("no decodable video track"),
+            std::string::npos);
+  write_bytes(dir.file("junk.mp4"), "not a video at all");
+  EXPECT_FALSE(error_of([&] { sample_video_frames(dir.file("junk.mp4"), 4); }).empty());
+  EXPECT_THROW(sample_video_frames(fixture_dir("audio-decode") + "/leaves_video_h264_flac.mkv", 0), std::invalid_argument);
+}
+
+TEST(ClipVision, ConfigErrorsAndShapeChecks) {
+  TempDir dir;
+  write_bytes(dir.file("config.json"), R"({"vision_config":{"image_size":224,"patch_size":30}})");
+  EXPECT_THROW(ClipVisionConfig::from_file(dir.file("config.json")), ConfigError);
+  write_bytes(dir.file("config.json"), R"({"vision_config":{"hidden_act":"swish"}})");
+  EXPECT_THROW(ClipVisionConfig::from_file(dir.file("config.json")), ConfigError);
+  ClipVisionTransformer vit = load_clip_vision(fixture_dir("clip-vit-tiny"));
+  EXPECT_THROW(vit->forward(at::zeros({1, 3, 200, 200})), c10::Error);
+  ClipVisionConfig wider = vit->config();
+  wider.hidden_size = 128;
+  wider.intermediate_size = 512;
+  ClipVisionTransformer other(wider);
+  try {
+    other->load_weights(load_safetensors(fixture_dir("clip-vit-tiny") + "/variant-openai.safetensors"), "variant-openai");
+    FAIL();
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("vision_model.embeddings.class_embedding': expected [128], got [64]"),
+              std::string::npos)
+        << e.what();
+  }
+}
