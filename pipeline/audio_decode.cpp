@@ -354,6 +354,17 @@ size_t AudioReader::read(std::vector<float>& out, size_t max_frames) {
   return n / output_channels_;
 }
 
+std::vector<std::pair<double, double>> window_spans(double duration_s, double window_s, double hop_s) {
+  if (!(window_s > 0) || !(hop_s > 0)) throw std::invalid_argument("window and hop must be positive seconds");
+  std::vector<std::pair<double, double>> spans;
+  if (!(duration_s > 0)) return spans;
+  for (double start = 0; start < duration_s; start += hop_s) {
+    spans.emplace_back(start, std::min(duration_s, start + window_s));
+    if (start + window_s >= duration_s) break;
+  }
+  return spans;
+}
+
 Waveform decode_audio(const std::string& path, const AudioDecodeOptions& options) {
   AudioReader reader(path, options);
   Waveform w;

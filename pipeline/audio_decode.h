@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace prefixcap {
@@ -76,6 +77,11 @@ struct Waveform {
   int channels = 1;
   AudioInfo source;
 };
+
+// Windows of a long recording for captioning: [start, end) pairs of `window_s` every `hop_s`
+// seconds covering [0, duration_s]; the last window is cut at the end. Throws for hop <= 0 or
+// window <= 0.
+std::vector<std::pair<double, double>> window_spans(double duration_s, double window_s, double hop_s);
 
 // The whole file (or the requested window) at once.
 Waveform decode_audio(const std::string& path, const AudioDecodeOptions& options = {});

@@ -10,6 +10,8 @@ extern "C" {
 #include <cmath>
 #include <memory>
 
+#include <ATen/ATen.h>
+
 #include "core/errors.h"
 
 namespace prefixcap {
@@ -126,6 +128,19 @@ std::vector<VideoFrame> sample_video_frames(const std::string& path, int count, 
   }
   if (info_out) *info_out = info;
   return picked;
+}
+
+VideoFeatures encode_video_frames(const std::vector<VideoFrame>& frames, ClipVisionTransformerImpl& vit,
+                                  const ClipPreprocessConfig& preprocess) {
+  if (frames.empty()) throw std::invalid_argument("encode_video_frames: no frames");
+  std::vector<at::Tensor> pixels;
+  for (const auto& f : frames) pixels.push_back(clip_pixel_values(f.image, preprocess));
+  ClipVisionOutput out = vit.forward(at::stack(pixels));
+  VideoFeatures v;
+  v.frame_embeds = out.image_embeds;
+  v.frame_tokens = out.last_hidden_state;
+  v.mean_embed = out.image_embeds.mean(0);
+  return v;
 }
 
 }  // namespace prefixcap

@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "encoders/clip_vision.h"
 #include "encoders/image_preprocess.h"
 
 namespace prefixcap {
@@ -22,5 +23,15 @@ struct VideoInfo {
 
 // Throws FileError when the file has no video track or no frame decodes.
 std::vector<VideoFrame> sample_video_frames(const std::string& path, int count, VideoInfo* info = nullptr);
+
+struct VideoFeatures {
+  at::Tensor frame_embeds;   // [K, projection_dim]: one CLIP image embedding per sampled frame
+  at::Tensor frame_tokens;   // [K, 1 + patches, width]: last_hidden_state per frame
+  at::Tensor mean_embed;     // [projection_dim]: mean over the frames
+};
+
+// Every frame through CLIP preprocessing and the vision transformer, batched.
+VideoFeatures encode_video_frames(const std::vector<VideoFrame>& frames, ClipVisionTransformerImpl& vit,
+                                  const ClipPreprocessConfig& preprocess);
 
 }  // namespace prefixcap

@@ -168,3 +168,17 @@ TEST(Cnn14, ConfigAndShapeErrorsAreClear) {
   Cnn14 tiny = load_cnn14(fixture_dir("cnn14-tiny"));
   EXPECT_THROW(tiny->forward(at::zeros({1, 3200})), c10::Error);  // 0.1 s: too short for five poolings
 }
+
+TEST(AudioDecode, WindowSpansCoverTheRecording) {
+  auto spans = window_spans(25.0, 10.0, 10.0);
+  ASSERT_EQ(spans.size(), 3u);
+  EXPECT_DOUBLE_EQ(spans[2].first, 20.0);
+  EXPECT_DOUBLE_EQ(spans[2].second, 25.0);
+  auto overlapping = window_spans(12.0, 10.0, 5.0);
+  ASSERT_EQ(overlapping.size(), 2u);
+  EXPECT_DOUBLE_EQ(overlapping[1].first, 5.0);
+  EXPECT_DOUBLE_EQ(overlapping[1].second, 12.0);
+  EXPECT_EQ(window_spans(4.0, 10.0, 10.0).size(), 1u);
+  EXPECT_TRUE(window_spans(0.0, 10.0, 10.0).empty());
+  EXPECT_THROW(window_spans(10.0, 10.0, 0.0), std::invalid_argument);
+}

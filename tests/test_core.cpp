@@ -271,6 +271,16 @@ TEST(StrictLoad, GlobMatch) {
   EXPECT_FALSE(glob_match("a*b", "ac"));
 }
 
+TEST(WeightFile, SafetensorsWhoseHeaderLengthStartsLikeAPickleIsNotMistaken) {
+  TempDir dir;
+  // Header length 0x280: the first byte is 0x80, like a pickle's PROTO opcode.
+  std::string header = R"({"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})";
+  header.resize(0x280, ' ');
+  write_bytes(dir.file("w.safetensors"), safetensors_bytes(header, kFloat4));
+  ASSERT_EQ(static_cast<uint8_t>(prefixcap::testing::read_bytes(dir.file("w.safetensors"))[0]), 0x80);
+  EXPECT_TRUE(load_weight_file(dir.file("w.safetensors"))["w"].equal(at::zeros({4})));
+}
+
 TEST(WeightFile, FormatIsChosenByContent) {
   TempDir dir;
   // A safetensors file named .bin and a zip checkpoint named .safetensors both read.

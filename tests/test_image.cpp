@@ -1,6 +1,7 @@
 // Image and video path beyond the golden cases: bad inputs, EXIF, frame sampling, configs.
 #include <gtest/gtest.h>
 
+#include <torch/types.h>
 #include <opencv2/core.hpp>
 #include <opencv2/imgcodecs.hpp>
 
@@ -162,4 +163,18 @@ TEST(ClipVision, ConfigErrorsAndShapeChecks) {
               std::string::npos)
         << e.what();
   }
+}
+
+TEST(Video, FrameFeaturesEqualPerImageEncoding) {
+  ClipVisionTransformer vit = load_clip_vision(fixture_dir("clip-vit-tiny"));
+  auto frames = sample_video_frames(fixture_dir("audio-decode") + "/leaves_video_h264_flac.mkv", 3);
+  torch::NoGradGuard no_grad;
+  VideoFeatures features = encode_video_frames(frames, *vit, ClipPreprocessConfig{});
+  ASSERT_EQ(features.frame_embeds.sizes(), (std::vector<int64_t>{3, vit->config().projection_dim}));
+  EXPECT_EQ(features.frame_tokens.size(1), 1 + vit->config().num_patches());
+  for (int i = 0; i < 3; ++i) {
+    at::Tensor alone = vit->forward(clip_pixel_values(frames[i].image, ClipPreprocessConfig{}).unsqueeze(0)).image_embeds[0];
+    EXPECT_TRUE(at::allclose(features.frame_embeds[i], alone, 1e-5, 1e-5)) << i;
+  }
+  EXPECT_TRUE(at::allclose(features.mean_embed, features.frame_embeds.mean(0)));
 }
