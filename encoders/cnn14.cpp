@@ -18,6 +18,8 @@ Cnn14Config Cnn14Config::from_json(const Json& j, const std::string& where) {
   c.embedding_dim = json_get_or<int64_t>(j, "embedding_dim", c.channels.empty() ? 0 : c.channels.back(), where);
   c.classes_num = json_get_or<int64_t>(j, "classes_num", c.classes_num, where);
   c.clip_seconds = json_get_or<double>(j, "clip_seconds", 0.0, where);
+  c.mel_from_checkpoint = json_get_or<bool>(j, "mel_from_checkpoint", false, where);
+  c.max_pool_frames = json_get_or<int64_t>(j, "max_pool_frames", 0, where);
   if (c.channels.size() != 6) throw ConfigError(where + ": 'channels' must list 6 conv block widths");
   for (int64_t ch : c.channels)
     if (ch <= 0) throw ConfigError(where + ": conv block widths must be positive");
@@ -28,6 +30,23 @@ Cnn14Config Cnn14Config::from_json(const Json& j, const std::string& where) {
 }
 
 Cnn14Config Cnn14Config::from_file(const std::string& path) { return from_json(read_json_file(path), path); }
+
+Json Cnn14Config::to_json() const {
+  Json j = {{"model_type", "cnn14"},
+            {"sample_rate", front_end.sample_rate},
+            {"window_size", front_end.window_size},
+            {"hop_size", front_end.hop_size},
+            {"mel_bins", front_end.mel_bins},
+            {"fmin", front_end.fmin},
+            {"fmax", front_end.fmax},
+            {"classes_num", classes_num},
+            {"channels", channels},
+            {"embedding_dim", embedding_dim}};
+  if (clip_seconds > 0) j["clip_seconds"] = clip_seconds;
+  if (mel_from_checkpoint) j["mel_from_checkpoint"] = true;
+  if (max_pool_frames > 0) j["max_pool_frames"] = max_pool_frames;
+  return j;
+}
 
 ConvBlockImpl::ConvBlockImpl(int64_t in_channels, int64_t out_channels) {
   auto conv = [](int64_t in, int64_t out) {
@@ -76,6 +95,8 @@ Cnn14Output Cnn14Impl::forward_logmel(const at::Tensor& logmel, bool keep_blocks
   out.conv_block6 = x;                       // [B, C, T', F']
   at::Tensor temporal = x.mean(3);           // [B, C, T']
   out.temporal_features = temporal.transpose(1, 2);
+  if (config_.max_pool_frames > 0 && x.size(2) == config_.max_pool_frames)
+    temporal = at::max_pool2d(x, {3, 1}, {3, 1}).mean(3);  // ref: Prefix_AAC CNN14.py maxpool_forclothoaudio
   at::Tensor pooled = std::get<0>(temporal.max(2)) + temporal.mean(2);
   out.embedding = at::relu(fc1(pooled));
   out.clipwise_output = at::sigmoid(fc_audioset(out.embedding));
@@ -93,6 +114,13 @@ void Cnn14Impl::load_weights(const TensorMap& weights, const std::string& source
     std::string name = key.rfind("model.", 0) == 0 ? key.substr(6) : key;
     if (renamed.count(name)) throw FileError(source, "tensor '" + name + "' appears twice");
     renamed[name] = tensor;
+  }
+  //   logmel_extractor.melW [F, M]            -> front_end.mel_basis when mel_from_checkpoint
+  if (config_.mel_from_checkpoint) {
+    auto it = renamed.find("logmel_extractor.melW");
+    if (it == renamed.end()) throw FileError(source, "mel_from_checkpoint is set but there is no logmel_extractor.melW");
+    renamed["front_end.mel_basis"] = it->second;
+    renamed.erase(it);
   }
   StrictLoadOptions options;
   options.source = source;

@@ -23,10 +23,15 @@ struct Cnn14Config {
   int64_t embedding_dim = 2048;                              // fc1 width
   int64_t classes_num = 527;                                 // AudioSet classes
   double clip_seconds = 0;                                   // pad or cut every clip to this (0 = keep)
+  bool mel_from_checkpoint = false;  // use the checkpoint's logmel_extractor.melW (Prefix-AAC's
+                                     // 16 kHz model: its melW is Cnn14_16k's, fmax 8000)
+  int64_t max_pool_frames = 0;       // Prefix-AAC quirk: when conv_block6 has exactly this many
+                                     // frames (46 = 30 s), max-pool time 3:1 on the global path
 
   // From a config.json (model_type "cnn14"); PANNs defaults for absent keys.
   static Cnn14Config from_json(const Json& j, const std::string& where);
   static Cnn14Config from_file(const std::string& path);
+  Json to_json() const;
 };
 
 class ConvBlockImpl : public torch::nn::Module {

@@ -11,11 +11,16 @@ at::Tensor prefix_caption_loss(const at::Tensor& logits, const at::Tensor& capti
   TORCH_CHECK(logits.size(0) == B && logits.size(1) == prefix_length + T,
               "prefix_caption_loss: logits ", logits.sizes(), " do not fit prefix ", prefix_length, " + ids ", caption_ids.sizes());
   TORCH_CHECK(prefix_length >= 1, "prefix_caption_loss: the prefix must be at least one vector long");
-  at::Tensor predicting = logits.narrow(1, prefix_length - 1, T);  // [B, T, V]
-  at::Tensor nll = -at::log_softmax(predicting, -1).gather(-1, caption_ids.unsqueeze(-1)).squeeze(-1);  // [B, T]
+  at::Tensor nll = prefix_caption_token_nll(logits, caption_ids, prefix_length);  // [B, T]
   if (!caption_mask.defined()) return nll.mean();
   at::Tensor mask = caption_mask.to(nll.dtype());
   return (nll * mask).sum() / mask.sum().clamp_min(1);
+}
+
+at::Tensor prefix_caption_token_nll(const at::Tensor& logits, const at::Tensor& caption_ids, int64_t prefix_length) {
+  const int64_t T = caption_ids.size(1);
+  at::Tensor predicting = logits.narrow(1, prefix_length - 1, T);  // [B, T, V]
+  return -at::log_softmax(predicting, -1).gather(-1, caption_ids.unsqueeze(-1)).squeeze(-1);
 }
 
 }  // namespace prefixcap

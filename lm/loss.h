@@ -11,4 +11,7 @@ namespace prefixcap {
 at::Tensor prefix_caption_loss(const at::Tensor& logits, const at::Tensor& caption_ids,
                                const at::Tensor& caption_mask, int64_t prefix_length);
 
+// -log p(caption token t) for every (b, t): [B, T] (counted or not).
+at::Tensor prefix_caption_token_nll(const at::Tensor& logits, const at::Tensor& caption_ids, int64_t prefix_length);
+
 }  // namespace prefixcap

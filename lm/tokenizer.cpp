@@ -146,6 +146,7 @@ Gpt2Tokenizer::Gpt2Tokenizer(const std::string& vocab_path, const std::string& m
   eos_id_ = token_to_id("<|endoftext|>");
 
   const std::string merges = read_file(merges_path);
+  merges_text_ = merges;
   std::vector<std::string> lines;
   {
     size_t start = 0;
@@ -190,6 +191,7 @@ Gpt2Tokenizer::Gpt2Tokenizer(Gpt2Tokenizer&& other) noexcept
       merge_rank_(std::move(other.merge_rank_)),
       unicode_to_byte_(std::move(other.unicode_to_byte_)),
       eos_id_(other.eos_id_),
+      merges_text_(std::move(other.merges_text_)),
       regex_(std::move(other.regex_)),
       cache_(std::move(other.cache_)) {
   for (int i = 0; i < 256; ++i) byte_to_unicode_[i] = std::move(other.byte_to_unicode_[i]);
@@ -201,6 +203,7 @@ Gpt2Tokenizer& Gpt2Tokenizer::operator=(Gpt2Tokenizer&& other) noexcept {
     merge_rank_ = std::move(other.merge_rank_);
     unicode_to_byte_ = std::move(other.unicode_to_byte_);
     eos_id_ = other.eos_id_;
+    merges_text_ = std::move(other.merges_text_);
     regex_ = std::move(other.regex_);
     cache_ = std::move(other.cache_);
     for (int i = 0; i < 256; ++i) byte_to_unicode_[i] = std::move(other.byte_to_unicode_[i]);

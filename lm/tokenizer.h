@@ -34,6 +34,8 @@ class Gpt2Tokenizer {
 
   int64_t vocab_size() const { return static_cast<int64_t>(id_to_token_.size()); }
   int64_t eos_token_id() const { return eos_id_; }
+  // merges.txt as read (for writing a copy next to saved models).
+  const std::string& merges_text() const { return merges_text_; }
   // Id of a vocabulary entry, or -1.
   int64_t token_to_id(const std::string& token) const;
 
@@ -46,6 +48,7 @@ class Gpt2Tokenizer {
   std::string byte_to_unicode_[256];                 // byte -> UTF-8 of its stand-in char
   std::unordered_map<uint32_t, uint8_t> unicode_to_byte_;
   int64_t eos_id_ = -1;
+  std::string merges_text_;
   struct Regex;
   std::unique_ptr<Regex> regex_;
   mutable std::mutex cache_mutex_;

@@ -34,6 +34,13 @@ std::string detect_kind(const std::string& folder, const Json& cases) {
           return "mel-frontend";
     }
   }
+  if (cases.contains("model") && cases["model"].is_object() && cases["model"].contains("checkpoints") &&
+      cases["model"].contains("constructor_args"))
+    return "clipcap";
+  if (cases.contains("model") && cases["model"].is_object() && cases["model"].contains("config")) {
+    fs::path config = fs::path(folder) / cases["model"]["config"].get<std::string>();
+    if (fs::exists(config) && read_json_file(config.string()).value("model_type", "") == "prefix_aac") return "prefix-aac";
+  }
   if (cases.contains("model") && cases["model"].is_object() && cases["model"].contains("config")) {
     fs::path config = fs::path(folder) / cases["model"]["config"].get<std::string>();
     if (fs::exists(config)) {
@@ -57,6 +64,8 @@ FixtureReport run_fixture(const std::string& folder) {
   if (kind == "mel-frontend") return run_mel_frontend_fixture(folder, cases);
   if (kind == "cnn14") return run_cnn14_fixture(folder, cases);
   if (kind == "clip-vision") return run_clip_vision_fixture(folder, cases);
+  if (kind == "clipcap") return run_clipcap_fixture(folder, cases);
+  if (kind == "prefix-aac") return run_prefix_aac_fixture(folder, cases);
   throw FileError(cases_path.string(), "fixture kind not recognised (fixture '" +
                                            cases.value("fixture", std::string("?")) + "')");
 }

@@ -63,5 +63,7 @@ FixtureReport run_audio_decode_fixture(const std::string& folder, const Json& ca
 FixtureReport run_mel_frontend_fixture(const std::string& folder, const Json& cases);
 FixtureReport run_cnn14_fixture(const std::string& folder, const Json& cases);
 FixtureReport run_clip_vision_fixture(const std::string& folder, const Json& cases);
+FixtureReport run_clipcap_fixture(const std::string& folder, const Json& cases);
+FixtureReport run_prefix_aac_fixture(const std::string& folder, const Json& cases);
 
 }  // namespace prefixcap::fixtures

@@ -20,3 +20,5 @@ TEST(Fixtures, AudioDecode) { expect_fixture_passes("audio-decode"); }
 TEST(Fixtures, MelFrontend) { expect_fixture_passes("mel-frontend"); }
 TEST(Fixtures, Cnn14Tiny) { expect_fixture_passes("cnn14-tiny"); }
 TEST(Fixtures, ClipVitTiny) { expect_fixture_passes("clip-vit-tiny"); }
+TEST(Fixtures, ClipcapTiny) { expect_fixture_passes("clipcap-tiny"); }
+TEST(Fixtures, PrefixAacTiny) { expect_fixture_passes("prefix-aac-tiny"); }

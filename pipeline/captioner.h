@@ -1,0 +1,80 @@
+// A trained captioner as one self-describing folder, and the API that turns media into
+// captions with it.
+//
+// BUNDLE/captioner.json (paths relative to BUNDLE):
+//   {"format": "prefixcap-captioner", "version": 1,
+//    "encoder": {"kind": "cnn14" | "clip" | "none", "path": "encoder"},
+//    "mapper":  {"config": {...MapperConfig...}, "weights": "mapper.safetensors"},
+//    "lm":      {"path": "lm", "tokenizer": "lm"},
+//    "prefix":  {"normalize": false},            // ClipCap: divide the embedding by its L2 norm
+//    "decoding": {"beam_size": 5, "max_tokens": 20, "stop": ["."]},
+//    "source": "..."}                            // where the weights came from (informative)
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/json_config.h"
+#include "encoders/clip_vision.h"
+#include "encoders/cnn14.h"
+#include "encoders/image_preprocess.h"
+#include "lm/decoding.h"
+#include "lm/gpt2.h"
+#include "lm/tokenizer.h"
+#include "mapper/mappers.h"
+
+namespace prefixcap {
+
+enum class Modality { Audio, Image, Video };
+const char* modality_name(Modality m);
+// Detected from the file's content (image signatures, then FFmpeg/libsndfile probing).
+Modality detect_modality(const std::string& path);
+
+struct Caption {
+  std::string text;
+  std::vector<int64_t> ids;
+  double score = 0;
+};
+
+class Captioner {
+ public:
+  // Loads BUNDLE/captioner.json and everything it names; throws FileError / ConfigError naming
+  // the file (and tensor) at fault.
+  static Captioner load(const std::string& bundle_dir);
+  // Writes the bundle (captioner.json, mapper weights, LM folder, encoder folder).
+  void save(const std::string& bundle_dir) const;
+
+  // Prefix [B, P, n_embd] from encoder features (normalisation applied as configured).
+  at::Tensor prefix(const MapperInput& features);
+  // Features of mono waveforms at the encoder's rate (CNN14 bundles), padded into one batch.
+  MapperInput encode_waveforms(const std::vector<std::vector<float>>& waveforms);
+  // Features of images (CLIP bundles).
+  MapperInput encode_images(const std::vector<Image8>& images);
+  // Captions (best first, options.num_return of them) per input row.
+  std::vector<std::vector<Caption>> caption(const MapperInput& features, const DecodingOptions& options);
+  // Media files in, captions out (batched); throws for the first unreadable file.
+  std::vector<std::vector<Caption>> caption_files(const std::vector<std::string>& paths, const DecodingOptions& options);
+
+  DecodingOptions default_decoding() const { return decoding_; }
+  // Stop strings -> token ids the way ClipCap does it (first token of encode(stop)).
+  std::vector<int64_t> stop_ids(const std::vector<std::string>& stops) const;
+  std::string encoder_kind() const { return encoder_kind_; }
+  int sample_rate() const;
+
+  // Parts, public so that importers and training can assemble a captioner.
+  std::string encoder_kind_ = "none";  // cnn14 | clip | none
+  Cnn14 cnn14{nullptr};
+  ClipVisionTransformer clip{nullptr};
+  ClipPreprocessConfig clip_preprocess;
+  std::shared_ptr<MapperImpl> mapper;
+  KvPrefixHead kv_head{nullptr};
+  Gpt2Model lm{nullptr};
+  std::shared_ptr<Gpt2Tokenizer> tokenizer;
+  bool normalize_prefix = false;
+  DecodingOptions decoding_;
+  std::vector<std::string> stop_strings = {"."};
+  std::string source;
+};
+
+}  // namespace prefixcap

@@ -1,0 +1,298 @@
+// Fixture kinds of the anchors' checkpoints: ClipCap (clipcap-tiny) and Prefix-AAC
+// (prefix-aac-tiny): prefixes, teacher-forcing loss and gradients, decoded ids.
+#include <filesystem>
+
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+#include <torch/types.h>
+
+#include "core/safetensors.h"
+#include "core/weights.h"
+#include "lm/loss.h"
+#include "pipeline/audio_decode.h"
+#include "pipeline/checkpoint_import.h"
+#include "tests/fixture_runner.h"
+
+namespace prefixcap::fixtures {
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string tokenizer_dir(const std::string& folder, const Json& model) {
+  const Json& tok = model.at("tokenizer");
+  std::string vocab = tok.at("vocab.json").get<std::string>();
+  return (fs::path(folder) / vocab).parent_path().string();
+}
+
+void compare_entry(Checks& checks, const std::string& name, const Json& output, const at::Tensor& got,
+                   const SafetensorsFile& golden) {
+  at::Tensor expected = golden.tensor(output.at("tensor").get<std::string>());
+  if (output.value("exact", false)) {
+    checks.exact(name, got, expected);
+    return;
+  }
+  double atol, rtol;
+  tolerance_of(output, &atol, &rtol);
+  checks.close(name, got, expected.reshape(got.sizes()), atol, rtol);
+}
+
+// Beam (sorted ids [-1 padded], lengths, scores) and greedy (ids, lengths) of a prefix batch,
+// with K and the length budget read from the golden shapes.
+struct Decoded {
+  at::Tensor beam_ids, beam_lengths, beam_scores, greedy_ids, greedy_lengths;
+};
+
+Decoded decode_rows(Captioner& c, const at::Tensor& prefix, int64_t beams, int64_t beam_len, int64_t greedy_len) {
+  Decoded d;
+  const int64_t B = prefix.size(0);
+  Prompt prompt;
+  prompt.prefix_embeds = prefix;
+  if (beams > 0) {
+    DecodingOptions o = c.default_decoding();
+    o.beam_size = static_cast<int>(beams);
+    o.num_return = static_cast<int>(beams);
+    o.max_tokens = static_cast<int>(beam_len);
+    auto out = generate(*c.lm, prompt, o);
+    d.beam_ids = at::full({B, beams, beam_len}, -1, at::kLong);
+    d.beam_lengths = at::zeros({B, beams}, at::kLong);
+    d.beam_scores = at::zeros({B, beams}, at::kDouble);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t k = 0; k < beams; ++k) {
+        const auto& s = out[b][k];
+        for (size_t t = 0; t < s.ids.size(); ++t) d.beam_ids[b][k][t] = s.ids[t];
+        d.beam_lengths[b][k] = static_cast<int64_t>(s.ids.size());
+        d.beam_scores[b][k] = s.score;
+      }
+  }
+  if (greedy_len > 0) {
+    DecodingOptions o = c.default_decoding();
+    o.beam_size = 1;
+    o.num_return = 1;
+    o.max_tokens = static_cast<int>(greedy_len);
+    auto out = generate(*c.lm, prompt, o);
+    d.greedy_ids = at::full({B, greedy_len}, -1, at::kLong);
+    d.greedy_lengths = at::zeros({B}, at::kLong);
+    for (int64_t b = 0; b < B; ++b) {
+      for (size_t t = 0; t < out[b][0].ids.size(); ++t) d.greedy_ids[b][t] = out[b][0].ids[t];
+      d.greedy_lengths[b] = static_cast<int64_t>(out[b][0].ids.size());
+    }
+  }
+  return d;
+}
+
+int64_t golden_dim(const Json& outputs, const char* key, int dim, const SafetensorsFile& golden) {
+  if (!outputs.contains(key)) return 0;
+  const auto& e = golden.entry(outputs[key].at("tensor").get<std::string>());
+  return e.shape.at(dim < 0 ? e.shape.size() + dim : dim);
+}
+
+void check_decoding(Checks& checks, Captioner& c, const at::Tensor& prefix, const Json& outputs, const SafetensorsFile& golden) {
+  Decoded d = decode_rows(c, prefix, golden_dim(outputs, "beam_sorted_ids", -2, golden),
+                          golden_dim(outputs, "beam_sorted_ids", -1, golden), golden_dim(outputs, "greedy_ids", -1, golden));
+  for (auto o = outputs.begin(); o != outputs.end(); ++o) {
+    const std::string& key = o.key();
+    at::Tensor got;
+    if (key == "beam_sorted_ids") got = d.beam_ids;
+    else if (key == "beam_sorted_lengths") got = d.beam_lengths;
+    else if (key == "beam_sorted_scores") got = d.beam_scores;
+    else if (key == "greedy_ids") got = d.greedy_ids;
+    else if (key == "greedy_lengths") got = d.greedy_lengths;
+    else continue;
+    at::Tensor expected = golden.tensor(o.value().at("tensor").get<std::string>());
+    compare_entry(checks, key, o.value(), got.reshape(expected.sizes()), golden);
+  }
+}
+
+// One teacher-forcing step: loss (ignore_index 0, as train.py), per-token NLL, mapper grads.
+void check_training(Checks& checks, Captioner& c, const MapperInput& input, const at::Tensor& ids, const at::Tensor& mask,
+                    const Json& outputs, const SafetensorsFile& golden, const std::string& grad_prefix) {
+  for (auto& p : c.mapper->parameters()) {
+    p.set_requires_grad(true);
+    p.mutable_grad() = at::Tensor();
+  }
+  at::Tensor prefix = c.prefix(input);
+  Gpt2Input x;
+  x.prefix_embeds = prefix;
+  x.input_ids = ids;
+  x.attention_mask = mask;
+  at::Tensor logits = c.lm->forward(x).logits;
+  const int64_t P = prefix.size(1);
+  at::Tensor loss = prefix_caption_loss(logits, ids, ids.ne(0), P);
+  loss.backward();
+  auto params = c.mapper->named_parameters();
+  for (auto o = outputs.begin(); o != outputs.end(); ++o) {
+    const std::string& key = o.key();
+    if (key == "loss") compare_entry(checks, key, o.value(), loss.detach().reshape({1}), golden);
+    else if (key == "token_nll") compare_entry(checks, key, o.value(), prefix_caption_token_nll(logits, ids, P).detach(), golden);
+    else if (key == "logits") compare_entry(checks, key, o.value(), logits.narrow(1, P - 1, ids.size(1)).detach(), golden);
+    else if (key.rfind("grad.", 0) == 0) {
+      std::string name = key.substr(5);
+      if (name.rfind(grad_prefix, 0) == 0) name = name.substr(grad_prefix.size());
+      const at::Tensor* p = params.find(name);
+      if (!p) {
+        checks.require(false, "no mapper parameter '" + name + "'");
+        continue;
+      }
+      compare_entry(checks, key, o.value(), p->grad(), golden);
+    }
+  }
+  for (auto& p : c.mapper->parameters()) p.set_requires_grad(false);
+}
+
+}  // namespace
+
+FixtureReport run_clipcap_fixture(const std::string& folder, const Json& cases) {
+  FixtureReport report;
+  report.kind = "clipcap";
+  const Json& model = cases.at("model");
+  SafetensorsFile golden((fs::path(folder) / cases.at("golden").at("file").get<std::string>()).string());
+  ImportOptions options;
+  options.tokenizer_dir = tokenizer_dir(folder, model);
+  if (fs::exists(fs::path(options.tokenizer_dir) / "config.json"))
+    options.gpt2_config = (fs::path(options.tokenizer_dir) / "config.json").string();
+  const Json& all = cases.at("cases");
+  for (auto ck = model.at("checkpoints").begin(); ck != model.at("checkpoints").end(); ++ck) {
+    const std::string file = ck.key();
+    const std::string kind = model.at("constructor_args").at(file).at("mapping_type").get<std::string>();
+    std::shared_ptr<Captioner> cap;
+    CaseResult load = run_case(file + "/import", [&] {
+      cap = std::make_shared<Captioner>(import_clipcap((fs::path(folder) / file).string(), options));
+      return "imported: " + cap->mapper->config().type + " mapper, normalize " + (cap->normalize_prefix ? "yes" : "no");
+    });
+    report.cases.push_back(load);
+    if (!load.passed) continue;
+    for (auto c = all.begin(); c != all.end(); ++c) {
+      const std::string& name = c.key();
+      const Json& in = c.value().at("inputs");
+      const Json& outs = c.value().at("outputs");
+      const bool for_this = name.size() > kind.size() && name.compare(name.size() - kind.size(), kind.size(), kind) == 0;
+      if (name.find('_') != std::string::npos && !for_this && name != "clip_embeds") continue;
+      if (name == "clip_embeds" && kind != model.at("constructor_args").begin().value().at("mapping_type").get<std::string>())
+        continue;  // checkpoint independent: run once
+      report.cases.push_back(run_case(file + "/" + name, [&]() -> std::string {
+        Checks checks;
+        if (name == "clip_embeds") {
+          at::Tensor x = golden.tensor(in.at("clip_embeds").get<std::string>()).to(at::kDouble);
+          compare_entry(checks, "clip_embeds_normalized", outs.at("clip_embeds_normalized"), x / x.norm(2, -1, true), golden);
+          return checks.result();
+        }
+        if (in.contains("caption_ids")) {
+          MapperInput input;
+          input.embedding = golden.tensor(in.at("prefix_input").get<std::string>()).to(at::kFloat);
+          // prefix_input is already what ClipCap feeds (normalised or not): no second normalisation.
+          bool normalize = cap->normalize_prefix;
+          cap->normalize_prefix = false;
+          check_training(checks, *cap, input, golden.tensor(in.at("caption_ids").get<std::string>()),
+                         golden.tensor(in.at("mask").get<std::string>()), outs, golden, "clip_project.");
+          cap->normalize_prefix = normalize;
+          return checks.result();
+        }
+        torch::NoGradGuard no_grad;
+        if (in.contains("prefix")) {
+          check_decoding(checks, *cap, golden.tensor(in.at("prefix").get<std::string>()).to(at::kFloat), outs, golden);
+          return checks.result();
+        }
+        for (auto o = outs.begin(); o != outs.end(); ++o) {
+          const bool normalized = o.key().find("normalized") != std::string::npos;
+          MapperInput input;
+          input.embedding = golden.tensor(in.at(normalized ? "clip_embeds_normalized" : "clip_embeds").get<std::string>()).to(at::kFloat);
+          compare_entry(checks, o.key(), o.value(), cap->mapper->forward(input), golden);
+        }
+        return checks.result();
+      }));
+    }
+  }
+  return report;
+}
+
+FixtureReport run_prefix_aac_fixture(const std::string& folder, const Json& cases) {
+  FixtureReport report;
+  report.kind = "prefix-aac";
+  const Json& model = cases.at("model");
+  SafetensorsFile golden((fs::path(folder) / cases.at("golden").at("file").get<std::string>()).string());
+  ImportOptions options;
+  options.tokenizer_dir = tokenizer_dir(folder, model);
+  options.model_config = (fs::path(folder) / model.at("config").get<std::string>()).string();
+  for (auto w = model.at("weights").begin(); w != model.at("weights").end(); ++w) {
+    const std::string file = w.key();
+    std::shared_ptr<Captioner> cap;
+    CaseResult load = run_case(file + "/import", [&] {
+      cap = std::make_shared<Captioner>(import_prefix_aac((fs::path(folder) / file).string(), options));
+      return std::string("imported");
+    });
+    report.cases.push_back(load);
+    if (!load.passed) continue;
+    const Json& all = cases.at("cases");
+    auto run_one = [&](const std::string& name, const Json& c) {
+      report.cases.push_back(run_case(file + "/" + name, [&]() -> std::string {
+        Checks checks;
+        const Json& in = c.at("inputs");
+        const Json& outs = c.at("outputs");
+        const Json& wave_in = in.at("waveform");
+        at::Tensor wave = golden.tensor(wave_in.at("tensor").get<std::string>());
+        if (wave_in.contains("file")) {
+          std::string wav = wave_in["file"].get<std::string>();
+          wav = wav.substr(0, wav.find(' '));
+          Waveform decoded = decode_audio((fs::path(folder) / wav).string(), {0});
+          checks.close("decoded " + wav, at::from_blob(decoded.samples.data(), {1, static_cast<int64_t>(decoded.samples.size())}, at::kFloat),
+                       wave, 0, 0);
+        }
+        const int64_t padded = golden.tensor(in.at("num_samples_padded").get<std::string>()).item<int64_t>();
+        at::Tensor batch = at::constant_pad_nd(wave, {0, padded - wave.size(-1)});
+        MapperInput features;
+        Cnn14Output enc;
+        {
+          torch::NoGradGuard no_grad;
+          enc = cap->cnn14->forward(batch);
+          features.conv_block6 = enc.conv_block6;
+          features.clipwise = enc.clipwise_output;
+          features.embedding = enc.embedding;
+        }
+        at::Tensor prefix;
+        {
+          torch::NoGradGuard no_grad;
+          prefix = cap->prefix(features);
+          auto* mapper = dynamic_cast<PrefixAacMapperImpl*>(cap->mapper.get());
+          for (auto o = outs.begin(); o != outs.end(); ++o) {
+            const std::string& key = o.key();
+            if (key == "logmel") compare_entry(checks, key, o.value(), enc.logmel, golden);
+            else if (key == "audio_feature") compare_entry(checks, key, o.value(), enc.conv_block6, golden);
+            else if (key == "clipwise_output") compare_entry(checks, key, o.value(), enc.clipwise_output, golden);
+            else if (key == "temporal_prefix") compare_entry(checks, key, o.value(), mapper->temporal_mappingnetwork(enc.conv_block6), golden);
+            else if (key == "global_prefix") compare_entry(checks, key, o.value(), mapper->global_mappingnetwork(enc.clipwise_output), golden);
+            else if (key == "prefix") compare_entry(checks, key, o.value(), prefix, golden);
+            else if (key == "prefix_clotho_variant") {
+              MapperConfig clotho = cap->mapper->config();
+              clotho.relu_after_bn = !clotho.relu_after_bn;
+              auto variant = make_mapper(clotho);
+              TensorMap state;
+              for (const auto& p : cap->mapper->named_parameters()) state[p.key()] = p.value();
+              for (const auto& b : cap->mapper->named_buffers()) state[b.key()] = b.value();
+              load_state_strict(*variant, state, {{}, {}, file});
+              variant->eval();
+              compare_entry(checks, key, o.value(), variant->forward(features), golden);
+            }
+          }
+          if (outs.contains("beam_sorted_ids")) check_decoding(checks, *cap, prefix, outs, golden);
+        }
+        if (in.contains("caption")) {
+          const Json& caption = in["caption"];
+          at::Tensor ids = golden.tensor(caption.at("tensor").get<std::string>());
+          at::Tensor mask = golden.tensor(caption.at("mask").get<std::string>());
+          Json train_outs = Json::object();
+          for (const char* k : {"logits", "loss"})
+            if (outs.contains(k)) train_outs[k] = outs[k];
+          check_training(checks, *cap, features, ids, mask, train_outs, golden, "");
+        }
+        return checks.result();
+      }));
+    };
+    if (all.is_object())
+      for (auto c = all.begin(); c != all.end(); ++c) run_one(c.key(), c.value());
+    else
+      for (const Json& c : all) run_one(c.at("name").get<std::string>(), c);
+  }
+  return report;
+}
+
+}  // namespace prefixcap::fixtures
