@@ -1,0 +1,203 @@
+// Mappers (finite-difference gradients), captioner bundles (round trip through the public
+// Captioner API, bad bundles) and the imported anchors' checkpoints captioning fixture media.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+#include <torch/autograd.h>
+#include <torch/types.h>
+
+#include "core/errors.h"
+#include "core/safetensors.h"
+#include "mapper/mappers.h"
+#include "pipeline/checkpoint_import.h"
+#include "tests/test_helpers.h"
+
+using namespace prefixcap;
+using prefixcap::testing::fixture_dir;
+using prefixcap::testing::TempDir;
+using prefixcap::testing::write_bytes;
+namespace fs = std::filesystem;
+
+namespace {
+
+// Checks d(sum(out * w))/d(param) from autograd against central differences, in float64.
+void expect_gradients_match(MapperImpl& mapper, const MapperInput& input, const std::string& what) {
+  mapper.to(at::kDouble);
+  mapper.eval();
+  at::Tensor weights = at::randn(mapper.forward(input).sizes(), at::TensorOptions().dtype(at::kDouble));
+  auto loss_of = [&] { return (mapper.forward(input) * weights).sum(); };
+  for (auto& p : mapper.parameters()) {
+    p.set_requires_grad(true);
+    p.mutable_grad() = at::Tensor();
+  }
+  loss_of().backward();
+  torch::NoGradGuard no_grad;
+  int checked = 0;
+  for (const auto& item : mapper.named_parameters()) {
+    at::Tensor p = item.value();
+    at::Tensor flat = p.view(-1);
+    for (int64_t i : {int64_t(0), flat.numel() / 2, flat.numel() - 1}) {
+      const double eps = 1e-6, saved = flat[i].item<double>();
+      flat[i] = saved + eps;
+      double up = loss_of().item<double>();
+      flat[i] = saved - eps;
+      double down = loss_of().item<double>();
+      flat[i] = saved;
+      double numeric = (up - down) / (2 * eps);
+      double analytic = p.grad().view(-1)[i].item<double>();
+      EXPECT_NEAR(analytic, numeric, 1e-6 + 1e-5 * std::fabs(numeric)) << what << " " << item.key() << "[" << i << "]";
+      ++checked;
+    }
+  }
+  EXPECT_GT(checked, 0) << what;
+}
+
+MapperInput random_input(const MapperConfig& c, int64_t B) {
+  auto o = at::TensorOptions().dtype(at::kDouble);
+  MapperInput in;
+  in.embedding = at::randn({B, c.input_dim}, o);
+  in.tokens = at::randn({B, 5, c.input_dim}, o);
+  in.conv_block6 = at::rand({B, c.input_dim, 6, 2}, o);
+  in.clipwise = at::rand({B, c.classes_num}, o);
+  if (c.context_dim > 0) in.context = at::randn({B, c.context_dim}, o);
+  return in;
+}
+
+}  // namespace
+
+TEST(Mappers, FiniteDifferenceGradients) {
+  torch::manual_seed(3);
+  MapperConfig mlp;
+  mlp.type = "mlp";
+  mlp.input_dim = 6;
+  mlp.embed_dim = 8;
+  mlp.prefix_length = 3;
+  expect_gradients_match(*make_mapper(mlp), random_input(mlp, 2), "mlp");
+
+  MapperConfig tr = mlp;
+  tr.type = "transformer";
+  tr.clip_length = 3;
+  tr.num_layers = 2;
+  tr.num_heads = 2;
+  expect_gradients_match(*make_mapper(tr), random_input(tr, 2), "transformer");
+
+  MapperConfig aac = tr;
+  aac.type = "prefix_aac";
+  aac.input_dim = 4;
+  aac.temporal_prefix_length = 3;
+  aac.global_prefix_length = 2;
+  aac.temporal_num_layers = 1;
+  aac.global_num_layers = 1;
+  aac.classes_num = 9;
+  aac.max_positions = 16;
+  expect_gradients_match(*make_mapper(aac), random_input(aac, 2), "prefix_aac");
+
+  MapperConfig query = tr;
+  query.type = "query_guided";
+  query.context_dim = 3;
+  expect_gradients_match(*make_mapper(query), random_input(query, 2), "query_guided");
+}
+
+TEST(Mappers, KvPrefixHeadGivesPeftLayout) {
+  Gpt2Config lm = Gpt2Config::from_file(fixture_dir("gpt2-tiny") + "/config.json");
+  KvPrefixHead head(8, lm);
+  at::Tensor prefix = at::randn({2, 3, 8});
+  auto layers = head->forward(prefix);
+  ASSERT_EQ(static_cast<int64_t>(layers.size()), lm.n_layer);
+  EXPECT_EQ(layers[0].key.sizes(), (std::vector<int64_t>{2, lm.n_head, 3, lm.head_dim()}));
+  // Same layout as PEFT's prompt_embeddings for every batch row.
+  auto peft = kv_prefix_from_prompt_embeddings(head->proj(prefix[1]), lm, 1);
+  for (int64_t l = 0; l < lm.n_layer; ++l) {
+    EXPECT_TRUE(at::allclose(layers[l].key[1], peft[l].key[0]));
+    EXPECT_TRUE(at::allclose(layers[l].value[1], peft[l].value[0]));
+  }
+}
+
+TEST(Mappers, ConfigErrors) {
+  EXPECT_THROW(MapperConfig::from_json({{"type", "lstm"}}, "m.json"), ConfigError);
+  EXPECT_THROW(MapperConfig::from_json({{"type", "mlp"}, {"prefix_lenght", 4}}, "m.json"), ConfigError);
+  EXPECT_THROW(MapperConfig::from_json({{"type", "mlp"}, {"embed_dim", 10}, {"num_heads", 3}}, "m.json"), ConfigError);
+  MapperConfig c = MapperConfig::from_json({{"type", "query_guided"}, {"context_dim", 4}, {"input_dim", 6}, {"embed_dim", 8}, {"num_heads", 2}}, "m");
+  auto mapper = make_mapper(c);
+  MapperInput in;
+  in.tokens = at::randn({1, 3, 6});
+  EXPECT_THROW(mapper->forward(in), c10::Error);  // context configured but missing
+}
+
+namespace {
+std::vector<int64_t> golden_row(const std::string& fixture, const std::string& tensor, int64_t row, int64_t beam) {
+  SafetensorsFile golden(fixture_dir(fixture) + "/golden.safetensors");
+  at::Tensor t = golden.tensor(tensor);
+  at::Tensor r = t.dim() == 3 ? t[row][beam] : t[beam];
+  std::vector<int64_t> ids;
+  for (int64_t i = 0; i < r.numel(); ++i)
+    if (r[i].item<int64_t>() >= 0) ids.push_back(r[i].item<int64_t>());
+  return ids;
+}
+}  // namespace
+
+TEST(Captioner, ImportedClipCapBundleCaptionsTheFixtureImage) {
+  TempDir dir;
+  ImportOptions o;
+  o.tokenizer_dir = fixture_dir("gpt2-tiny");
+  o.gpt2_config = fixture_dir("gpt2-tiny") + "/config.json";
+  o.clip_dir = fixture_dir("clip-vit-tiny");
+  for (const char* name : {"coco_weights_tiny.pt", "transformer_weights_tiny.pt"}) {
+    import_clipcap(fixture_dir("clipcap-tiny") + "/" + name, o).save(dir.file(name));
+    Captioner c = Captioner::load(dir.file(name));
+    DecodingOptions d = c.default_decoding();
+    d.max_tokens = 20;  // the fixture's entry_length
+    auto captions = c.caption_files({fixture_dir("clip-vit-tiny") + "/astronaut.png"}, d);
+    const std::string kind = std::string(name).rfind("coco", 0) == 0 ? "mlp" : "transformer";
+    EXPECT_EQ(captions[0][0].ids, golden_row("clipcap-tiny", kind + ".beam_sorted_ids", 0, 0)) << name;
+    EXPECT_FALSE(captions[0][0].text.empty());
+  }
+}
+
+TEST(Captioner, ImportedPrefixAacBundleCaptionsTheFixtureRecording) {
+  TempDir dir;
+  ImportOptions o;
+  o.tokenizer_dir = fixture_dir("gpt2-tiny");
+  o.model_config = fixture_dir("prefix-aac-tiny") + "/config.json";
+  import_prefix_aac(fixture_dir("prefix-aac-tiny") + "/prefix_aac_tiny.pt", o).save(dir.file("aac"));
+  Captioner c = Captioner::load(dir.file("aac"));
+  DecodingOptions d = c.default_decoding();
+  d.num_return = 2;
+  auto captions = c.caption_files({fixture_dir("prefix-aac-tiny") + "/rec_leaves_16k_mono_s16.wav"}, d);
+  ASSERT_EQ(captions[0].size(), 2u);
+  EXPECT_EQ(captions[0][0].ids, golden_row("prefix-aac-tiny", "rec.beam_sorted_ids", 0, 0));
+  EXPECT_EQ(captions[0][1].ids, golden_row("prefix-aac-tiny", "rec.beam_sorted_ids", 0, 1));
+}
+
+TEST(Captioner, BadBundlesNameTheFileAndTensor) {
+  TempDir dir;
+  ImportOptions o;
+  o.tokenizer_dir = fixture_dir("gpt2-tiny");
+  o.gpt2_config = fixture_dir("gpt2-tiny") + "/config.json";
+  import_clipcap(fixture_dir("clipcap-tiny") + "/coco_weights_tiny.pt", o).save(dir.file("b"));
+  auto message = [&](const std::string& path) -> std::string {
+    try {
+      Captioner::load(path);
+    } catch (const std::exception& e) {
+      return e.what();
+    }
+    return "";
+  };
+  EXPECT_NE(message(dir.path()).find("captioner.json"), std::string::npos);
+  Json j = read_json_file(dir.file("b/captioner.json"));
+  Json unknown = j;
+  unknown["mapper"]["config"]["type"] = "lstm";
+  write_json_file(dir.file("b/captioner.json"), unknown);
+  EXPECT_NE(message(dir.file("b")).find("unknown mapper type 'lstm'"), std::string::npos);
+  Json longer = j;
+  longer["mapper"]["config"]["prefix_length"] = 12;
+  write_json_file(dir.file("b/captioner.json"), longer);
+  std::string m = message(dir.file("b"));
+  EXPECT_NE(m.find("mapper.safetensors: tensor 'model.0.weight': expected [384, 32], got [320, 32]"), std::string::npos) << m;
+  write_json_file(dir.file("b/captioner.json"), j);
+  fs::remove(dir.file("b/mapper.safetensors"));
+  m = message(dir.file("b"));
+  EXPECT_NE(m.find("mapper.safetensors: missing"), std::string::npos) << m;
+  EXPECT_THROW(import_clipcap(fixture_dir("prefix-aac-tiny") + "/prefix_aac_tiny.pt", o), FileError);
+}
