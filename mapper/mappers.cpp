@@ -150,6 +150,7 @@ at::Tensor GlobalMappingNetworkImpl::forward(const at::Tensor& clipwise) {
 }
 
 PrefixAacMapperImpl::PrefixAacMapperImpl(const MapperConfig& c) : MapperImpl(c) {
+  config_.prefix_length = c.temporal_prefix_length + c.global_prefix_length;
   temporal_mappingnetwork = register_module("temporal_mappingnetwork", TemporalMappingNetwork(c, c.input_dim));
   global_mappingnetwork = register_module("global_mappingnetwork", GlobalMappingNetwork(c));
 }

@@ -1,0 +1,103 @@
+// mapper_bench: forward + backward of each mapper at the anchors' sizes (batch 32), next to one
+// GPT-2 124M forward on the same batch (prefix + 20 caption tokens). Prints one JSON object.
+#include <cstdio>
+#include <string>
+
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+#include <torch/types.h>
+
+#include "bench/bench_util.h"
+#include "core/threads.h"
+#include "lm/gpt2.h"
+#include "mapper/mappers.h"
+
+using namespace prefixcap;
+using namespace prefixcap::bench;
+
+int main(int argc, char** argv) {
+  ThreadOptions threads;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "--threads" && i + 1 < argc) threads.num_threads = std::stoi(argv[++i]);
+    else {
+      std::fprintf(stderr, "usage: mapper_bench [--threads N]\n");
+      return a == "--help" ? 0 : 1;
+    }
+  }
+  ThreadSetup setup = configure_threads(threads);
+  const int64_t B = 32;
+  torch::manual_seed(0);
+  nlohmann::json out;
+  out["benchmark"] = "mapper_bench";
+  out["threads"] = setup.num_threads;
+  out["batch"] = B;
+
+  struct Case {
+    const char* name;
+    MapperConfig config;
+  };
+  std::vector<Case> cases;
+  MapperConfig mlp;  // ClipCap COCO: CLIP ViT-B/32 512 -> 10 x 768
+  mlp.type = "mlp";
+  mlp.input_dim = 512;
+  mlp.prefix_length = 10;
+  cases.push_back({"clipcap_mlp", mlp});
+  MapperConfig tr = mlp;  // ClipCap transformer: RN50x4 640 -> 40 x 768, 8 layers
+  tr.type = "transformer";
+  tr.input_dim = 640;
+  tr.prefix_length = 40;
+  tr.clip_length = 40;
+  tr.num_layers = 8;
+  cases.push_back({"clipcap_transformer", tr});
+  MapperConfig aac;  // Prefix-AAC: CNN14 2048 x 15 x 2 + 527 classes -> 26 x 768
+  aac.type = "prefix_aac";
+  aac.input_dim = 2048;
+  cases.push_back({"prefix_aac", aac});
+  MapperConfig query = mlp;  // query-guided on ViT-B/32 patch tokens (768 x 50), 4 layers
+  query.type = "query_guided";
+  query.input_dim = 768;
+  query.num_layers = 4;
+  query.context_dim = 64;
+  cases.push_back({"query_guided", query});
+
+  int64_t longest_prefix = 0;
+  for (auto& c : cases) {
+    auto mapper = make_mapper(c.config);
+    mapper->train();
+    MapperInput in;
+    in.embedding = at::randn({B, c.config.input_dim});
+    in.tokens = at::randn({B, 50, c.config.input_dim});
+    in.conv_block6 = at::rand({B, c.config.input_dim, 15, 2});
+    in.clipwise = at::rand({B, 527});
+    if (c.config.context_dim) in.context = at::randn({B, c.config.context_dim});
+    auto step = [&] {
+      mapper->zero_grad();
+      mapper->forward(in).square().mean().backward();
+    };
+    step();
+    double t = best_time(3, step);
+    int64_t params = 0;
+    for (const auto& p : mapper->parameters()) params += p.numel();
+    out["mappers"][c.name] = {{"forward_backward_ms", t * 1e3}, {"parameters", params}, {"prefix_length", c.config.prefix_length}};
+    longest_prefix = std::max(longest_prefix, c.config.prefix_length);
+  }
+
+  Gpt2Config config;  // GPT-2 124M
+  Gpt2Model lm(config);
+  lm->freeze();
+  for (auto& c : cases) {
+    torch::NoGradGuard no_grad;
+    Gpt2Input x;
+    x.prefix_embeds = at::randn({B, c.config.prefix_length, config.n_embd}) * 0.1;
+    x.input_ids = at::randint(0, config.vocab_size, {B, 20});
+    x.logits = LogitsMode::All;
+    lm->forward(x);
+    double t = best_time(2, [&] { lm->forward(x); });
+    out["mappers"][c.name]["gpt2_124m_forward_ms"] = t * 1e3;
+    out["mappers"][c.name]["mapper_over_gpt2_forward"] = out["mappers"][c.name]["forward_backward_ms"].get<double>() / (t * 1e3);
+  }
+  out["peak_rss_MB"] = peak_rss_bytes() / 1e6;
+  std::printf("%s\n", out.dump(2).c_str());
+  return 0;
+}
