@@ -20,19 +20,22 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "fixture_check: %s\n", e.what());
     return 1;
   }
-  int passed = 0, failed = 0;
+  int passed = 0, failed = 0, skipped = 0;
   for (int i = 1; i < argc; ++i) {
     try {
       auto report = prefixcap::fixtures::run_fixture(argv[i]);
       for (const auto& c : report.cases)
-        std::printf("%s %s/%s: %s\n", c.passed ? "PASS" : "FAIL", argv[i], c.name.c_str(), c.detail.c_str());
+        std::printf("%s %s/%s: %s\n", c.skipped ? "SKIP" : c.passed ? "PASS" : "FAIL", argv[i], c.name.c_str(),
+                    c.detail.c_str());
       passed += report.passed();
       failed += report.failed();
+      skipped += report.skipped();
     } catch (const std::exception& e) {
       std::printf("FAIL %s: %s\n", argv[i], e.what());
       ++failed;
     }
   }
-  std::printf("%d passed, %d failed\n", passed, failed);
+  if (skipped) std::printf("%d passed, %d failed, %d skipped\n", passed, failed, skipped);
+  else std::printf("%d passed, %d failed\n", passed, failed);
   return failed ? 1 : 0;
 }

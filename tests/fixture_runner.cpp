@@ -15,10 +15,16 @@ int FixtureReport::passed() const {
   for (const auto& c : cases) n += c.passed;
   return n;
 }
-int FixtureReport::failed() const { return static_cast<int>(cases.size()) - passed(); }
+int FixtureReport::skipped() const {
+  int n = 0;
+  for (const auto& c : cases) n += c.skipped;
+  return n;
+}
+int FixtureReport::failed() const { return static_cast<int>(cases.size()) - passed() - skipped(); }
 
 std::string detect_kind(const std::string& folder, const Json& cases) {
   namespace fs = std::filesystem;
+  if (cases.contains("references") && cases["references"].contains("pycocoevalcap")) return "metrics";
   if (cases.contains("merges") && cases.contains("vocab") && cases.contains("cases") && cases["cases"].is_array())
     return "gpt2-tokenizer";
   if (cases.contains("model_files") && cases["model_files"].contains("config")) {
@@ -66,6 +72,7 @@ FixtureReport run_fixture(const std::string& folder) {
   if (kind == "clip-vision") return run_clip_vision_fixture(folder, cases);
   if (kind == "clipcap") return run_clipcap_fixture(folder, cases);
   if (kind == "prefix-aac") return run_prefix_aac_fixture(folder, cases);
+  if (kind == "metrics") return run_metrics_fixture(folder, cases);
   throw FileError(cases_path.string(), "fixture kind not recognised (fixture '" +
                                            cases.value("fixture", std::string("?")) + "')");
 }
@@ -175,6 +182,11 @@ CaseResult run_case(const std::string& name, const std::function<std::string()>&
   r.name = name;
   try {
     std::string problem = body();
+    if (problem.rfind("SKIP:", 0) == 0) {
+      r.skipped = true;
+      r.detail = problem.substr(5);
+      return r;
+    }
     r.passed = problem.rfind("FAIL:", 0) != 0;
     r.detail = r.passed ? problem : problem.substr(5);
   } catch (const std::exception& e) {

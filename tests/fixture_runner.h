@@ -16,6 +16,7 @@ namespace prefixcap::fixtures {
 struct CaseResult {
   std::string name;     // "<weights file>/<case>" or "<case>"
   bool passed = false;
+  bool skipped = false;  // the case asks for something prefixcap deliberately does not do
   std::string detail;   // what was compared, the worst difference, or why it failed
 };
 
@@ -24,6 +25,7 @@ struct FixtureReport {
   std::vector<CaseResult> cases;
   int passed() const;
   int failed() const;
+  int skipped() const;
 };
 
 // Throws if the folder is not a fixture of a known kind.
@@ -53,7 +55,8 @@ struct Checks {
   std::string result() const;  // "FAIL:..." when any comparison failed
 };
 
-// Runs `body`, turning exceptions into a failed result; a body result starting "FAIL:" fails.
+// Runs `body`, turning exceptions into a failed result; a body result starting "FAIL:" fails,
+// one starting "SKIP:" is skipped.
 CaseResult run_case(const std::string& name, const std::function<std::string()>& body);
 
 // Per-kind runners.
@@ -65,5 +68,6 @@ FixtureReport run_cnn14_fixture(const std::string& folder, const Json& cases);
 FixtureReport run_clip_vision_fixture(const std::string& folder, const Json& cases);
 FixtureReport run_clipcap_fixture(const std::string& folder, const Json& cases);
 FixtureReport run_prefix_aac_fixture(const std::string& folder, const Json& cases);
+FixtureReport run_metrics_fixture(const std::string& folder, const Json& cases);
 
 }  // namespace prefixcap::fixtures
