@@ -1,0 +1,125 @@
+// caption-eval: scores `caption` output against a dataset's references.
+//   caption-eval --predictions preds.jsonl --references clotho_captions_evaluation.csv
+// Prints a table (markdown, csv or json); --per-item writes one row per item.
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <set>
+#include <sstream>
+#include <string>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "data/references.h"
+#include "metrics/evaluate.h"
+
+using namespace prefixcap;
+using Json = nlohmann::json;
+
+namespace {
+const std::vector<std::pair<std::string, std::string>> kMetrics = {
+    {"Bleu_1", "BLEU-1"}, {"Bleu_2", "BLEU-2"}, {"Bleu_3", "BLEU-3"}, {"Bleu_4", "BLEU-4"}, {"METEOR", "METEOR"},
+    {"ROUGE_L", "ROUGE-L"}, {"CIDEr", "CIDEr-D"}, {"SPICE", "SPICE"}, {"SPIDEr", "SPIDEr"}};
+
+std::string env_or(const char* name, const std::string& fallback) {
+  const char* v = std::getenv(name);
+  return v && *v ? v : fallback;
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Score caption predictions against references (BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE, SPIDEr)"};
+  std::string predictions, references, split, format = "markdown", output, per_item;
+  EvalOptions options;
+  options.meteor_jar = env_or("PREFIXCAP_METEOR_JAR", "");
+  options.spice_jar = env_or("PREFIXCAP_SPICE_JAR", "");
+  bool no_tokenize = false;
+  app.add_option("-p,--predictions", predictions, "caption's jsonl or csv output")->required()->check(CLI::ExistingFile);
+  app.add_option("-r,--references", references, "Clotho csv, AudioCaps csv, COCO Karpathy json or JSONL manifest")
+      ->required()
+      ->check(CLI::ExistingFile);
+  app.add_option("--split", split, "COCO json: only images of this split (train, val, test)");
+  app.add_option("-f,--format", format, "markdown, csv or json")->capture_default_str()->check(CLI::IsMember({"markdown", "csv", "json"}));
+  app.add_option("-o,--output", output, "write the table here instead of stdout");
+  app.add_option("--per-item", per_item, "also write per-item scores (csv) to this file");
+  app.add_option("--meteor-jar", options.meteor_jar, "meteor-1.5.jar (or $PREFIXCAP_METEOR_JAR)");
+  app.add_option("--spice-jar", options.spice_jar, "spice-1.0.jar (or $PREFIXCAP_SPICE_JAR)");
+  app.add_option("--java", options.java, "Java executable for the jars")->capture_default_str();
+  app.add_flag("--no-tokenize", no_tokenize, "captions are already tokenized (skip pycocoevalcap's PTB tokenization)");
+  CLI11_PARSE(app, argc, argv);
+  options.tokenize = !no_tokenize;
+  try {
+    References refs = read_references(references, split);
+    Predictions preds = read_predictions(predictions);
+    std::vector<CaptionItem> items;
+    size_t without_refs = 0;
+    std::set<std::string> used;
+    for (const auto& [key, caption] : preds) {
+      std::string base = key.substr(0, key.find('@'));
+      auto it = refs.find(base);
+      if (it == refs.end()) {
+        if (++without_refs <= 5) std::fprintf(stderr, "caption-eval: warning: no references for '%s'\n", key.c_str());
+        continue;
+      }
+      used.insert(base);
+      items.push_back({key, it->second, caption});
+    }
+    if (without_refs > 5) std::fprintf(stderr, "caption-eval: warning: %zu predictions in all have no references\n", without_refs);
+    if (used.size() < refs.size())
+      std::fprintf(stderr, "caption-eval: warning: %zu of %zu referenced items have no prediction\n", refs.size() - used.size(),
+                   refs.size());
+    if (items.empty()) throw std::runtime_error("no prediction matches a reference (keys are file names without extension)");
+    EvalReport report = evaluate(items, options);
+    for (const auto& w : report.warnings) std::fprintf(stderr, "caption-eval: warning: %s\n", w.c_str());
+
+    std::ostringstream table;
+    if (format == "json") {
+      Json j = {{"items", items.size()}, {"scores", Json::object()}, {"missing", report.missing}};
+      for (const auto& [key, name] : kMetrics)
+        if (report.corpus.count(key)) j["scores"][name] = report.corpus[key];
+      table << j.dump(2) << "\n";
+    } else {
+      if (format == "markdown") table << "| metric | score |\n| --- | ---: |\n";
+      else table << "metric,score\n";
+      for (const auto& [key, name] : kMetrics) {
+        std::string value;
+        if (report.corpus.count(key)) {
+          char buf[32];
+          std::snprintf(buf, sizeof buf, "%.4f", report.corpus[key]);
+          value = buf;
+        } else {
+          value = format == "markdown" ? "missing (" + report.missing[key] + ")" : "";
+        }
+        table << (format == "markdown" ? "| " + name + " | " + value + " |\n" : name + "," + value + "\n");
+      }
+      if (format == "markdown") table << "\n" << items.size() << " items\n";
+    }
+    if (output.empty()) {
+      std::cout << table.str();
+    } else {
+      std::ofstream out(output);
+      out << table.str();
+      if (!out) throw std::runtime_error("cannot write " + output);
+    }
+    if (!per_item.empty()) {
+      std::ofstream out(per_item);
+      out << "id";
+      for (const auto& [key, name] : kMetrics)
+        if (report.per_item.count(key)) out << "," << name;
+      out << "\n";
+      for (size_t i = 0; i < report.ids.size(); ++i) {
+        out << report.ids[i];
+        for (const auto& [key, name] : kMetrics)
+          if (report.per_item.count(key)) out << "," << report.per_item[key][i];
+        out << "\n";
+      }
+      if (!out) throw std::runtime_error("cannot write " + per_item);
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "caption-eval: %s\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,176 @@
+#include "data/references.h"
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+
+#include <nlohmann/json.hpp>
+
+namespace prefixcap {
+namespace fs = std::filesystem;
+using Json = nlohmann::json;
+
+std::string media_key(const std::string& path) { return fs::path(path).stem().string(); }
+
+std::vector<std::string> parse_csv_line(const std::string& line) {
+  std::vector<std::string> fields;
+  std::string cur;
+  bool quoted = false;
+  for (size_t i = 0; i < line.size(); ++i) {
+    char c = line[i];
+    if (quoted) {
+      if (c == '"' && i + 1 < line.size() && line[i + 1] == '"') {
+        cur += '"';
+        ++i;
+      } else if (c == '"') {
+        quoted = false;
+      } else {
+        cur += c;
+      }
+    } else if (c == '"') {
+      quoted = true;
+    } else if (c == ',') {
+      fields.push_back(cur);
+      cur.clear();
+    } else if (c != '\r') {
+      cur += c;
+    }
+  }
+  if (quoted) throw std::runtime_error("unterminated quoted field");
+  fields.push_back(cur);
+  return fields;
+}
+
+namespace {
+
+std::vector<std::string> read_lines(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error(path + ": cannot open");
+  std::vector<std::string> lines;
+  std::string line;
+  while (std::getline(in, line)) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    lines.push_back(line);
+  }
+  return lines;
+}
+
+std::string where(const std::string& path, size_t line) { return path + ":" + std::to_string(line) + ": "; }
+
+int column(const std::vector<std::string>& header, const std::string& name) {
+  for (size_t i = 0; i < header.size(); ++i)
+    if (header[i] == name) return static_cast<int>(i);
+  return -1;
+}
+
+}  // namespace
+
+References read_references(const std::string& path, const std::string& split) {
+  std::vector<std::string> lines = read_lines(path);
+  References refs;
+  size_t first = 0;
+  while (first < lines.size() && lines[first].find_first_not_of(" \t") == std::string::npos) ++first;
+  if (first == lines.size()) throw std::runtime_error(path + ": empty reference file");
+  const std::string& head = lines[first];
+  if (head[0] == '{' && head.find("\"images\"") == std::string::npos && head.find("\"media\"") != std::string::npos) {
+    for (size_t i = 0; i < lines.size(); ++i) {  // JSONL manifest
+      if (lines[i].find_first_not_of(" \t") == std::string::npos) continue;
+      Json j;
+      try {
+        j = Json::parse(lines[i]);
+      } catch (const Json::exception& e) {
+        throw std::runtime_error(where(path, i + 1) + "invalid JSON: " + e.what());
+      }
+      if (!j.contains("media") || !j["media"].is_string() || !j.contains("captions") || !j["captions"].is_array())
+        throw std::runtime_error(where(path, i + 1) + "expected {\"media\": path, \"captions\": [...]}");
+      auto& list = refs[media_key(j["media"].get<std::string>())];
+      for (const auto& c : j["captions"]) list.push_back(c.get<std::string>());
+    }
+    return refs;
+  }
+  if (head[0] == '{') {  // COCO Karpathy split json
+    Json j;
+    try {
+      std::ifstream in(path);
+      j = Json::parse(in);
+    } catch (const Json::exception& e) {
+      throw std::runtime_error(path + ": invalid JSON: " + e.what());
+    }
+    if (!j.contains("images") || !j["images"].is_array()) throw std::runtime_error(path + ": expected a COCO json with \"images\"");
+    for (const auto& img : j["images"]) {
+      if (!split.empty() && img.value("split", "") != split) continue;
+      auto& list = refs[media_key(img.at("filename").get<std::string>())];
+      for (const auto& s : img.at("sentences")) list.push_back(s.at("raw").get<std::string>());
+    }
+    return refs;
+  }
+  std::vector<std::string> header = parse_csv_line(head);
+  const int file_col = column(header, "file_name");
+  const int ytid_col = column(header, "youtube_id");
+  const int cap_col = column(header, "caption");
+  const int start_col = column(header, "start_time");
+  if (file_col < 0 && ytid_col < 0)
+    throw std::runtime_error(path + ": unknown reference format (expected a Clotho or AudioCaps csv, COCO json or JSONL manifest)");
+  for (size_t i = first + 1; i < lines.size(); ++i) {
+    if (lines[i].empty()) continue;
+    std::vector<std::string> f;
+    try {
+      f = parse_csv_line(lines[i]);
+    } catch (const std::exception& e) {
+      throw std::runtime_error(where(path, i + 1) + e.what());
+    }
+    if (f.size() != header.size())
+      throw std::runtime_error(where(path, i + 1) + "expected " + std::to_string(header.size()) + " fields, got " +
+                               std::to_string(f.size()));
+    if (file_col >= 0) {  // Clotho: caption_1..caption_N
+      auto& list = refs[media_key(f[file_col])];
+      for (size_t k = 0; k < header.size(); ++k)
+        if (header[k].rfind("caption_", 0) == 0 && !f[k].empty()) list.push_back(f[k]);
+    } else {  // AudioCaps: one caption per row
+      if (cap_col < 0) throw std::runtime_error(path + ": AudioCaps csv without a 'caption' column");
+      std::string key = f[ytid_col];
+      if (start_col >= 0) key += "_" + f[start_col];
+      refs[key].push_back(f[cap_col]);
+    }
+  }
+  return refs;
+}
+
+Predictions read_predictions(const std::string& path) {
+  std::vector<std::string> lines = read_lines(path);
+  Predictions preds;
+  if (lines.empty()) throw std::runtime_error(path + ": empty prediction file");
+  if (!lines[0].empty() && lines[0][0] == '{') {
+    for (size_t i = 0; i < lines.size(); ++i) {
+      if (lines[i].empty()) continue;
+      Json j;
+      try {
+        j = Json::parse(lines[i]);
+      } catch (const Json::exception& e) {
+        throw std::runtime_error(where(path, i + 1) + "invalid JSON: " + e.what());
+      }
+      if (j.contains("error")) continue;
+      if (!j.contains("path") || !j.contains("caption"))
+        throw std::runtime_error(where(path, i + 1) + "expected \"path\" and \"caption\"");
+      std::string key = media_key(j["path"].get<std::string>());
+      if (j.contains("start")) key += "@" + j["start"].dump();
+      preds[key] = j["caption"].get<std::string>();
+    }
+    return preds;
+  }
+  std::vector<std::string> header = parse_csv_line(lines[0]);
+  const int path_col = column(header, "path"), cap_col = column(header, "caption"), start_col = column(header, "start");
+  if (path_col < 0 || cap_col < 0) throw std::runtime_error(path + ": expected a csv with 'path' and 'caption' columns");
+  for (size_t i = 1; i < lines.size(); ++i) {
+    if (lines[i].empty()) continue;
+    auto f = parse_csv_line(lines[i]);
+    if (f.size() != header.size()) throw std::runtime_error(where(path, i + 1) + "wrong number of fields");
+    std::string key = media_key(f[path_col]);
+    if (start_col >= 0 && !f[start_col].empty()) key += "@" + f[start_col];
+    preds[key] = f[cap_col];
+  }
+  return preds;
+}
+
+}  // namespace prefixcap

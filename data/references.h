@@ -1,0 +1,35 @@
+// Reference captions of the datasets users evaluate on, keyed by media identity (the file
+// name without folder and extension), and caption predictions as `caption` writes them.
+#pragma once
+
+#include <map>
+#include <string>
+#include <vector>
+
+namespace prefixcap {
+
+// key -> reference captions (raw text).
+using References = std::map<std::string, std::vector<std::string>>;
+// key -> predicted caption (raw text).
+using Predictions = std::map<std::string, std::string>;
+
+// The key of a media path: its file name without folder and extension ("a/b/x.wav" -> "x").
+std::string media_key(const std::string& path);
+
+// Reads references, the format chosen from the content:
+//   Clotho csv  (file_name, caption_1..caption_5)
+//   AudioCaps csv (audiocap_id, youtube_id, start_time, caption; key = youtube_id + "_" + start_time
+//                 and youtube_id alone, see README)
+//   COCO Karpathy json (dataset_coco.json: images[].filename, sentences[].raw; split optional)
+//   JSONL manifest ({"media": path, "captions": [...]} per line)
+// Malformed lines are reported with file and line number (std::runtime_error).
+References read_references(const std::string& path, const std::string& split = "");
+
+// Reads `caption` output: jsonl (records with "path" and "caption"; error records skipped) or
+// csv (path,...,caption,...); windows are keyed "key@start".
+Predictions read_predictions(const std::string& path);
+
+// One CSV record (RFC 4180 quoting) from a line; multi-line fields are not supported.
+std::vector<std::string> parse_csv_line(const std::string& line);
+
+}  // namespace prefixcap

@@ -1,0 +1,194 @@
+#include "metrics/evaluate.h"
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <regex>
+#include <sstream>
+#include <stdexcept>
+
+#include <nlohmann/json.hpp>
+
+namespace prefixcap {
+namespace fs = std::filesystem;
+
+namespace {
+
+// Runs argv with pipes to its stdin and stdout.
+struct Child {
+  pid_t pid = -1;
+  FILE* to = nullptr;
+  FILE* from = nullptr;
+  explicit Child(const std::vector<std::string>& argv) {
+    int in_pipe[2], out_pipe[2];
+    if (pipe(in_pipe) != 0 || pipe(out_pipe) != 0) throw std::runtime_error("cannot create pipes");
+    pid = fork();
+    if (pid < 0) throw std::runtime_error("cannot fork");
+    if (pid == 0) {
+      dup2(in_pipe[0], 0);
+      dup2(out_pipe[1], 1);
+      close(in_pipe[1]);
+      close(out_pipe[0]);
+      std::vector<char*> args;
+      for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+      args.push_back(nullptr);
+      execvp(args[0], args.data());
+      _exit(127);
+    }
+    close(in_pipe[0]);
+    close(out_pipe[1]);
+    to = fdopen(in_pipe[1], "w");
+    from = fdopen(out_pipe[0], "r");
+  }
+  std::string read_line() {
+    std::string line;
+    int c;
+    while ((c = std::fgetc(from)) != EOF && c != '\n') line.push_back(static_cast<char>(c));
+    if (c == EOF && line.empty()) throw std::runtime_error("the process ended early");
+    return line;
+  }
+  int finish() {
+    if (to) std::fclose(to);
+    if (from) std::fclose(from);
+    to = from = nullptr;
+    int status = 0;
+    waitpid(pid, &status, 0);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+  ~Child() {
+    if (to || from) finish();
+  }
+};
+
+std::string run_capture(const std::string& command) {
+  std::string out;
+  FILE* p = popen(command.c_str(), "r");
+  if (!p) return out;
+  char buf[256];
+  while (std::fgets(buf, sizeof buf, p)) out += buf;
+  pclose(p);
+  return out;
+}
+
+std::string one_line(std::string s) {
+  for (auto& c : s)
+    if (c == '\n' || c == '\r' || c == '|') c = ' ';
+  return s;
+}
+
+// pycocoevalcap meteor.py's protocol with `java -jar meteor-1.5.jar - - -stdio -l en -norm`.
+void run_meteor(const std::vector<CaptionItem>& items, const EvalOptions& o, EvalReport& r) {
+  Child meteor({o.java, "-jar", "-Xmx2G", o.meteor_jar, "-", "-", "-stdio", "-l", "en", "-norm"});
+  std::string eval = "EVAL";
+  for (const auto& it : items) {
+    std::string line = "SCORE";
+    for (const auto& ref : it.references) line += " ||| " + one_line(ref);
+    line += " ||| " + one_line(it.candidate) + "\n";
+    std::fputs(line.c_str(), meteor.to);
+    std::fflush(meteor.to);
+    eval += " ||| " + meteor.read_line();
+  }
+  eval += "\n";
+  std::fputs(eval.c_str(), meteor.to);
+  std::fflush(meteor.to);
+  std::vector<double> scores;
+  for (size_t i = 0; i < items.size(); ++i) scores.push_back(std::stod(meteor.read_line()));
+  r.corpus["METEOR"] = std::stod(meteor.read_line());
+  r.per_item["METEOR"] = scores;
+  meteor.finish();
+}
+
+// SPICE: java -jar spice-1.0.jar IN.json -out OUT.json -subset -silent
+void run_spice(const std::vector<CaptionItem>& items, const EvalOptions& o, EvalReport& r) {
+  const fs::path dir = fs::temp_directory_path() / ("prefixcap-spice-" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  nlohmann::json input = nlohmann::json::array();
+  for (size_t i = 0; i < items.size(); ++i)
+    input.push_back({{"image_id", std::to_string(i)}, {"test", items[i].candidate}, {"refs", items[i].references}});
+  std::ofstream((dir / "in.json").string()) << input.dump();
+  Child spice({o.java, "-jar", "-Xmx8G", o.spice_jar, (dir / "in.json").string(), "-cache", (dir / "cache").string(), "-out",
+               (dir / "out.json").string(), "-subset", "-silent"});
+  int rc = spice.finish();
+  if (rc != 0 || !fs::exists(dir / "out.json")) {
+    fs::remove_all(dir);
+    throw std::runtime_error("spice exited with code " + std::to_string(rc));
+  }
+  nlohmann::json out;
+  std::ifstream(dir / "out.json") >> out;
+  fs::remove_all(dir);
+  std::vector<double> scores(items.size(), 0.0);
+  double total = 0;
+  for (const auto& e : out) {
+    size_t i = std::stoul(e.at("image_id").get<std::string>());
+    scores.at(i) = e.at("scores").at("All").at("f").get<double>();
+    total += scores[i];
+  }
+  r.per_item["SPICE"] = scores;
+  r.corpus["SPICE"] = items.empty() ? 0.0 : total / items.size();
+}
+
+}  // namespace
+
+std::string java_version(const std::string& java) {
+  std::string out = run_capture("'" + java + "' -version 2>&1");
+  std::smatch m;
+  if (std::regex_search(out, m, std::regex("version \"([^\"]+)\""))) return m[1];
+  return "";
+}
+
+EvalReport evaluate(const std::vector<CaptionItem>& raw, const EvalOptions& o) {
+  EvalReport r;
+  std::vector<CaptionItem> items = raw;
+  if (o.tokenize)
+    for (auto& it : items) {
+      it.candidate = coco_tokenize(it.candidate);
+      for (auto& ref : it.references) ref = coco_tokenize(ref);
+    }
+  for (const auto& it : items) r.ids.push_back(it.id);
+  for (const auto& part : {bleu(items), rouge_l(items), cider_d(items)}) {
+    r.corpus.insert(part.corpus.begin(), part.corpus.end());
+    r.per_item.insert(part.per_item.begin(), part.per_item.end());
+  }
+  const std::string version = (o.meteor_jar.empty() && o.spice_jar.empty()) ? "" : java_version(o.java);
+  auto jar_problem = [&](const std::string& jar, const char* flag) -> std::string {
+    if (jar.empty()) return std::string("not run: no jar given (") + flag + ")";
+    if (!fs::exists(jar)) return "not run: " + jar + " does not exist";
+    if (version.empty()) return "not run: Java ('" + o.java + "') cannot be run";
+    return "";
+  };
+  if (std::string why = jar_problem(o.meteor_jar, "--meteor-jar or $PREFIXCAP_METEOR_JAR"); !why.empty()) {
+    r.missing["METEOR"] = why;
+  } else {
+    try {
+      run_meteor(items, o, r);
+    } catch (const std::exception& e) {
+      r.missing["METEOR"] = std::string("failed: ") + e.what();
+    }
+  }
+  if (std::string why = jar_problem(o.spice_jar, "--spice-jar or $PREFIXCAP_SPICE_JAR"); !why.empty()) {
+    r.missing["SPICE"] = why;
+  } else {
+    if (!(version.rfind("1.8", 0) == 0 || version.rfind("11", 0) == 0))
+      r.warnings.push_back("SPICE wants Java 8 or 11; found Java " + version + " (it may fail)");
+    try {
+      run_spice(items, o, r);
+    } catch (const std::exception& e) {
+      r.missing["SPICE"] = std::string("failed: ") + e.what();
+    }
+  }
+  if (r.corpus.count("SPICE")) {
+    r.corpus["SPIDEr"] = (r.corpus["CIDEr"] + r.corpus["SPICE"]) / 2;
+    std::vector<double> s;
+    for (size_t i = 0; i < items.size(); ++i) s.push_back((r.per_item["CIDEr"][i] + r.per_item["SPICE"][i]) / 2);
+    r.per_item["SPIDEr"] = s;
+  } else {
+    r.missing["SPIDEr"] = "needs SPICE";
+  }
+  return r;
+}
+
+}  // namespace prefixcap
