@@ -122,23 +122,27 @@ int main(int argc, char** argv) {
   app.add_option("-b,--batch-size", batch_size, "inputs captioned together")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--threads", threads, "CPU threads (0 = all cores)")->capture_default_str();
   app.add_option("--device", device, "cpu or cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
-  app.add_option("--beam", beam, "beam size (default: the bundle's)");
+  app.add_option("--beam", beam, "beam size (default: the bundle's)")->check(CLI::PositiveNumber);
   app.add_flag("--greedy", greedy, "greedy decoding (beam 1)");
   app.add_flag("--sample", sample, "sample tokens (with --top-k / --top-p / --temperature / --seed)");
   app.add_option("--top-k", top_k, "sampling: keep the k most likely tokens (0 = all)")->capture_default_str();
   app.add_option("--top-p", top_p, "sampling: nucleus mass")->capture_default_str();
   app.add_option("--temperature", temperature, "divide logits by this")->capture_default_str();
   app.add_option("--seed", seed, "sampling seed")->capture_default_str();
-  app.add_option("--max-tokens", max_tokens, "most tokens per caption (default: the bundle's)");
+  app.add_option("--max-tokens", max_tokens, "most tokens per caption (default: the bundle's)")->check(CLI::PositiveNumber);
   app.add_option("--stop", stops, "stop strings (default: the bundle's, e.g. '.')");
-  app.add_option("-k,--num-captions", num_captions, "captions per input (k-best)")->capture_default_str();
+  app.add_option("-k,--num-captions", num_captions, "captions per input (k-best)")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--window", window, "caption windows of this many seconds (long audio)")->capture_default_str();
   app.add_option("--hop", hop, "seconds between windows (default: --window)")->capture_default_str();
   app.add_option("--frames", frames, "video frames sampled per clip (image bundles)")->capture_default_str();
   app.add_option("-f,--format", format, "text, jsonl or csv")->capture_default_str()->check(CLI::IsMember({"text", "jsonl", "csv"}));
   app.add_option("-o,--output", output, "write here instead of stdout");
   app.add_flag("--no-progress", no_progress, "no progress bar on stderr");
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 1;  // --help: 0; any usage error: 1
+  }
 
   std::unique_ptr<Captioner> captioner;
   DecodingOptions options;

@@ -48,7 +48,11 @@ int main(int argc, char** argv) {
   app.add_option("--spice-jar", options.spice_jar, "spice-1.0.jar (or $PREFIXCAP_SPICE_JAR)");
   app.add_option("--java", options.java, "Java executable for the jars")->capture_default_str();
   app.add_flag("--no-tokenize", no_tokenize, "captions are already tokenized (skip pycocoevalcap's PTB tokenization)");
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 1;  // --help: 0; any usage error: 1
+  }
   options.tokenize = !no_tokenize;
   try {
     References refs = read_references(references, split);

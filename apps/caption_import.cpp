@@ -41,7 +41,11 @@ int main(int argc, char** argv) {
   aac->add_option("--config", options.model_config, "config.json with audio_encoder, gpt2 and prefix sizes (see README)")
       ->required()
       ->check(CLI::ExistingFile);
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 1;  // --help: 0; any usage error: 1
+  }
   options.normalize_prefix = normalize == "auto" ? -1 : normalize == "yes";
 
   try {
