@@ -12,6 +12,7 @@
 #include "tests/test_helpers.h"
 
 using namespace prefixcap;
+using prefixcap::testing::error_of;
 using prefixcap::testing::fixture_dir;
 using prefixcap::testing::read_bytes;
 using prefixcap::testing::TempDir;
@@ -20,15 +21,6 @@ using prefixcap::testing::write_bytes;
 namespace {
 std::string audio(const std::string& name) { return fixture_dir("audio-decode") + "/" + name; }
 
-template <typename Fn>
-std::string error_of(Fn fn) {
-  try {
-    fn();
-  } catch (const FileError& e) {
-    return e.what();
-  }
-  return "";
-}
 }  // namespace
 
 TEST(AudioDecode, StreamingInChunksEqualsWholeFileDecode) {

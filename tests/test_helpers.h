@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "core/errors.h"
+
 namespace prefixcap::testing {
 
 inline std::string fixture_dir(const std::string& name) {
@@ -41,6 +43,17 @@ inline void write_bytes(const std::string& path, const std::string& bytes) {
 inline std::string read_bytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+// The message of the FileError `fn` throws, or "" when it throws none.
+template <typename Fn>
+std::string error_of(Fn fn) {
+  try {
+    fn();
+  } catch (const FileError& e) {
+    return e.what();
+  }
+  return "";
 }
 
 // A safetensors file from a raw JSON header and data bytes (for malformed-file tests).

@@ -13,21 +13,13 @@
 #include "tests/test_helpers.h"
 
 using namespace prefixcap;
+using prefixcap::testing::error_of;
 using prefixcap::testing::fixture_dir;
 using prefixcap::testing::read_bytes;
 using prefixcap::testing::TempDir;
 using prefixcap::testing::write_bytes;
 
 namespace {
-template <typename Fn>
-std::string error_of(Fn fn) {
-  try {
-    fn();
-  } catch (const FileError& e) {
-    return e.what();
-  }
-  return "";
-}
 
 std::string encode_jpeg(int width, int height) {
   cv::Mat m(height, width, CV_8UC3);
