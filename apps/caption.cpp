@@ -18,6 +18,8 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include <torch/cuda.h>
+
 #include "core/threads.h"
 #include "pipeline/audio_decode.h"
 #include "pipeline/captioner.h"
@@ -150,8 +152,12 @@ int main(int argc, char** argv) {
   std::ofstream file_out;
   try {
     configure_threads({threads, 0});
-    if (device == "cuda") throw std::runtime_error("--device cuda: this build has no CUDA support (CPU LibTorch)");
     captioner = std::make_unique<Captioner>(Captioner::load(model));
+    if (device == "cuda") {
+      if (!torch::cuda::is_available())
+        throw std::runtime_error("--device cuda: no CUDA device is available to this LibTorch build");
+      captioner->to(at::Device(at::kCUDA));
+    }
     options = captioner->default_decoding();
     if (greedy) options.beam_size = 1;
     if (beam > 0) options.beam_size = beam;

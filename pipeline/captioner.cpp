@@ -205,6 +205,15 @@ void Captioner::save(const std::string& bundle_dir) const {
   write_json_file((dir / "captioner.json").string(), j);
 }
 
+void Captioner::to(const at::Device& device) {
+  if (cnn14) cnn14->to(device);
+  if (clip) clip->to(device);
+  if (mapper) mapper->to(device);
+  if (kv_head) kv_head->to(device);
+  if (lm) lm->to(device);
+  device_ = device;
+}
+
 int Captioner::sample_rate() const {
   return encoder_kind_ == "cnn14" ? static_cast<int>(cnn14->config().front_end.sample_rate) : 0;
 }
@@ -214,6 +223,8 @@ int Captioner::sample_rate() const {
 
 at::Tensor Captioner::prefix(const MapperInput& features) {
   MapperInput in = features;
+  for (at::Tensor* t : {&in.embedding, &in.tokens, &in.token_mask, &in.conv_block6, &in.clipwise, &in.context})
+    if (t->defined()) *t = t->to(device_);
   if (normalize_prefix && in.embedding.defined()) in.embedding = in.embedding / in.embedding.norm(2, -1, /*keepdim=*/true);
   return mapper->forward(in);
 }
@@ -232,7 +243,7 @@ MapperInput Captioner::encode_waveforms(const std::vector<std::vector<float>>& w
     if (!fitted[i].empty())
       batch[i].narrow(0, 0, fitted[i].size()).copy_(at::from_blob(fitted[i].data(), {static_cast<int64_t>(fitted[i].size())}));
   torch::NoGradGuard no_grad;
-  Cnn14Output out = cnn14->forward(batch);
+  Cnn14Output out = cnn14->forward(batch.to(device_));
   MapperInput in;
   in.embedding = out.embedding;
   in.tokens = out.temporal_features;
@@ -246,7 +257,7 @@ MapperInput Captioner::encode_images(const std::vector<Image8>& images) {
   std::vector<at::Tensor> pixels;
   for (const auto& img : images) pixels.push_back(clip_pixel_values(img, clip_preprocess));
   torch::NoGradGuard no_grad;
-  ClipVisionOutput out = clip->forward(at::stack(pixels));
+  ClipVisionOutput out = clip->forward(at::stack(pixels).to(device_));
   MapperInput in;
   in.embedding = out.image_embeds;
   in.tokens = out.last_hidden_state;
@@ -298,7 +309,7 @@ std::vector<std::vector<Caption>> Captioner::caption_files(const std::vector<std
     MapperInput in;
     in.embedding = at::stack(embeds);
     in.tokens = at::stack(tokens);
-    return caption(in, options);
+    return caption(in, options);  // prefix() moves the features to the device
   }
   throw std::invalid_argument("this captioner has no encoder: it captions features only");
 }

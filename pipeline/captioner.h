@@ -56,6 +56,10 @@ class Captioner {
   // Media files in, captions out (batched); throws for the first unreadable file.
   std::vector<std::vector<Caption>> caption_files(const std::vector<std::string>& paths, const DecodingOptions& options);
 
+  // Moves every model to `device` (e.g. CUDA); inputs are moved there as they arrive.
+  void to(const at::Device& device);
+  at::Device device() const { return device_; }
+
   DecodingOptions default_decoding() const { return decoding_; }
   // Stop strings -> token ids the way ClipCap does it (first token of encode(stop)).
   std::vector<int64_t> stop_ids(const std::vector<std::string>& stops) const;
@@ -75,6 +79,9 @@ class Captioner {
   DecodingOptions decoding_;
   std::vector<std::string> stop_strings = {"."};
   std::string source;
+
+ private:
+  at::Device device_ = at::kCPU;
 };
 
 }  // namespace prefixcap

@@ -135,7 +135,7 @@ VideoFeatures encode_video_frames(const std::vector<VideoFrame>& frames, ClipVis
   if (frames.empty()) throw std::invalid_argument("encode_video_frames: no frames");
   std::vector<at::Tensor> pixels;
   for (const auto& f : frames) pixels.push_back(clip_pixel_values(f.image, preprocess));
-  ClipVisionOutput out = vit.forward(at::stack(pixels));
+  ClipVisionOutput out = vit.forward(at::stack(pixels).to(vit.parameters()[0].device()));
   VideoFeatures v;
   v.frame_embeds = out.image_embeds;
   v.frame_tokens = out.last_hidden_state;
