@@ -162,8 +162,18 @@ at::Tensor Gpt2AttentionImpl::forward(const at::Tensor& x, LayerKv* cache, const
     cache->key = k;
     cache->value = v;
   }
+  const double scale = 1.0 / std::sqrt(double(head_dim_));
+  if (T == 1) {
+    // One query per sequence (decoding): broadcast multiply + reduce. LibTorch's CPU bmm
+    // loops over the B*H tiny products one by one and cost more than the weights here.
+    at::Tensor scores = (q * k).sum(-1).mul_(scale);  // [B, H, S]
+    if (attn_bias.defined()) scores = scores + attn_bias.squeeze(2);
+    at::Tensor probs = at::softmax(scores, -1);
+    at::Tensor y = (probs.unsqueeze(-1) * v).sum(2);   // [B, H, D]
+    return c_proj(y.reshape({B, 1, C}));
+  }
   // [B, H, T, S]
-  at::Tensor scores = at::matmul(q, k.transpose(-2, -1)).mul_(1.0 / std::sqrt(double(head_dim_)));
+  at::Tensor scores = at::matmul(q, k.transpose(-2, -1)).mul_(scale);
   if (attn_bias.defined()) scores = scores + attn_bias;
   at::Tensor probs = at::softmax(scores, -1);
   at::Tensor y = at::matmul(probs, v).transpose(1, 2).reshape({B, T, C});
