@@ -61,7 +61,6 @@ int main(int argc, char** argv) {
   query.context_dim = 64;
   cases.push_back({"query_guided", query});
 
-  int64_t longest_prefix = 0;
   for (auto& c : cases) {
     auto mapper = make_mapper(c.config);
     mapper->train();
@@ -79,8 +78,8 @@ int main(int argc, char** argv) {
     double t = best_time(3, step);
     int64_t params = 0;
     for (const auto& p : mapper->parameters()) params += p.numel();
+    c.config = mapper->config();  // e.g. Prefix-AAC's prefix = temporal + global lengths
     out["mappers"][c.name] = {{"forward_backward_ms", t * 1e3}, {"parameters", params}, {"prefix_length", c.config.prefix_length}};
-    longest_prefix = std::max(longest_prefix, c.config.prefix_length);
   }
 
   Gpt2Config config;  // GPT-2 124M
