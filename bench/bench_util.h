@@ -51,6 +51,21 @@ inline double sum_floats(const float* data, size_t begin, size_t end) {
   return s;
 }
 
+// Parses a benchmark's only option, --threads N. Returns -1 to go on, else the exit code
+// (0 after --help, 1 on a bad argument) after printing the usage line.
+inline int parse_threads_only(int argc, char** argv, const char* name, int* threads) {
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "--threads" && i + 1 < argc) {
+      *threads = std::atoi(argv[++i]);
+    } else {
+      std::fprintf(stderr, "usage: %s [--threads N]\n", name);
+      return a == "--help" ? 0 : 1;
+    }
+  }
+  return -1;
+}
+
 // Current resident set size, bytes (/proc/self/statm).
 inline double current_rss_bytes() {
   long pages = 0, resident = 0;

@@ -21,14 +21,7 @@ using namespace prefixcap::bench;
 
 int main(int argc, char** argv) {
   ThreadOptions threads;
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    if (a == "--threads" && i + 1 < argc) threads.num_threads = std::stoi(argv[++i]);
-    else {
-      std::fprintf(stderr, "usage: image_bench [--threads N]\n");
-      return a == "--help" ? 0 : 1;
-    }
-  }
+  if (int rc = parse_threads_only(argc, argv, "image_bench", &threads.num_threads); rc >= 0) return rc;
   ThreadSetup setup = configure_threads(threads);
   nlohmann::json out;
   out["benchmark"] = "image_bench";

@@ -17,14 +17,7 @@ using namespace prefixcap::bench;
 
 int main(int argc, char** argv) {
   ThreadOptions threads;
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    if (a == "--threads" && i + 1 < argc) threads.num_threads = std::stoi(argv[++i]);
-    else {
-      std::fprintf(stderr, "usage: mapper_bench [--threads N]\n");
-      return a == "--help" ? 0 : 1;
-    }
-  }
+  if (int rc = parse_threads_only(argc, argv, "mapper_bench", &threads.num_threads); rc >= 0) return rc;
   ThreadSetup setup = configure_threads(threads);
   const int64_t B = 32;
   torch::manual_seed(0);
