@@ -15,39 +15,6 @@ using Json = nlohmann::json;
 
 namespace {
 
-std::vector<std::string> lines_of(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error(path + ": cannot open");
-  std::vector<std::string> lines;
-  std::string line;
-  while (std::getline(in, line)) {
-    if (!line.empty() && line.back() == '\r') line.pop_back();
-    lines.push_back(line);
-  }
-  return lines;
-}
-
-std::vector<std::vector<std::string>> read_csv(const std::string& path, std::vector<std::string>* header) {
-  auto lines = lines_of(path);
-  if (lines.empty()) throw std::runtime_error(path + ": empty file");
-  *header = parse_csv_line(lines[0]);
-  std::vector<std::vector<std::string>> rows;
-  for (size_t i = 1; i < lines.size(); ++i) {
-    if (lines[i].empty()) continue;
-    std::vector<std::string> f;
-    try {
-      f = parse_csv_line(lines[i]);
-    } catch (const std::exception& e) {
-      throw std::runtime_error(path + ":" + std::to_string(i + 1) + ": " + e.what());
-    }
-    if (f.size() != header->size())
-      throw std::runtime_error(path + ":" + std::to_string(i + 1) + ": expected " + std::to_string(header->size()) +
-                               " fields, got " + std::to_string(f.size()));
-    rows.push_back(std::move(f));
-  }
-  return rows;
-}
-
 int require_column(const std::vector<std::string>& header, const std::string& name, const std::string& path) {
   for (size_t i = 0; i < header.size(); ++i)
     if (header[i] == name) return static_cast<int>(i);
@@ -109,7 +76,7 @@ std::vector<DatasetItem> read_dataset(const std::string& kind, const std::string
       items.push_back(std::move(it));
     }
   } else if (kind == "manifest") {
-    auto lines = lines_of(root);
+    auto lines = read_text_lines(root);
     const fs::path base = fs::path(root).parent_path();
     for (size_t i = 0; i < lines.size(); ++i) {
       if (lines[i].find_first_not_of(" \t") == std::string::npos) continue;

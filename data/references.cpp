@@ -42,9 +42,7 @@ std::vector<std::string> parse_csv_line(const std::string& line) {
   return fields;
 }
 
-namespace {
-
-std::vector<std::string> read_lines(const std::string& path) {
+std::vector<std::string> read_text_lines(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error(path + ": cannot open");
   std::vector<std::string> lines;
@@ -56,6 +54,8 @@ std::vector<std::string> read_lines(const std::string& path) {
   return lines;
 }
 
+namespace {
+
 std::string where(const std::string& path, size_t line) { return path + ":" + std::to_string(line) + ": "; }
 
 int column(const std::vector<std::string>& header, const std::string& name) {
@@ -66,8 +66,35 @@ int column(const std::vector<std::string>& header, const std::string& name) {
 
 }  // namespace
 
+std::vector<std::vector<std::string>> read_csv(const std::string& path, std::vector<std::string>* header) {
+  return parse_csv_lines(read_text_lines(path), path, header);
+}
+
+std::vector<std::vector<std::string>> parse_csv_lines(const std::vector<std::string>& lines, const std::string& path,
+                                                      std::vector<std::string>* header) {
+  size_t first = 0;
+  while (first < lines.size() && lines[first].find_first_not_of(" \t") == std::string::npos) ++first;
+  if (first == lines.size()) throw std::runtime_error(path + ": empty file");
+  *header = parse_csv_line(lines[first]);
+  std::vector<std::vector<std::string>> rows;
+  for (size_t i = first + 1; i < lines.size(); ++i) {
+    if (lines[i].empty()) continue;
+    std::vector<std::string> f;
+    try {
+      f = parse_csv_line(lines[i]);
+    } catch (const std::exception& e) {
+      throw std::runtime_error(where(path, i + 1) + e.what());
+    }
+    if (f.size() != header->size())
+      throw std::runtime_error(where(path, i + 1) + "expected " + std::to_string(header->size()) + " fields, got " +
+                               std::to_string(f.size()));
+    rows.push_back(std::move(f));
+  }
+  return rows;
+}
+
 References read_references(const std::string& path, const std::string& split) {
-  std::vector<std::string> lines = read_lines(path);
+  std::vector<std::string> lines = read_text_lines(path);
   References refs;
   size_t first = 0;
   while (first < lines.size() && lines[first].find_first_not_of(" \t") == std::string::npos) ++first;
@@ -105,24 +132,15 @@ References read_references(const std::string& path, const std::string& split) {
     }
     return refs;
   }
-  std::vector<std::string> header = parse_csv_line(head);
+  std::vector<std::string> header;
+  const auto rows = parse_csv_lines(lines, path, &header);
   const int file_col = column(header, "file_name");
   const int ytid_col = column(header, "youtube_id");
   const int cap_col = column(header, "caption");
   const int start_col = column(header, "start_time");
   if (file_col < 0 && ytid_col < 0)
     throw std::runtime_error(path + ": unknown reference format (expected a Clotho or AudioCaps csv, COCO json or JSONL manifest)");
-  for (size_t i = first + 1; i < lines.size(); ++i) {
-    if (lines[i].empty()) continue;
-    std::vector<std::string> f;
-    try {
-      f = parse_csv_line(lines[i]);
-    } catch (const std::exception& e) {
-      throw std::runtime_error(where(path, i + 1) + e.what());
-    }
-    if (f.size() != header.size())
-      throw std::runtime_error(where(path, i + 1) + "expected " + std::to_string(header.size()) + " fields, got " +
-                               std::to_string(f.size()));
+  for (const auto& f : rows) {
     if (file_col >= 0) {  // Clotho: caption_1..caption_N
       auto& list = refs[media_key(f[file_col])];
       for (size_t k = 0; k < header.size(); ++k)
@@ -138,7 +156,7 @@ References read_references(const std::string& path, const std::string& split) {
 }
 
 Predictions read_predictions(const std::string& path) {
-  std::vector<std::string> lines = read_lines(path);
+  std::vector<std::string> lines = read_text_lines(path);
   Predictions preds;
   if (lines.empty()) throw std::runtime_error(path + ": empty prediction file");
   if (!lines[0].empty() && lines[0][0] == '{') {
@@ -159,13 +177,11 @@ Predictions read_predictions(const std::string& path) {
     }
     return preds;
   }
-  std::vector<std::string> header = parse_csv_line(lines[0]);
+  std::vector<std::string> header;
+  const auto rows = parse_csv_lines(lines, path, &header);
   const int path_col = column(header, "path"), cap_col = column(header, "caption"), start_col = column(header, "start");
   if (path_col < 0 || cap_col < 0) throw std::runtime_error(path + ": expected a csv with 'path' and 'caption' columns");
-  for (size_t i = 1; i < lines.size(); ++i) {
-    if (lines[i].empty()) continue;
-    auto f = parse_csv_line(lines[i]);
-    if (f.size() != header.size()) throw std::runtime_error(where(path, i + 1) + "wrong number of fields");
+  for (const auto& f : rows) {
     std::string key = media_key(f[path_col]);
     if (start_col >= 0 && !f[start_col].empty()) key += "@" + f[start_col];
     preds[key] = f[cap_col];

@@ -32,4 +32,15 @@ Predictions read_predictions(const std::string& path);
 // One CSV record (RFC 4180 quoting) from a line; multi-line fields are not supported.
 std::vector<std::string> parse_csv_line(const std::string& line);
 
+// The lines of a text file without their line ends (\n or \r\n); throws if it cannot be read.
+std::vector<std::string> read_text_lines(const std::string& path);
+
+// The records of a CSV file after its header (the first non-blank line, returned in
+// `header`); blank lines are skipped; a malformed record or one with a different field count
+// throws "PATH:LINE: ...".
+std::vector<std::vector<std::string>> read_csv(const std::string& path, std::vector<std::string>* header);
+// The same for lines already read from `path` (named in the errors).
+std::vector<std::vector<std::string>> parse_csv_lines(const std::vector<std::string>& lines, const std::string& path,
+                                                      std::vector<std::string>* header);
+
 }  // namespace prefixcap
