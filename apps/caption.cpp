@@ -23,7 +23,6 @@
 #include "core/threads.h"
 #include "pipeline/audio_decode.h"
 #include "pipeline/captioner.h"
-#include "pipeline/video_decode.h"
 
 using namespace prefixcap;
 namespace fs = std::filesystem;
@@ -88,9 +87,8 @@ struct Item {
   std::string path;
   Modality modality = Modality::Audio;
   double start = -1, end = -1;  // window times (seconds), -1 = whole file
-  std::vector<float> waveform;
-  Image8 image;
-  at::Tensor embedding, tokens;  // precomputed (video frames)
+  std::vector<float> waveform;     // audio bundles
+  Captioner::VisualInput visual;   // image bundles
   double decode_ms = 0;
   std::string error;             // set: this input failed; printed in its place
 };
@@ -215,19 +213,9 @@ int main(int argc, char** argv) {
         for (auto* it : good) waves.push_back(std::move(it->waveform));
         features = captioner->encode_waveforms(waves);
       } else {
-        std::vector<at::Tensor> embeds, tokens;
-        for (Item* itp : good) {
-          Item& it = *itp;
-          if (!it.embedding.defined()) {
-            MapperInput one = captioner->encode_images({it.image});
-            it.embedding = one.embedding[0];
-            it.tokens = one.tokens[0];
-          }
-          embeds.push_back(it.embedding);
-          tokens.push_back(it.tokens);
-        }
-        features.embedding = at::stack(embeds);
-        features.tokens = at::stack(tokens);
+        std::vector<Captioner::VisualInput> visuals;
+        for (auto* it : good) visuals.push_back(std::move(it->visual));
+        features = captioner->encode_visual(visuals);
       }
       if (!good.empty()) results = captioner->caption(features, options);
     } catch (const std::exception& e) {
@@ -301,16 +289,7 @@ int main(int argc, char** argv) {
         }
       } else if (captioner->encoder_kind() == "clip") {
         Item it{path, m};
-        if (m == Modality::Video) {
-          torch::NoGradGuard no_grad;
-          VideoFeatures v = encode_video_frames(sample_video_frames(path, frames), *captioner->clip, captioner->clip_preprocess);
-          it.embedding = v.mean_embed;
-          it.tokens = v.frame_tokens.mean(0);
-        } else if (m == Modality::Image) {
-          it.image = decode_image(path);
-        } else {
-          throw FileError(path, "is audio; this captioner is for images and video");
-        }
+        it.visual = captioner->load_visual(path, m, frames);
         it.decode_ms = ms_since(t0);
         batch.push_back(std::move(it));
       } else {

@@ -264,6 +264,50 @@ MapperInput Captioner::encode_images(const std::vector<Image8>& images) {
   return in;
 }
 
+Captioner::VisualInput Captioner::load_visual(const std::string& path, Modality modality, int video_frames) {
+  if (encoder_kind_ != "clip") throw std::invalid_argument("this captioner has no image encoder (encoder kind " + encoder_kind_ + ")");
+  VisualInput in;
+  switch (modality) {
+    case Modality::Image:
+      in.image = decode_image(path);
+      break;
+    case Modality::Video: {
+      torch::NoGradGuard no_grad;
+      VideoFeatures v = encode_video_frames(sample_video_frames(path, video_frames), *clip, clip_preprocess);
+      in.embedding = v.mean_embed;
+      in.tokens = v.frame_tokens.mean(0);
+      break;
+    }
+    case Modality::Audio:
+      throw FileError(path, "is audio; this captioner is for images and video");
+  }
+  return in;
+}
+
+MapperInput Captioner::encode_visual(const std::vector<VisualInput>& inputs) {
+  std::vector<Image8> images;
+  for (const auto& in : inputs)
+    if (!in.embedding.defined()) images.push_back(in.image);
+  MapperInput encoded;
+  if (!images.empty()) encoded = encode_images(images);
+  std::vector<at::Tensor> embeds, tokens;
+  int64_t next_image = 0;
+  for (const auto& in : inputs) {
+    if (in.embedding.defined()) {
+      embeds.push_back(in.embedding.to(device_));
+      tokens.push_back(in.tokens.to(device_));
+    } else {
+      embeds.push_back(encoded.embedding[next_image]);
+      tokens.push_back(encoded.tokens[next_image]);
+      ++next_image;
+    }
+  }
+  MapperInput out;
+  out.embedding = at::stack(embeds);
+  out.tokens = at::stack(tokens);
+  return out;
+}
+
 std::vector<std::vector<Caption>> Captioner::caption(const MapperInput& features, const DecodingOptions& options) {
   torch::NoGradGuard no_grad;
   at::Tensor p = prefix(features);
@@ -293,23 +337,9 @@ std::vector<std::vector<Caption>> Captioner::caption_files(const std::vector<std
     return caption(encode_waveforms(waves), options);
   }
   if (encoder_kind_ == "clip") {
-    std::vector<at::Tensor> embeds, tokens;
-    for (const auto& p : paths) {
-      if (detect_modality(p) == Modality::Video) {
-        torch::NoGradGuard no_grad;
-        VideoFeatures v = encode_video_frames(sample_video_frames(p, 8), *clip, clip_preprocess);
-        embeds.push_back(v.mean_embed);
-        tokens.push_back(v.frame_tokens.mean(0));
-      } else {
-        MapperInput one = encode_images({decode_image(p)});
-        embeds.push_back(one.embedding[0]);
-        tokens.push_back(one.tokens[0]);
-      }
-    }
-    MapperInput in;
-    in.embedding = at::stack(embeds);
-    in.tokens = at::stack(tokens);
-    return caption(in, options);  // prefix() moves the features to the device
+    std::vector<VisualInput> inputs;
+    for (const auto& p : paths) inputs.push_back(load_visual(p, detect_modality(p)));
+    return caption(encode_visual(inputs), options);  // prefix() moves the features to the device
   }
   throw std::invalid_argument("this captioner has no encoder: it captions features only");
 }

@@ -51,6 +51,18 @@ class Captioner {
   MapperInput encode_waveforms(const std::vector<std::vector<float>>& waveforms);
   // Features of images (CLIP bundles).
   MapperInput encode_images(const std::vector<Image8>& images);
+
+  // One visual input of a CLIP bundle: a decoded image, or a video already reduced to the mean
+  // of its sampled frames' features.
+  struct VisualInput {
+    Image8 image;
+    at::Tensor embedding, tokens;  // set for video
+  };
+  // Decodes an image, or samples and encodes `video_frames` frames of a video, as
+  // `modality` (from detect_modality) says; throws FileError for audio or unreadable files.
+  VisualInput load_visual(const std::string& path, Modality modality, int video_frames = 8);
+  // Features of a batch of visual inputs: every image goes through CLIP in one batch.
+  MapperInput encode_visual(const std::vector<VisualInput>& inputs);
   // Captions (best first, options.num_return of them) per input row.
   std::vector<std::vector<Caption>> caption(const MapperInput& features, const DecodingOptions& options);
   // Media files in, captions out (batched); throws for the first unreadable file.
