@@ -134,13 +134,10 @@ std::string compare_exact(const std::string& what, const at::Tensor& got_in, con
   return s.str();
 }
 
-void tolerance_of(const Json& output, double* atol, double* rtol) {
-  *atol = 0;
-  *rtol = 0;
-  if (output.contains("tolerance")) {
-    *atol = output["tolerance"].value("atol", 0.0);
-    *rtol = output["tolerance"].value("rtol", 0.0);
-  }
+void tolerance_of(const Json& entry, double* atol, double* rtol, double default_atol, double default_rtol) {
+  const Json& t = entry.contains("tolerance") ? entry["tolerance"] : entry;
+  *atol = t.value("atol", default_atol);
+  *rtol = t.value("rtol", default_rtol);
 }
 
 void Checks::close(const std::string& what, const at::Tensor& got, const at::Tensor& expected, double atol,

@@ -42,8 +42,9 @@ std::string compare_close(const std::string& what, const at::Tensor& got, const 
                           double atol, double rtol, double* max_diff = nullptr);
 std::string compare_exact(const std::string& what, const at::Tensor& got, const at::Tensor& expected);
 
-// tolerance {"atol", "rtol"} of an output entry of cases.json.
-void tolerance_of(const Json& output, double* atol, double* rtol);
+// The {"atol", "rtol"} of an entry of cases.json, nested under "tolerance" or flat in the
+// entry itself; absent values keep the given defaults.
+void tolerance_of(const Json& entry, double* atol, double* rtol, double default_atol = 0, double default_rtol = 0);
 
 // Collects the comparisons of one case; result() is what a run_case body returns.
 struct Checks {

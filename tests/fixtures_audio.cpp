@@ -28,11 +28,6 @@ double snr_db(const std::vector<float>& y_in, const at::Tensor& ref_in, int64_t 
   return noise == 0 ? INFINITY : 10 * std::log10(signal / noise);
 }
 
-void tolerance_flat(const Json& output, double* atol, double* rtol, double atol_default, double rtol_default) {
-  *atol = output.value("atol", atol_default);
-  *rtol = output.value("rtol", rtol_default);
-}
-
 std::string fmt(double v) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.2f", v);
@@ -118,7 +113,7 @@ FixtureReport run_mel_frontend_fixture(const std::string& folder, const Json& ca
         out = front_end->forward_all(golden.tensor(c["inputs"]["waveform"].at("tensor").get<std::string>()));
       for (auto it = c.at("outputs").begin(); it != c.at("outputs").end(); ++it) {
         double atol, rtol;
-        tolerance_flat(it.value(), &atol, &rtol, 1e-4, 1e-3);
+        tolerance_of(it.value(), &atol, &rtol, 1e-4, 1e-3);
         at::Tensor expected = golden.tensor(it.value().at("tensor").get<std::string>());
         const std::string& key = it.key();
         at::Tensor got;
@@ -147,7 +142,7 @@ FixtureReport run_cnn14_fixture(const std::string& folder, const Json& cases) {
   Cnn14Config config = Cnn14Config::from_file(config_path);
   SafetensorsFile golden((fs::path(folder) / "golden.safetensors").string());
   double default_atol = 1e-4, default_rtol = 1e-3;
-  if (cases.contains("default_tolerance")) tolerance_flat(cases["default_tolerance"], &default_atol, &default_rtol, 1e-4, 1e-3);
+  if (cases.contains("default_tolerance")) tolerance_of(cases["default_tolerance"], &default_atol, &default_rtol, 1e-4, 1e-3);
   for (auto f = files.begin(); f != files.end(); ++f) {
     if (f.key() == "config") continue;
     std::string file = f.value().get<std::string>();
@@ -179,7 +174,7 @@ FixtureReport run_cnn14_fixture(const std::string& folder, const Json& cases) {
         for (auto it = c.at("outputs").begin(); it != c.at("outputs").end(); ++it) {
           const std::string& key = it.key();
           double atol, rtol;
-          tolerance_flat(it.value(), &atol, &rtol, default_atol, default_rtol);
+          tolerance_of(it.value(), &atol, &rtol, default_atol, default_rtol);
           at::Tensor expected = golden.tensor(it.value().at("tensor").get<std::string>());
           at::Tensor got;
           if (key == "spectrogram") got = front.power_spectrogram;

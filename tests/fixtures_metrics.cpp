@@ -19,10 +19,7 @@ FixtureReport run_metrics_fixture(const std::string& folder, const Json& cases) 
     return corpora[name];
   };
   double default_atol = 1e-6, default_rtol = 0;
-  if (cases.contains("default_tolerance")) {
-    default_atol = cases["default_tolerance"].value("atol", 1e-6);
-    default_rtol = cases["default_tolerance"].value("rtol", 0.0);
-  }
+  if (cases.contains("default_tolerance")) tolerance_of(cases["default_tolerance"], &default_atol, &default_rtol, 1e-6, 0.0);
   for (const Json& c : cases.at("cases")) {
     const std::string name = c.at("name").get<std::string>();
     const std::string metric = c.at("metric").get<std::string>();
@@ -59,11 +56,8 @@ FixtureReport run_metrics_fixture(const std::string& folder, const Json& cases) 
       else if (metric.rfind("ROUGE-L", 0) == 0) got = rouge_l(items);
       else if (metric.rfind("CIDEr-D", 0) == 0) got = cider_d(items);
       else return "SKIP:" + metric + " is not one of prefixcap's native metrics";
-      double atol = default_atol, rtol = default_rtol;
-      if (c.contains("tolerance")) {
-        atol = c["tolerance"].value("atol", atol);
-        rtol = c["tolerance"].value("rtol", rtol);
-      }
+      double atol, rtol;
+      tolerance_of(c, &atol, &rtol, default_atol, default_rtol);
       Checks checks;
       double worst = 0;
       auto compare = [&](const std::string& what, double g, double e) {
