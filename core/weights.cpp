@@ -75,10 +75,16 @@ void load_state_strict(torch::nn::Module& module, const TensorMap& weights,
       continue;
     }
     used.insert(name);
-    const at::Tensor& src = it->second;
+    const bool transpose = matches_any(options.transposed, name);
+    if (transpose && (it->second.dim() != 2 || target.dim() != 2)) {
+      problems.push_back("tensor '" + name + "': expected a 2-D tensor, got " + shape_to_string(it->second.sizes().vec()));
+      continue;
+    }
+    const at::Tensor src = transpose ? it->second.t() : it->second;
     if (src.sizes() != target.sizes()) {
-      problems.push_back("tensor '" + name + "': expected " + shape_to_string(target.sizes().vec()) +
-                         ", got " + shape_to_string(src.sizes().vec()));
+      const at::Tensor expected = transpose ? target.t() : target;
+      problems.push_back("tensor '" + name + "': expected " + shape_to_string(expected.sizes().vec()) +
+                         ", got " + shape_to_string(it->second.sizes().vec()));
       continue;
     }
     if (at::isFloatingType(target.scalar_type()) != at::isFloatingType(src.scalar_type())) {

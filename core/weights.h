@@ -28,6 +28,10 @@ struct StrictLoadOptions {
   std::vector<std::string> optional;
   // Where the weights came from, for messages (a file path).
   std::string source;
+  // 2-D checkpoint tensors stored transposed relative to the module (glob patterns, e.g.
+  // GPT-2's Conv1D weights [in, out] for a module holding [out, in]); shapes in messages are
+  // given in the checkpoint's layout.
+  std::vector<std::string> transposed;
 };
 
 // Copies `weights` into the parameters and buffers of `module`, whose names must equal the

@@ -339,9 +339,12 @@ Gpt2Output Gpt2ModelImpl::forward(const Gpt2Input& input) {
 //   h.N.attn.bias, masked_bias -> ignored (causal-mask buffers, recomputed here)
 //   h.N.{attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj}.weight: Conv1D [in, out] -> [out, in]
 namespace {
+const std::vector<std::string> kConv1dWeights = {"h.*.attn.c_attn.weight", "h.*.attn.c_proj.weight",
+                                                 "h.*.mlp.c_fc.weight", "h.*.mlp.c_proj.weight"};
 bool is_conv1d_weight(const std::string& name) {
-  return glob_match("h.*.attn.c_attn.weight", name) || glob_match("h.*.attn.c_proj.weight", name) ||
-         glob_match("h.*.mlp.c_fc.weight", name) || glob_match("h.*.mlp.c_proj.weight", name);
+  for (const auto& pattern : kConv1dWeights)
+    if (glob_match(pattern, name)) return true;
+  return false;
 }
 }  // namespace
 
@@ -351,39 +354,14 @@ void Gpt2ModelImpl::load_weights(const TensorMap& weights, const std::string& so
     std::string name = key.rfind("transformer.", 0) == 0 ? key.substr(12) : key;
     if (renamed.count(name))
       throw FileError(source, "tensor '" + key + "' appears twice (with and without 'transformer.')");
-    if (is_conv1d_weight(name)) {
-      if (tensor.dim() != 2)
-        throw FileError(source, "tensor '" + key + "': expected a 2-D Conv1D weight, got " +
-                                    shape_to_string(tensor.sizes().vec()));
-      renamed[name] = tensor.t().contiguous();
-    } else {
-      renamed[name] = tensor;
-    }
+    renamed[name] = tensor;
   }
   StrictLoadOptions options;
   options.source = source;
   options.ignorable = {"h.*.attn.bias", "h.*.attn.masked_bias"};
   if (config_.tie_word_embeddings) options.ignorable.push_back("lm_head.weight");
-  try {
-    load_state_strict(*this, renamed, options);
-  } catch (const std::runtime_error& e) {
-    // Report Conv1D shapes as the checkpoint stores them ([in, out]), not transposed.
-    std::string message = e.what();
-    for (const auto& [name, tensor] : renamed) {
-      if (!is_conv1d_weight(name)) continue;
-      std::string key = "tensor '" + name + "': expected ";
-      size_t at = message.find(key);
-      if (at == std::string::npos) continue;
-      auto params = named_parameters();
-      const at::Tensor* expected = params.find(name);
-      if (!expected) continue;
-      size_t line_end = message.find('\n', at);
-      std::string fixed = key + shape_to_string(expected->t().sizes().vec()) + ", got " +
-                          shape_to_string(tensor.t().sizes().vec());
-      message.replace(at, (line_end == std::string::npos ? message.size() : line_end) - at, fixed);
-    }
-    throw std::runtime_error(message);
-  }
+  options.transposed = kConv1dWeights;
+  load_state_strict(*this, renamed, options);
 }
 
 TensorMap Gpt2ModelImpl::hf_state_dict() const {

@@ -263,6 +263,19 @@ TEST(StrictLoad, ReportsMissingUnexpectedAndWrongShapes) {
   expect_error([&] { load_state_strict(m2, w3, {{}, {}, "w"}); }, {"fc1.weight", "expected a floating tensor"});
 }
 
+TEST(StrictLoad, TransposedTensorsLoadAndReportInCheckpointLayout) {
+  TwoLayers m;
+  TensorMap w = two_layer_weights();
+  w["fc1.weight"] = at::arange(12, at::kFloat).reshape({3, 4});  // stored [in, out]
+  load_state_strict(m, w, {{}, {}, "w", {"fc1.weight"}});
+  EXPECT_TRUE(m.fc1->weight.equal(at::arange(12, at::kFloat).reshape({3, 4}).t()));
+  w["fc1.weight"] = at::ones({4, 3});
+  expect_error([&] { load_state_strict(m, w, {{}, {}, "w", {"fc1.weight"}}); },
+               {"tensor 'fc1.weight': expected [3, 4], got [4, 3]"});
+  w["fc1.weight"] = at::ones({12});
+  expect_error([&] { load_state_strict(m, w, {{}, {}, "w", {"fc1.weight"}}); }, {"fc1.weight", "expected a 2-D tensor"});
+}
+
 TEST(StrictLoad, GlobMatch) {
   EXPECT_TRUE(glob_match("h.*.attn.bias", "h.11.attn.bias"));
   EXPECT_FALSE(glob_match("h.*.attn.bias", "h.11.attn.c_attn.bias"));
