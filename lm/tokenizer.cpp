@@ -345,3 +345,23 @@ std::string Gpt2Tokenizer::decode(const std::vector<int64_t>& ids) const {
 }
 
 }  // namespace prefixcap
+
+namespace prefixcap {
+
+void Gpt2Tokenizer::save(const std::string& folder) const {
+  const std::filesystem::path dir(folder);
+  nlohmann::json v = nlohmann::json::object();
+  for (int64_t i = 0; i < vocab_size(); ++i) v[token(i)] = i;
+  for (const auto& [name, text] : {std::pair<std::string, std::string>{"vocab.json", v.dump()}, {"merges.txt", merges_text()}}) {
+    const std::filesystem::path path = dir / name, tmp = dir / (name + ".tmp");
+    {
+      std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+      out << text;
+      out.flush();
+      if (!out) throw FileError(tmp.string(), "cannot write the tokenizer file (disk full?)");
+    }
+    std::filesystem::rename(tmp, path);
+  }
+}
+
+}  // namespace prefixcap

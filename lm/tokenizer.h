@@ -36,6 +36,8 @@ class Gpt2Tokenizer {
   int64_t eos_token_id() const { return eos_id_; }
   // merges.txt as read (for writing a copy next to saved models).
   const std::string& merges_text() const { return merges_text_; }
+  // Writes FOLDER/vocab.json and FOLDER/merges.txt (the folder must exist).
+  void save(const std::string& folder) const;
   // Id of a vocabulary entry, or -1.
   int64_t token_to_id(const std::string& token) const;
 

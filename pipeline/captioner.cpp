@@ -158,14 +158,7 @@ void Captioner::save(const std::string& bundle_dir) const {
   write_json_file((dir / "lm" / "config.json").string(), lm->config().to_json());
   save_safetensors((dir / "lm" / "model.safetensors").string(), lm->hf_state_dict(), {{"format", "pt"}});
   if (!tokenizer) throw std::invalid_argument("captioner has no tokenizer");
-  {
-    std::ofstream vocab(dir / "lm" / "vocab.json", std::ios::binary), merges(dir / "lm" / "merges.txt", std::ios::binary);
-    Json v = Json::object();
-    for (int64_t i = 0; i < tokenizer->vocab_size(); ++i) v[tokenizer->token(i)] = i;
-    vocab << v.dump();
-    merges << tokenizer->merges_text();
-    if (!vocab || !merges) throw FileError((dir / "lm").string(), "cannot write the tokenizer files");
-  }
+  tokenizer->save((dir / "lm").string());
   j["lm"] = {{"path", "lm"}, {"tokenizer", "lm"}};
   // Encoder
   if (encoder_kind_ == "cnn14") {
