@@ -38,10 +38,8 @@ int main(int argc, char** argv) {
     for (auto& ch : flag)
       if (ch == '_') ch = '-';
     if (std::holds_alternative<bool*>(o.target)) {
-      cli[o.name] = app.add_option(flag, given[o.name], o.help)
-                        ->expected(0, 1)
-                        ->default_str(train_option_value(o))
-                        ->type_name("[true|false]");
+      // A flag: bare = true, or --flag=false.
+      cli[o.name] = app.add_flag(flag, given[o.name], o.help + " (default: " + train_option_value(o) + ")");
     } else {
       const char* type = std::holds_alternative<int64_t*>(o.target)  ? "INT"
                          : std::holds_alternative<double*>(o.target) ? "FLOAT"
