@@ -1,0 +1,421 @@
+// Training: the loss against upstream golden data, the data pipeline, checkpoints and resume,
+// the feature cache, configuration errors, and short real training runs on tiny models.
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <random>
+#include <set>
+#include <thread>
+
+#include <gtest/gtest.h>
+#include <torch/autograd.h>
+
+#include "core/safetensors.h"
+#include "lm/gpt2.h"
+#include "pipeline/captioner.h"
+#include "pipeline/feature_cache.h"
+#include "pipeline/prefetch.h"
+#include "pipeline/trainer.h"
+#include "test_helpers.h"
+
+using namespace prefixcap;
+using namespace prefixcap::testing;
+namespace fs = std::filesystem;
+
+namespace {
+
+// 16-bit mono PCM WAV.
+void write_wav(const std::string& path, const std::vector<float>& x, int rate) {
+  auto u32 = [](uint32_t v) { return std::string{char(v), char(v >> 8), char(v >> 16), char(v >> 24)}; };
+  auto u16 = [](uint16_t v) { return std::string{char(v), char(v >> 8)}; };
+  std::string data;
+  for (float v : x) data += u16(static_cast<uint16_t>(static_cast<int16_t>(std::lround(std::clamp(v, -1.f, 1.f) * 32767))));
+  std::string h = "RIFF" + u32(36 + data.size()) + "WAVEfmt " + u32(16) + u16(1) + u16(1) + u32(rate) + u32(rate * 2) + u16(2) +
+                  u16(16) + "data" + u32(data.size());
+  write_bytes(path, h + data);
+}
+
+// Eight clips that differ (tone pitch and rhythm) and eight captions.
+const std::vector<std::string> kCaptions = {"a dog barks.", "rain falls.",   "a bell rings.", "birds sing.",
+                                            "a car passes.", "water flows.", "people talk.", "wind blows."};
+
+std::string make_corpus(const TempDir& dir, int items = 8) {
+  std::string manifest;
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> noise(-1, 1);
+  for (int i = 0; i < items; ++i) {
+    std::vector<float> x(32000);
+    for (size_t t = 0; t < x.size(); ++t)
+      x[t] = 0.3f * std::sin(2 * M_PI * 200.0 * (i + 1) * t / 32000.0) * ((t / (800 * (i + 1))) % 2 ? 0.2f : 1.f) + 0.05f * noise(rng);
+    const std::string name = "c" + std::to_string(i) + ".wav";
+    write_wav(dir.file(name), x, 32000);
+    manifest += "{\"media\": \"" + name + "\", \"captions\": [\"" + kCaptions[i % kCaptions.size()] + "\"]}\n";
+  }
+  write_bytes(dir.file("train.jsonl"), manifest);
+  return dir.file("train.jsonl");
+}
+
+TrainConfig tiny_config(const TempDir& dir, const std::string& out) {
+  TrainConfig c;
+  c.encoder = fixture_dir("cnn14-tiny");
+  c.lm = fixture_dir("gpt2-tiny");
+  c.mapper = {{"type", "mlp"}, {"prefix_length", 4}};
+  c.data_root = dir.path();
+  c.train_split = "train.jsonl";
+  c.out = dir.file(out);
+  c.batch_size = 8;
+  c.lr = 1e-2;
+  c.warmup_steps = 10;
+  c.caption_end = "none";
+  c.progress = false;
+  c.log_every = 1;
+  return c;
+}
+
+std::map<int64_t, double> train_losses(const std::string& log) {
+  std::map<int64_t, double> out;
+  std::ifstream in(log);
+  std::string line;
+  while (std::getline(in, line)) {
+    Json j = Json::parse(line);
+    if (j["type"] == "train") out[j["step"].get<int64_t>()] = j["loss"].get<double>();
+  }
+  return out;
+}
+
+std::string message_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
+// loss: ClipCap's training loss and its gradient w.r.t. the prefix, from gpt2-tiny's golden data
+
+TEST(TrainLoss, PrefixLossAndGradientEqualTheFixture) {
+  Gpt2Model lm = load_gpt2(fixture_dir("gpt2-tiny"));
+  SafetensorsFile golden(fixture_dir("gpt2-tiny") + "/golden.safetensors");
+  for (const std::string c : {"prefix_embeds", "prefix_embeds_masked"}) {
+    SCOPED_TRACE(c);
+    at::Tensor prefix = golden.tensor("prefix_embeds.prefix").to(at::kFloat).clone().set_requires_grad(true);
+    at::Tensor ids = golden.tensor(c + ".caption_ids").to(at::kLong);
+    at::Tensor mask;
+    if (golden.contains(c + ".attention_mask")) mask = golden.tensor(c + ".attention_mask").narrow(1, prefix.size(1), ids.size(1));
+    at::Tensor loss = prefix_lm_loss(*lm, prefix, ids, mask);
+    at::Tensor grad = torch::autograd::grad({loss}, {prefix})[0];
+    EXPECT_TRUE(at::allclose(loss.reshape({1}).to(at::kDouble), golden.tensor(c + ".loss").to(at::kDouble), 1e-4, 1e-4))
+        << loss.item<double>() << " vs " << golden.tensor(c + ".loss").item<double>();
+    EXPECT_TRUE(at::allclose(grad.to(at::kDouble), golden.tensor(c + ".grad_prefix").to(at::kDouble), 1e-4, 1e-4))
+        << (grad.to(at::kDouble) - golden.tensor(c + ".grad_prefix").to(at::kDouble)).abs().max().item<double>();
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// configuration
+
+TEST(TrainConfig, UnknownKeysAndWrongTypesAreRefusedByName) {
+  EXPECT_NE(message_of([] { TrainConfig::from_json({{"epoch", 3}}, "cfg.json"); }).find("unknown key 'epoch'"), std::string::npos);
+  EXPECT_NE(message_of([] { TrainConfig::from_json({{"epochs", "three"}}, "cfg.json"); }).find("'epochs' must be an integer"),
+            std::string::npos);
+  EXPECT_NE(message_of([] { TrainConfig::from_json({{"lr", true}}, "cfg.json"); }).find("'lr' must be a number"), std::string::npos);
+  TrainConfig c;
+  EXPECT_NE(message_of([&] { set_train_option(c, "batch_size", "8x"); }).find("--batch_size: '8x' is not an integer"),
+            std::string::npos);
+  c.out = "x";
+  c.encoder = c.lm = "y";
+  c.mapper = {{"type", "mlp"}};
+  c.schedule = "exponential";
+  EXPECT_NE(message_of([&] { c.validate(); }).find("schedule"), std::string::npos);
+  // A config round-trips through JSON.
+  TrainConfig d;
+  d.lr = 3e-4;
+  d.mapper = {{"type", "prefix_aac"}};
+  d.resume = true;
+  EXPECT_EQ(TrainConfig::from_json(d.to_json(), "x").to_json(), d.to_json());
+}
+
+TEST(TrainSchedule, WarmupThenCosineOrLinear) {
+  TrainConfig c;
+  c.lr = 1.0;
+  c.warmup_steps = 10;
+  c.min_lr_ratio = 0.1;
+  EXPECT_DOUBLE_EQ(learning_rate(c, 0, 110), 0.1);
+  EXPECT_DOUBLE_EQ(learning_rate(c, 9, 110), 1.0);
+  EXPECT_DOUBLE_EQ(learning_rate(c, 10, 110), 1.0);
+  EXPECT_NEAR(learning_rate(c, 60, 110), 0.55, 1e-12);  // half-way down the cosine: (1 + 0.1) / 2
+  EXPECT_NEAR(learning_rate(c, 110, 110), 0.1, 1e-12);
+  c.schedule = "linear";
+  EXPECT_NEAR(learning_rate(c, 35, 110), 1.0 - 0.9 * 0.25, 1e-12);
+  c.schedule = "constant";
+  EXPECT_DOUBLE_EQ(learning_rate(c, 100, 110), 1.0);
+}
+
+// ---------------------------------------------------------------------------------------
+// data pipeline
+
+TEST(TrainData, EpochOrderIsAPermutationFixedBySeedAndEpoch) {
+  auto a = epoch_order(1000, 1, 0), b = epoch_order(1000, 1, 0), c = epoch_order(1000, 1, 1), d = epoch_order(1000, 2, 0);
+  EXPECT_EQ(a, b);
+  EXPECT_NE(a, c);
+  EXPECT_NE(a, d);
+  EXPECT_EQ(std::set<int64_t>(a.begin(), a.end()).size(), 1000u);
+  EXPECT_EQ(*std::max_element(a.begin(), a.end()), 999);
+}
+
+TEST(TrainData, PrefetcherKeepsOrderBoundsTheWindowAndRethrows) {
+  std::atomic<int64_t> consumed{0}, max_ahead{0};
+  std::mt19937 rng(3);
+  std::vector<int> delays(200);
+  for (auto& d : delays) d = static_cast<int>(rng() % 300);
+  OrderedPrefetcher<int64_t> p(
+      200,
+      [&](int64_t i) {
+        int64_t ahead = i - consumed.load();
+        int64_t m = max_ahead.load();
+        while (ahead > m && !max_ahead.compare_exchange_weak(m, ahead)) {
+        }
+        std::this_thread::sleep_for(std::chrono::microseconds(delays[i]));
+        if (i == 150) throw std::runtime_error("item 150 is bad");
+        return i * i;
+      },
+      3, 5);
+  for (int64_t i = 0; i < 150; ++i) {
+    auto v = p.next();
+    ASSERT_TRUE(v.has_value());
+    EXPECT_EQ(*v, i * i);
+    consumed = i + 1;
+  }
+  EXPECT_THROW(p.next(), std::runtime_error);
+  EXPECT_LE(max_ahead.load(), 5);
+  for (int64_t i = 151; i < 200; ++i) EXPECT_EQ(*p.next(), i * i);
+  EXPECT_FALSE(p.next().has_value());
+}
+
+TEST(TrainData, FeatureCacheRoundTripStalenessAndEncoderIdentity) {
+  TempDir dir;
+  write_bytes(dir.file("a.wav"), "aaaa");
+  write_bytes(dir.file("b.wav"), "bbbb");
+  at::Tensor fa = at::randn({3, 4}), fb = at::randn({5});
+  {
+    FeatureCache cache(dir.file("cache"), "enc1", {{"kind", "test"}});
+    cache.shard_items = 1;  // a shard per item
+    cache.put(dir.file("a.wav"), {{"x", fa}});
+    cache.put(dir.file("b.wav"), {{"y", fb}});
+    cache.flush();
+  }
+  FeatureCache cache(dir.file("cache"), "enc1", {{"kind", "test"}});
+  EXPECT_EQ(cache.size(), 2u);
+  auto a = cache.get(dir.file("a.wav"));
+  ASSERT_TRUE(a.has_value());
+  EXPECT_TRUE(at::equal(a->at("x"), fa));
+  EXPECT_TRUE(at::equal(cache.get(dir.file("b.wav"))->at("y"), fb));
+  // A changed file is a stale entry.
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  write_bytes(dir.file("a.wav"), "aaaaa");
+  EXPECT_FALSE(cache.get(dir.file("a.wav")).has_value());
+  EXPECT_EQ(cache.size(), 1u);
+  // Another encoder sees nothing of it.
+  FeatureCache other(dir.file("cache"), "enc2", {{"kind", "test"}});
+  EXPECT_FALSE(other.get(dir.file("b.wav")).has_value());
+}
+
+TEST(TrainData, CacheIsRecomputedWhenTheEncoderConfigChanges) {
+  TempDir dir;
+  make_corpus(dir, 3);
+  TrainConfig c = tiny_config(dir, "out");
+  c.cache_dir = dir.file("cache");
+  EXPECT_EQ(build_cache(c), 3);
+  auto folders = [&] {
+    std::set<std::string> s;
+    for (const auto& e : fs::directory_iterator(dir.file("cache"))) s.insert(e.path().filename().string());
+    return s;
+  };
+  ASSERT_EQ(folders().size(), 1u);
+  const std::string first = *folders().begin();
+  const auto shards_before = std::distance(fs::directory_iterator(dir.file("cache/" + first)), fs::directory_iterator{});
+  build_cache(c);  // nothing new to compute
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir.file("cache/" + first)), fs::directory_iterator{}), shards_before);
+  // The same weights with another front end (clip length): a new cache.
+  fs::create_directories(dir.file("enc"));
+  fs::copy_file(fixture_dir("cnn14-tiny") + "/model.safetensors", dir.file("enc/model.safetensors"));
+  Json cfg = read_json_file(fixture_dir("cnn14-tiny") + "/config.json");
+  cfg["clip_seconds"] = 0.5;
+  write_json_file(dir.file("enc/config.json"), cfg);
+  c.encoder = dir.file("enc");
+  build_cache(c);
+  EXPECT_EQ(folders().size(), 2u);
+  // The features differ (0.5 s clips instead of 1 s ones).
+  std::set<std::string> f = folders();
+  f.erase(first);
+  FeatureCache a(dir.file("cache"), first, {}), b(dir.file("cache"), *f.begin(), {});
+  EXPECT_NE(a.get(dir.file("c0.wav"))->at("conv_block6").size(1), b.get(dir.file("c0.wav"))->at("conv_block6").size(1));
+}
+
+TEST(TrainData, MalformedManifestAndMissingMediaAreReported) {
+  TempDir dir;
+  make_corpus(dir, 3);
+  write_bytes(dir.file("bad.jsonl"), "{\"media\": \"c0.wav\", \"captions\": [\"x\"]}\n{\"media\": \"c1.wav\", \"captions\": [\"x\"\n");
+  TrainConfig c = tiny_config(dir, "out");
+  c.train_split = "bad.jsonl";
+  EXPECT_NE(message_of([&] { train(c); }).find("bad.jsonl:2"), std::string::npos);
+  write_bytes(dir.file("missing.jsonl"),
+              "{\"media\": \"c0.wav\", \"captions\": [\"x\"]}\n{\"media\": \"gone1.wav\", \"captions\": [\"x\"]}\n"
+              "{\"media\": \"gone2.wav\", \"captions\": [\"x\"]}\n");
+  c.train_split = "missing.jsonl";
+  const std::string msg = message_of([&] { train(c); });
+  EXPECT_NE(msg.find("2 of 3 media files"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("gone1.wav: missing"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("gone2.wav: missing"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("--skip-missing"), std::string::npos) << msg;
+  c.skip_missing = true;
+  c.epochs = 1;
+  EXPECT_EQ(train(c).steps, 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// training runs
+
+TEST(TrainRun, EightItemsOverfitAndTheBundleReproducesTheirCaptions) {
+  TempDir dir;
+  make_corpus(dir);
+  TrainConfig c = tiny_config(dir, "out");
+  c.epochs = 120;
+  TrainResult r = train(c);
+  EXPECT_EQ(r.steps, 120);
+  EXPECT_LT(r.last_loss, 0.05);
+  Captioner cap = Captioner::load(r.bundle);
+  DecodingOptions greedy = cap.default_decoding();
+  greedy.beam_size = 1;
+  std::vector<std::string> files;
+  for (int i = 0; i < 8; ++i) files.push_back(dir.file("c" + std::to_string(i) + ".wav"));
+  auto out = cap.caption_files(files, greedy);
+  for (int i = 0; i < 8; ++i) EXPECT_EQ(out[i][0].text, kCaptions[i]) << files[i];
+}
+
+TEST(TrainRun, LossesDoNotDependOnLoaderThreads) {
+  TempDir dir;
+  make_corpus(dir);
+  TrainConfig c = tiny_config(dir, "a");
+  c.epochs = 3;
+  c.batch_size = 3;
+  c.workers = 0;
+  train(c);
+  c.out = dir.file("b");
+  c.workers = 3;
+  c.prefetch = 2;
+  train(c);
+  auto a = train_losses(dir.file("a/train_log.jsonl")), b = train_losses(dir.file("b/train_log.jsonl"));
+  EXPECT_EQ(a.size(), 9u);
+  EXPECT_EQ(a, b);
+  c.out = dir.file("c");
+  c.seed = 43;  // another seed: another order (and initialisation)
+  train(c);
+  EXPECT_NE(train_losses(dir.file("c/train_log.jsonl")), a);
+}
+
+TEST(TrainRun, FailedCheckpointWriteKeepsThePreviousOneAndResumeFinishes) {
+  TempDir dir;
+  make_corpus(dir);
+  TrainConfig c = tiny_config(dir, "out");
+  c.epochs = 6;
+  c.batch_size = 4;  // 2 steps per epoch
+  TrainHooks hooks;
+  int writes = 0;
+  hooks.on_checkpoint_write = [&](const std::string&) {
+    if (++writes == 3) throw FileError("checkpoint", "No space left on device (simulated)");
+  };
+  EXPECT_NE(message_of([&] { train(c, hooks); }).find("No space left"), std::string::npos);
+  EXPECT_EQ(read_bytes(dir.file("out/checkpoints/latest")), "step-00000004\n");
+  EXPECT_FALSE(fs::exists(dir.file("out/checkpoints/step-00000006.partial")));
+  c.resume = true;
+  EXPECT_EQ(train(c).steps, 12);
+}
+
+TEST(TrainRun, KilledAtARandomStepAndResumedGivesTheSameLosses) {
+  TempDir dir;
+  make_corpus(dir);
+  TrainConfig c = tiny_config(dir, "full");
+  c.mapper = {{"type", "transformer"}, {"prefix_length", 4}, {"clip_length", 4}, {"num_layers", 2}};
+  c.epochs = 40;
+  c.batch_size = 3;
+  c.grad_accum = 2;  // 3 batches per epoch: a partial accumulation group at each epoch's end
+  c.lr = 1e-3;
+  c.save_every_steps = 3;
+  write_json_file(dir.file("cfg.json"), c.to_json());
+  // Every run goes through the binary, so that all three use the same thread setup (sums
+  // split over another number of threads round differently).
+  const std::string train_cmd = std::string(PREFIXCAP_TRAIN_BIN) + " --config '" + dir.file("cfg.json") + "' 2>/dev/null --out ";
+  ASSERT_EQ(std::system((train_cmd + "'" + dir.file("full") + "'").c_str()), 0);
+
+  std::random_device rd;
+  const int64_t kill_at = 5 + static_cast<int64_t>(rd() % 60);
+  std::cout << "killing at step " << kill_at << "\n";
+  const std::string out = dir.file("killed");
+  const std::string log = out + "/train_log.jsonl";
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    int null = open("/dev/null", O_WRONLY);
+    dup2(null, 1);
+    dup2(null, 2);
+    execl(PREFIXCAP_TRAIN_BIN, PREFIXCAP_TRAIN_BIN, "--config", dir.file("cfg.json").c_str(), "--out", out.c_str(), (char*)nullptr);
+    _exit(127);
+  }
+  int status = 0;
+  for (;;) {
+    if (waitpid(pid, &status, WNOHANG) == pid) break;
+    if (fs::exists(log) && !train_losses(log).empty() && train_losses(log).rbegin()->first >= kill_at) {
+      kill(pid, SIGKILL);
+      waitpid(pid, &status, 0);
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ASSERT_TRUE(WIFSIGNALED(status)) << "the run ended before it could be killed";
+  ASSERT_EQ(std::system((train_cmd + "'" + out + "' --resume").c_str()), 0);
+  const auto full = train_losses(dir.file("full/train_log.jsonl"));
+  EXPECT_EQ(full.size(), 80u);
+  EXPECT_EQ(train_losses(log), full);
+  // A changed run cannot resume from the checkpoint.
+  TrainConfig r = c;
+  r.out = out;
+  r.resume = true;
+  r.lr = 2e-3;
+  EXPECT_NE(message_of([&] { train(r); }).find("lr (was"), std::string::npos);
+}
+
+TEST(TrainRun, LanguageModelTaskWritesAHuggingFaceFolder) {
+  TempDir dir;
+  std::string text;
+  for (const auto& cap : kCaptions) text += cap + "\n";
+  write_bytes(dir.file("text.txt"), text);
+  TrainConfig c;
+  c.task = "lm";
+  c.text = dir.file("text.txt");
+  c.val_split = dir.file("text.txt");
+  c.tokenizer = fixture_dir("gpt2-tokenizer");
+  c.lm_config = {{"n_layer", 1}, {"n_embd", 32}, {"n_head", 2}, {"n_positions", 32}};
+  c.out = dir.file("out");
+  c.epochs = 60;
+  c.batch_size = 8;
+  c.lr = 1e-2;
+  c.progress = false;
+  TrainResult r = train(c);
+  EXPECT_LT(r.last_loss, 1.5);  // from ln(50257) = 10.8
+  Gpt2Model lm = load_gpt2(r.bundle);
+  EXPECT_EQ(lm->config().n_embd, 32);
+  auto tok = Gpt2Tokenizer::from_folder(r.bundle);
+  EXPECT_EQ(tok.encode("a dog barks."), Gpt2Tokenizer::from_folder(fixture_dir("gpt2-tokenizer")).encode("a dog barks."));
+  EXPECT_TRUE(fs::exists(dir.file("out/best/model.safetensors")));
+}
