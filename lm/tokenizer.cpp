@@ -6,6 +6,7 @@
 #include <climits>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <stdexcept>
 
@@ -361,6 +362,89 @@ void Gpt2Tokenizer::save(const std::string& folder) const {
       if (!out) throw FileError(tmp.string(), "cannot write the tokenizer file (disk full?)");
     }
     std::filesystem::rename(tmp, path);
+  }
+}
+
+}  // namespace prefixcap
+
+namespace prefixcap {
+
+void train_bpe_tokenizer(const std::vector<std::string>& texts, int64_t vocab_size, const std::string& folder) {
+  if (vocab_size < 257) throw std::invalid_argument("BPE vocabulary size must be at least 257 (256 bytes + <|endoftext|>)");
+  namespace fs = std::filesystem;
+  fs::create_directories(folder);
+  // The byte alphabet in encoder.py's stand-in characters, and a merge-free tokenizer that
+  // gives us GPT-2's pre-tokenizer.
+  std::vector<std::string> byte_symbol(256);
+  {
+    int n = 0;
+    for (int b = 0; b < 256; ++b) {
+      bool printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
+      append_utf8(byte_symbol[b], printable ? static_cast<uint32_t>(b) : static_cast<uint32_t>(256 + n++));
+    }
+  }
+  nlohmann::json vocab = nlohmann::json::object();
+  for (int b = 0; b < 256; ++b) vocab[byte_symbol[b]] = b;
+  vocab["<|endoftext|>"] = 256;
+  const fs::path base = fs::path(folder) / ".bpe-base";
+  fs::create_directories(base);
+  {
+    std::ofstream(base / "vocab.json") << vocab.dump();
+    std::ofstream(base / "merges.txt") << "#version: 0.2\n";
+  }
+  Gpt2Tokenizer bytes_only = Gpt2Tokenizer::from_folder(base.string());
+  fs::remove_all(base);
+
+  // Word (as symbols) -> count.
+  std::map<std::vector<std::string>, int64_t> words;
+  for (const auto& text : texts)
+    for (const auto& piece : bytes_only.pretokenize(text)) {
+      std::vector<std::string> symbols;
+      for (unsigned char ch : piece) symbols.push_back(byte_symbol[ch]);
+      ++words[symbols];
+    }
+  std::vector<std::pair<std::vector<std::string>, int64_t>> corpus(words.begin(), words.end());
+  std::vector<std::string> merges;
+  int64_t next_id = 256;
+  while (next_id < vocab_size - 1) {
+    std::map<std::pair<std::string, std::string>, int64_t> pairs;
+    for (const auto& [w, count] : corpus)
+      for (size_t i = 0; i + 1 < w.size(); ++i) pairs[{w[i], w[i + 1]}] += count;
+    if (pairs.empty()) break;
+    auto best = pairs.begin();
+    for (auto it = pairs.begin(); it != pairs.end(); ++it)
+      if (it->second > best->second) best = it;  // map order: the smallest pair wins ties
+    if (best->second < 2) break;  // nothing left worth a vocabulary entry
+    const auto [a, b] = best->first;
+    const std::string joined = a + b;
+    for (auto& [w, count] : corpus) {
+      std::vector<std::string> merged;
+      for (size_t i = 0; i < w.size(); ++i) {
+        if (i + 1 < w.size() && w[i] == a && w[i + 1] == b) {
+          merged.push_back(joined);
+          ++i;
+        } else {
+          merged.push_back(w[i]);
+        }
+      }
+      w = std::move(merged);
+    }
+    merges.push_back(a + " " + b);
+    if (!vocab.contains(joined)) vocab[joined] = next_id++;  // "a"+"bc" and "ab"+"c" share one entry
+  }
+  vocab["<|endoftext|>"] = next_id;
+  std::string merges_text = "#version: 0.2\n";
+  for (const auto& m : merges) merges_text += m + "\n";
+  for (const auto& [name, text] :
+       {std::pair<std::string, std::string>{"vocab.json", vocab.dump()}, {"merges.txt", merges_text}}) {
+    const fs::path path = fs::path(folder) / name, tmp = fs::path(folder) / (name + ".tmp");
+    {
+      std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+      out << text;
+      out.flush();
+      if (!out) throw FileError(tmp.string(), "cannot write the tokenizer file (disk full?)");
+    }
+    fs::rename(tmp, path);
   }
 }
 

@@ -57,6 +57,12 @@ class Gpt2Tokenizer {
   mutable std::unordered_map<std::string, std::vector<int64_t>> cache_;
 };
 
+// Learns a byte-level BPE vocabulary in GPT-2's format from `texts`: the 256 byte symbols,
+// then the most frequent adjacent pair merged (ties: the smaller pair first) until
+// `vocab_size` - 1 entries, then <|endoftext|>. Words are GPT-2's pre-tokens. Writes
+// FOLDER/vocab.json and FOLDER/merges.txt, which Gpt2Tokenizer reads like OpenAI's files.
+void train_bpe_tokenizer(const std::vector<std::string>& texts, int64_t vocab_size, const std::string& folder);
+
 // Decodes UTF-8 like Python's bytes.decode('utf-8', errors='replace'): one U+FFFD per
 // maximal invalid subsequence.
 std::string utf8_decode_replace(const std::string& bytes);

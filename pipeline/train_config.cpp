@@ -22,6 +22,7 @@ std::vector<TrainOption> train_options(TrainConfig& c) {
       {"encoder", "frozen encoder folder: CNN14 or CLIP (config.json + weights)", &c.encoder},
       {"lm", "GPT-2 folder (config.json, weights, vocab.json, merges.txt)", &c.lm},
       {"tokenizer", "task lm: folder with vocab.json + merges.txt (\"\" = the lm folder's)", &c.tokenizer},
+      {"tokenizer_vocab", "task lm without tokenizer: learn a byte-level BPE vocabulary of this size from the text", &c.tokenizer_vocab},
       {"mapper", "mapper config, JSON text or a .json file ({\"type\": \"prefix_aac\", ...})", &c.mapper},
       {"lm_config", "task lm: config of a new model, JSON text or a .json file ({\"n_layer\": 4, ...})", &c.lm_config},
       {"normalize_prefix", "divide the encoder embedding by its L2 norm (ClipCap --normalize_prefix)", &c.normalize_prefix},
@@ -198,7 +199,9 @@ void TrainConfig::validate() const {
     require(!init.empty() || !mapper.empty(), "task caption needs a mapper config (or init)");
   } else {
     require(!lm.empty() || !lm_config.empty(), "task lm needs lm (a model to continue) or lm_config (a new model)");
-    require(!lm.empty() || !tokenizer.empty(), "task lm with a new model needs tokenizer (vocab.json + merges.txt)");
+    require(!lm.empty() || !tokenizer.empty() || tokenizer_vocab > 0,
+            "task lm with a new model needs tokenizer (vocab.json + merges.txt) or tokenizer_vocab (learn one)");
+    require(tokenizer_vocab == 0 || tokenizer_vocab >= 257, "tokenizer_vocab must be 0 or >= 257");
     require(!text.empty() || !data_root.empty() || dataset == "manifest", "task lm needs text or a dataset");
   }
 }

@@ -1068,7 +1068,15 @@ TrainResult train_lm(const TrainConfig& c, const TrainHooks& hooks) {
     if (!c.val_split.empty())
       for (const auto& it : load_split(c, c.val_split, false)) val_text.insert(val_text.end(), it.captions.begin(), it.captions.end());
   }
-  auto tok = std::make_shared<Gpt2Tokenizer>(Gpt2Tokenizer::from_folder(c.tokenizer.empty() ? c.lm : c.tokenizer));
+  std::string tok_dir = c.tokenizer.empty() ? c.lm : c.tokenizer;
+  if (tok_dir.empty()) {  // learn one from the training text
+    tok_dir = (fs::path(c.out) / "tokenizer").string();
+    if (!fs::exists(fs::path(tok_dir) / "vocab.json")) {
+      progress.print("tokenizer: learning a " + std::to_string(c.tokenizer_vocab) + "-entry byte-level BPE vocabulary");
+      train_bpe_tokenizer(train_text, c.tokenizer_vocab, tok_dir);
+    }
+  }
+  auto tok = std::make_shared<Gpt2Tokenizer>(Gpt2Tokenizer::from_folder(tok_dir));
   Gpt2Model lm{nullptr};
   if (!c.lm.empty()) {
     lm = load_gpt2(c.lm);

@@ -39,6 +39,7 @@ struct TrainConfig {
   std::string encoder;                // encoder folder (CNN14 or CLIP, config.json + weights)
   std::string lm;                     // GPT-2 folder (config.json, weights, vocab.json, merges.txt)
   std::string tokenizer;              // task lm: folder with vocab.json + merges.txt ("" = lm's)
+  int64_t tokenizer_vocab = 0;        // task lm without a tokenizer: learn a BPE vocabulary this big
   Json mapper = Json::object();       // MapperConfig; dimensions left out come from the models
   Json lm_config = Json::object();    // task lm: Hugging Face GPT-2 config of a new model
   bool normalize_prefix = false;      // ClipCap: divide the embedding by its L2 norm

@@ -24,6 +24,8 @@ packages=(
   libavformat-dev libavcodec-dev libavutil-dev libswresample-dev libswscale-dev
   libopencv-dev
   libspdlog-dev libfmt-dev
+  python3-matplotlib              # scripts/plot_training
+  unzip                           # scripts/demo.sh: sound effects out of 0ad-data's zip
 )
 
 sudo_cmd=()

@@ -289,3 +289,24 @@ TEST(Tokenizer, Utf8ReplacementFollowsPython) {
   EXPECT_EQ(utf8_decode_replace("\xC0\xAF"), "\xEF\xBF\xBD\xEF\xBF\xBD");
   EXPECT_EQ(utf8_decode_replace("\xE2\x82\xAC"), "\xE2\x82\xAC");
 }
+
+TEST(BpeTraining, LearnsFrequentWordsAndRoundTrips) {
+  TempDir dir;
+  std::vector<std::string> texts;
+  for (int i = 0; i < 20; ++i) {
+    texts.push_back("a dog barks loudly in the yard.");
+    texts.push_back("rain falls on the roof of the barn.");
+  }
+  texts.push_back("caf\xc3\xa9 na\xc3\xafve \xf0\x9f\x90\x95");  // multi-byte UTF-8 must survive
+  train_bpe_tokenizer(texts, 300, dir.path());
+  Gpt2Tokenizer tok = Gpt2Tokenizer::from_folder(dir.path());
+  EXPECT_LE(tok.vocab_size(), 300);
+  EXPECT_GT(tok.vocab_size(), 257);
+  EXPECT_EQ(tok.token(tok.eos_token_id()), "<|endoftext|>");
+  EXPECT_EQ(tok.encode(" dog").size(), 1u);   // frequent words became single tokens
+  EXPECT_EQ(tok.encode(" barks").size(), 1u);
+  for (const auto& t : texts) EXPECT_EQ(tok.decode(tok.encode(t)), t);
+  const std::string unseen = "zebra xylophone 42!";
+  EXPECT_EQ(tok.decode(tok.encode(unseen)), unseen);  // any text still encodes (byte fallback)
+  EXPECT_THROW(train_bpe_tokenizer(texts, 100, dir.file("x")), std::invalid_argument);
+}
