@@ -89,6 +89,7 @@ int run(int argc, char** argv) {
   ThreadOptions threads;
   int steps = 10, clips = 16;
   bool python = false, skip_pipeline = false;
+  std::string lm_dtype = "float32";
   std::string lm_dir = std::string(PREFIXCAP_SOURCE_DIR) + "/../shared/fixtures/gpt2-tiny";
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -105,6 +106,7 @@ int run(int argc, char** argv) {
     else if (a == "--python") python = true;
     else if (a == "--lm") lm_dir = next();
     else if (a == "--skip-pipeline") skip_pipeline = true;
+    else if (a == "--lm-dtype") lm_dtype = next();
     else if (a == "-h" || a == "--help") {
       std::printf("usage: train_bench [--threads N] [--steps N] [--clips N] [--python] [--lm DIR] [--skip-pipeline]\n");
       return 0;
@@ -150,6 +152,8 @@ int run(int argc, char** argv) {
     for (const auto& [k, v] : lm->hf_state_dict()) state["lm." + k] = v;
     save_safetensors((tmp / "weights.safetensors").string(), state);
   }
+  if (lm_dtype == "bfloat16") lm->to(at::kBFloat16);  // after the float32 copy the Python loop reads
+  else if (lm_dtype != "float32") throw std::invalid_argument("--lm-dtype: float32 or bfloat16");
   torch::optim::AdamW opt(params, torch::optim::AdamWOptions(5e-5).weight_decay(0.01));
   TensorMap batches;
   auto step = [&](int64_t s) {
@@ -197,7 +201,7 @@ int run(int argc, char** argv) {
   const double t0 = now_seconds();
   for (int s = 2; s < steps + 2; ++s) step(s);
   const double secs = now_seconds() - t0;
-  out["step"] = {{"model", "prefix_aac mapper + GPT-2 124M (frozen)"}, {"batch", B}, {"caption_tokens", T},
+  out["step"] = {{"model", "prefix_aac mapper + GPT-2 124M (frozen)"}, {"lm_dtype", lm_dtype}, {"batch", B}, {"caption_tokens", T},
                  {"steps_timed", steps}, {"ms_per_step", 1000 * secs / steps}, {"samples_per_s", steps * B / secs},
                  {"first_loss", first_loss}, {"peak_rss_mb", peak_rss_bytes() / 1e6}};
   std::fprintf(stderr, "train_bench: prefixcap %.1f samples/s (%.0f ms/step)\n", steps * B / secs, 1000 * secs / steps);

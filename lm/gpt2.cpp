@@ -314,8 +314,11 @@ Gpt2Output Gpt2ModelImpl::forward(const Gpt2Input& input) {
     auto opts = at::TensorOptions().dtype(at::kBool).device(x.device());
     at::Tensor allowed = at::ones({N, past + N}, opts).tril(past).unsqueeze(0);  // [1, N, S]
     if (key_mask.defined()) allowed = allowed & key_mask.unsqueeze(1);         // [B, N, S]
-    const double lowest = x.scalar_type() == at::kDouble ? std::numeric_limits<double>::lowest()
-                                                         : std::numeric_limits<float>::lowest();
+    // The dtype's most negative finite value (Hugging Face's finfo(dtype).min).
+    const double lowest = x.scalar_type() == at::kDouble     ? std::numeric_limits<double>::lowest()
+                          : x.scalar_type() == at::kBFloat16 ? -3.3895313892515355e38  // bfloat16 0xFF7F
+                          : x.scalar_type() == at::kHalf     ? -65504.0
+                                                             : double(std::numeric_limits<float>::lowest());
     attn_bias = at::zeros(allowed.sizes(), x.options()).masked_fill_(allowed.logical_not(), lowest).unsqueeze(1);
   }
 

@@ -29,6 +29,7 @@ std::vector<TrainOption> train_options(TrainConfig& c) {
       {"caption_end", "how captions end: period (add '.' if missing) | eos (append <|endoftext|>) | none", &c.caption_end},
       {"max_caption_tokens", "captions are cut to this many tokens", &c.max_caption_tokens},
       {"train_lm_head", "also train GPT-2's output head (untied from the token embeddings)", &c.train_lm_head},
+      {"lm_dtype", "compute type of the frozen LM while training: float32 | bfloat16 (faster on CPUs with bf16 units; the bundle keeps float32)", &c.lm_dtype},
       {"encoder_train_epochs", "train the encoder with the mapper for this many epochs, then freeze it", &c.encoder_train_epochs},
       {"epochs", "training epochs (one epoch = every caption once)", &c.epochs},
       {"max_steps", "stop after this many optimizer steps (0 = run all epochs)", &c.max_steps},
@@ -176,6 +177,8 @@ void TrainConfig::validate() const {
   require(!out.empty(), "out (the output folder) is required");
   require(caption_end == "period" || caption_end == "eos" || caption_end == "none",
           "caption_end must be period, eos or none, not '" + caption_end + "'");
+  require(lm_dtype == "float32" || lm_dtype == "bfloat16", "lm_dtype must be float32 or bfloat16, not '" + lm_dtype + "'");
+  require(lm_dtype == "float32" || !train_lm_head, "train_lm_head needs lm_dtype float32");
   require(schedule == "cosine" || schedule == "linear" || schedule == "constant",
           "schedule must be cosine, linear or constant, not '" + schedule + "'");
   require(std::set<std::string>{"CIDEr", "Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "loss"}.count(best_metric) > 0,

@@ -39,11 +39,11 @@ at::Tensor prefix_lm_loss(Gpt2ModelImpl& lm, const at::Tensor& prefix, const at:
   const int64_t P = prefix.size(1), T = ids.size(1);
   if (P < 1) throw std::invalid_argument("prefix_lm_loss: the prefix must have at least one vector");
   Gpt2Input x;
-  x.prefix_embeds = prefix;
+  x.prefix_embeds = prefix.to(lm.wte->weight.scalar_type());  // a bfloat16 LM computes in bfloat16
   x.input_ids = ids;
   x.logits = LogitsMode::None;  // captions are right-padded: causal attention keeps real tokens off the pads
   at::Tensor hidden = lm.forward(x).last_hidden_state.narrow(1, P - 1, T);
-  at::Tensor logits = lm.head(hidden);
+  at::Tensor logits = lm.head(hidden).to(at::kFloat);
   at::Tensor target = mask.defined() ? ids.masked_fill(mask.eq(0), -100) : ids;
   return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}), target.reshape({-1}), {}, at::Reduction::Mean, -100);
 }
@@ -286,6 +286,17 @@ class CaptionTask {
     cap_.lm->freeze();
     cap_.lm->eval();
     if (c.train_lm_head) untie_head();
+    if (c.lm_dtype == "bfloat16") {
+      if (cap_.kv_head) throw ConfigError("lm_dtype bfloat16 is for prefix-embedding mappers, not kv_prefix ones");
+      // A bfloat16 copy computes the loss; the float32 LM stays for captions and the bundle.
+      train_lm_ = Gpt2Model(cap_.lm->config());
+      train_lm_->load_weights(cap_.lm->hf_state_dict(), "bfloat16 copy of the LM");
+      train_lm_->to(at::kBFloat16);
+      train_lm_->freeze();
+      train_lm_->eval();
+    } else {
+      train_lm_ = cap_.lm;
+    }
     encoder_module().eval();
     for (auto& p : encoder_module().parameters()) p.set_requires_grad(false);
     cap_.decoding_.beam_size = static_cast<int>(c.beam_size);
@@ -439,7 +450,7 @@ class CaptionTask {
   at::Tensor loss(const Batch& b) {
     at::Tensor prefix = cap_.prefix(features(b));
     at::Tensor ids = b.ids.to(cap_.device()), mask = b.mask.to(cap_.device());
-    if (!cap_.kv_head) return prefix_lm_loss(*cap_.lm, prefix, ids, mask);
+    if (!cap_.kv_head) return prefix_lm_loss(*train_lm_, prefix, ids, mask);
     // Deep key/value prefix: <|endoftext|> then the caption, after the per-layer prefix.
     KvCache cache = make_kv_prefix_cache(cap_.kv_head->forward(prefix));
     at::Tensor bos = at::full({ids.size(0), 1}, cap_.tokenizer->eos_token_id(), ids.options());
@@ -521,6 +532,7 @@ class CaptionTask {
 
   const TrainConfig& c_;
   Captioner cap_;
+  Gpt2Model train_lm_{nullptr};  // the LM the loss runs through (cap_.lm, or its bfloat16 copy)
   bool encoder_trains_ = false;
   std::unique_ptr<FeatureCache> cache_;
 };

@@ -46,6 +46,7 @@ struct TrainConfig {
   std::string caption_end = "period"; // period (end every caption with '.') | eos | none
   int64_t max_caption_tokens = 30;    // longer captions are cut
   bool train_lm_head = false;         // also train the output head (unties it from wte)
+  std::string lm_dtype = "float32";   // float32 | bfloat16: the frozen LM's compute type in training
   int64_t encoder_train_epochs = 0;   // train the encoder with the mapper for this many epochs
   // optimisation
   int64_t epochs = 10;
