@@ -8,6 +8,8 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <set>
 
@@ -342,7 +344,15 @@ class CaptionTask {
     encoder_trains_ = epoch < c_.encoder_train_epochs;
     for (auto& p : encoder_module().parameters()) p.set_requires_grad(encoder_trains_);
     encoder_module().train(encoder_trains_);
-    if (!encoder_trains_) cache_.reset();  // the encoder's identity (weights) may have changed
+    if (!encoder_trains_) {
+      // Frozen from here: drop its gradients, or AdamW would go on moving it (weight decay,
+      // momentum) with zero gradients.
+      for (auto& p : encoder_module().parameters()) p.mutable_grad().reset();
+      cache_.reset();  // the encoder's identity (weights) may have changed
+      std::lock_guard<std::mutex> lock(decoded_mutex_);
+      decoded_.clear();
+      decoded_bytes_ = 0;
+    }
   }
   bool encoder_trains() const { return encoder_trains_; }
   void train_mode(bool on) {
@@ -375,12 +385,28 @@ class CaptionTask {
     return *cache_;
   }
 
-  // Decodes one media file for the encoder (thread-safe).
+  // Decodes one media file for the encoder (thread-safe). While the encoder trains, decoded
+  // waveforms are kept in memory (up to decoded_cache_mb) so that later epochs skip decoding.
   Media decode(const std::string& path) {
     Media m;
     if (cap_.cnn14) {
+      {
+        std::lock_guard<std::mutex> lock(decoded_mutex_);
+        if (auto it = decoded_.find(path); it != decoded_.end()) {
+          m.wave = it->second;
+          return m;
+        }
+      }
       const auto& cfg = cap_.cnn14->config();
       m.wave = fit_clip_length(decode_audio(path, {cap_.sample_rate()}).samples, cap_.sample_rate(), cfg.clip_seconds);
+      if (encoder_trains_) {
+        std::lock_guard<std::mutex> lock(decoded_mutex_);
+        const size_t bytes = m.wave.size() * sizeof(float);
+        if (decoded_bytes_ + bytes <= static_cast<size_t>(c_.decoded_cache_mb) << 20) {
+          decoded_.emplace(path, m.wave);
+          decoded_bytes_ += bytes;
+        }
+      }
     } else {
       m.visual = cap_.load_visual(path, detect_modality(path));
     }
@@ -464,6 +490,21 @@ class CaptionTask {
 
  private:
   void load_parts() {
+    if (fs::path(c_.encoder).extension() == ".json" && fs::is_regular_file(c_.encoder)) {
+      // A config without weights: a new CNN14, initialised from the seed, to train from scratch.
+      Cnn14Config ec = Cnn14Config::from_file(c_.encoder);
+      cap_.encoder_kind_ = "cnn14";
+      cap_.cnn14 = Cnn14(ec);
+      if (c_.encoder_train_epochs == 0)
+        std::cerr << "warning: " << c_.encoder << " is a new, untrained encoder and encoder_train_epochs is 0: "
+                  << "the mapper will see random-projection features\n";
+    } else {
+      load_encoder_folder();
+    }
+    load_lm_and_mapper();
+  }
+
+  void load_encoder_folder() {
     const std::string enc_cfg = (fs::path(c_.encoder) / "config.json").string();
     if (!fs::exists(enc_cfg)) throw FileError(enc_cfg, "missing (encoder must be a folder with config.json and weights)");
     const std::string model_type = json_get_or<std::string>(read_json_file(enc_cfg), "model_type", "", enc_cfg);
@@ -476,6 +517,9 @@ class CaptionTask {
       fs::path pre = fs::path(c_.encoder) / "preprocessor_config.json";
       if (fs::exists(pre)) cap_.clip_preprocess = ClipPreprocessConfig::from_json(read_json_file(pre.string()), pre.string());
     }
+  }
+
+  void load_lm_and_mapper() {
     cap_.lm = load_gpt2(c_.lm);
     cap_.tokenizer = std::make_shared<Gpt2Tokenizer>(Gpt2Tokenizer::from_folder(c_.lm));
     Json mj = c_.mapper;
@@ -535,6 +579,9 @@ class CaptionTask {
   Gpt2Model train_lm_{nullptr};  // the LM the loss runs through (cap_.lm, or its bfloat16 copy)
   bool encoder_trains_ = false;
   std::unique_ptr<FeatureCache> cache_;
+  std::mutex decoded_mutex_;
+  std::map<std::string, std::vector<float>> decoded_;
+  size_t decoded_bytes_ = 0;
 };
 
 // Fills the cache for every item missing from it; returns the number of items computed.
@@ -600,7 +647,7 @@ Json run_identity(const TrainConfig& c) {
   Json j = c.to_json();
   for (const char* k : {"out", "resume", "progress", "log_every", "workers", "prefetch", "num_threads", "epochs", "max_steps",
                         "save_every_steps", "keep_checkpoints", "val_beam_size", "val_max_items", "sample_captions",
-                        "beam_size", "max_tokens", "cache_dir", "encode_batch", "best_metric", "skip_missing"})
+                        "beam_size", "max_tokens", "cache_dir", "encode_batch", "best_metric", "skip_missing", "decoded_cache_mb"})
     j.erase(k);
   return j;
 }

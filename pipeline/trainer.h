@@ -36,7 +36,8 @@ struct TrainConfig {
   bool skip_missing = false;          // drop missing/unreadable media instead of stopping
   // models
   std::string init;                   // a captioner bundle to start from (its encoder, LM, mapper)
-  std::string encoder;                // encoder folder (CNN14 or CLIP, config.json + weights)
+  std::string encoder;                // encoder folder (CNN14 or CLIP, config.json + weights), or a
+                                      // CNN14 config .json file alone: a new CNN14 trained from scratch
   std::string lm;                     // GPT-2 folder (config.json, weights, vocab.json, merges.txt)
   std::string tokenizer;              // task lm: folder with vocab.json + merges.txt ("" = lm's)
   int64_t tokenizer_vocab = 0;        // task lm without a tokenizer: learn a BPE vocabulary this big
@@ -73,6 +74,7 @@ struct TrainConfig {
   int64_t workers = 2;                // loader threads (0 = load on the training thread)
   int64_t prefetch = 4;               // batches prepared ahead
   int64_t encode_batch = 16;          // items per encoder call when filling the cache
+  int64_t decoded_cache_mb = 2048;    // decoded audio kept in memory while the encoder trains
   // validation
   std::string best_metric = "CIDEr";  // CIDEr | Bleu_4 | ... | loss
   int64_t val_beam_size = 1;
