@@ -167,9 +167,13 @@ class FfmpegSource : public AudioSource {
         av_frame_unref(frame_);
         return true;
       }
-      if (rc == AVERROR_EOF) return false;
+      if (rc == AVERROR_EOF) return finish();
+      if (rc == AVERROR_INVALIDDATA) {
+        skip_bad_packet(rc);
+        continue;
+      }
       if (rc != AVERROR(EAGAIN)) throw FileError(path_, "corrupt audio data (" + av_error(rc) + ")");
-      if (draining_) return false;
+      if (draining_) return finish();
       rc = av_read_frame(format_, packet_);
       if (rc == AVERROR_EOF) {
         draining_ = true;
@@ -178,7 +182,13 @@ class FfmpegSource : public AudioSource {
       }
       if (rc < 0) throw FileError(path_, "cannot read the file (" + av_error(rc) + "; truncated?)");
       if (packet_->stream_index == stream_) {
+        ++packets_;
         rc = avcodec_send_packet(codec_, packet_);
+        if (rc == AVERROR_INVALIDDATA) {
+          av_packet_unref(packet_);
+          skip_bad_packet(rc);
+          continue;
+        }
         if (rc < 0 && rc != AVERROR(EAGAIN)) {
           av_packet_unref(packet_);
           throw FileError(path_, "corrupt audio data (" + av_error(rc) + ")");
@@ -189,7 +199,21 @@ class FfmpegSource : public AudioSource {
   }
 
  private:
+  // Like FFmpeg's own tools, a packet the decoder rejects is skipped (broadcast captures and
+  // old AVI files often have a damaged one); a stream that is mostly damaged is an error.
+  void skip_bad_packet(int rc) {
+    ++bad_packets_;
+    if (bad_packets_ > 16 && bad_packets_ * 4 > packets_)
+      throw FileError(path_, "corrupt audio data (" + av_error(rc) + "; " + std::to_string(bad_packets_) + " of " +
+                                 std::to_string(packets_) + " packets rejected)");
+  }
+  bool finish() {
+    if (bad_packets_ > 0 && frames_ == 0)
+      throw FileError(path_, "corrupt audio data (no packet could be decoded)");
+    return false;
+  }
   void append(std::vector<float>& out) {
+    ++frames_;
     const int channels = frame_->ch_layout.nb_channels;
     const int n = frame_->nb_samples;
     if (channels != info_.channels) throw FileError(path_, "channel count changes inside the stream");
@@ -224,6 +248,7 @@ class FfmpegSource : public AudioSource {
   AVFrame* frame_ = nullptr;
   int stream_ = -1;
   bool draining_ = false;
+  int64_t packets_ = 0, bad_packets_ = 0, frames_ = 0;
 };
 
 }  // namespace

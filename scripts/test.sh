@@ -2,9 +2,15 @@
 # The test command: installs what is missing, builds, and runs every test (CTest).
 #   scripts/test.sh            all tests
 #   scripts/test.sh -L fast    only the fast label (ctest arguments pass through)
+# With no arguments it also runs the demo's reduced path (scripts/demo.sh --quick: a small Debian
+# package's clips, a few training steps) so that the demo cannot rot; PREFIXCAP_SKIP_DEMO=1 skips it.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 build_dir="${PREFIXCAP_BUILD_DIR:-$root/build}"
 "$root/scripts/setup.sh"
 cd "$build_dir"
 ctest --output-on-failure -j "$(nproc)" "$@"
+if [[ $# -eq 0 && "${PREFIXCAP_SKIP_DEMO:-0}" != 1 ]]; then
+  echo "== demo, reduced (scripts/demo.sh --quick)"
+  PREFIXCAP_DEMO_DIR="${PREFIXCAP_DEMO_DIR:-$build_dir/demo-quick}" "$root/scripts/demo.sh" --quick --fresh
+fi

@@ -419,3 +419,44 @@ TEST(TrainRun, LanguageModelTaskWritesAHuggingFaceFolder) {
   EXPECT_EQ(tok.encode("a dog barks."), Gpt2Tokenizer::from_folder(fixture_dir("gpt2-tokenizer")).encode("a dog barks."));
   EXPECT_TRUE(fs::exists(dir.file("out/best/model.safetensors")));
 }
+
+TEST(TrainRun, NewEncoderTrainsFirstThenStaysFrozen) {
+  TempDir dir;
+  make_corpus(dir);
+  Json cfg = read_json_file(fixture_dir("cnn14-tiny") + "/config.json");
+  cfg["clip_seconds"] = 1.0;
+  write_json_file(dir.file("new-cnn14.json"), cfg);
+  TrainConfig c = tiny_config(dir, "out");
+  c.encoder = dir.file("new-cnn14.json");  // a config alone: a new CNN14
+  c.encoder_train_epochs = 2;
+  c.epochs = 4;
+  c.batch_size = 4;
+  c.val_split = "train.jsonl";
+  c.val_max_items = 2;
+  TrainResult r = train(c);
+  EXPECT_EQ(r.steps, 8);
+  // Features were cached once, after the encoder froze (a moving encoder would need a new
+  // cache every epoch).
+  int folders = 0;
+  for (const auto& e : fs::directory_iterator(dir.file("out/cache"))) folders += e.is_directory();
+  EXPECT_EQ(folders, 1);
+  // The bundle's encoder is the trained one, not the initial one.
+  Captioner a = Captioner::load(r.bundle);
+  at::manual_seed(static_cast<uint64_t>(c.seed));
+  Cnn14 initial(Cnn14Config::from_file(c.encoder));
+  EXPECT_FALSE(at::equal(a.cnn14->fc1->weight, initial->fc1->weight));
+}
+
+TEST(TrainRun, Bfloat16LmTrainsAndTheBundleStaysFloat32) {
+  TempDir dir;
+  make_corpus(dir);
+  TrainConfig c = tiny_config(dir, "out");
+  c.lm_dtype = "bfloat16";
+  c.epochs = 40;
+  TrainResult r = train(c);
+  auto losses = train_losses(dir.file("out/train_log.jsonl"));
+  EXPECT_LT(losses.rbegin()->second, losses.begin()->second / 5);
+  Captioner cap = Captioner::load(r.bundle);
+  EXPECT_EQ(cap.lm->wte->weight.scalar_type(), at::kFloat);
+  EXPECT_TRUE(at::equal(cap.lm->wte->weight, load_gpt2(fixture_dir("gpt2-tiny"))->wte->weight));
+}
