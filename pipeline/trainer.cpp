@@ -14,6 +14,7 @@
 #include <set>
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <torch/nn/utils/clip_grad.h>
 #include <torch/optim/adamw.h>
 #include <torch/serialize/input-archive.h>
@@ -796,6 +797,11 @@ TrainResult run_loop(const TrainConfig& c, Task& task, const TrainHooks& hooks) 
       TensorMap tensors;
       st = load_checkpoint(c, *dir, &tensors, opt);
       task.load_state(tensors, (*dir / "model.safetensors").string());
+      if (tensors.count("rng.cpu")) {
+        at::Generator gen = at::detail::getDefaultCPUGenerator();
+        std::lock_guard<std::mutex> lock(gen.mutex());
+        gen.set_state(tensors.at("rng.cpu"));
+      }
       log.truncate_after(st.step);
       progress.print("resumed from " + dir->string() + " (step " + std::to_string(st.step) + ", epoch " + std::to_string(st.epoch + 1) + ")");
     }
@@ -809,9 +815,19 @@ TrainResult run_loop(const TrainConfig& c, Task& task, const TrainHooks& hooks) 
 
   TrainResult result;
   result.last_loss = st.last_loss;
-  auto checkpoint = [&](const CheckpointState& s) { save_checkpoint(c, task.state(), opt, s, hooks.on_checkpoint_write); };
+  auto checkpoint = [&](const CheckpointState& s) {
+    TensorMap tensors = task.state();
+    // Nothing after initialisation draws random numbers today; the generator is saved anyway so
+    // that a resumed run stays equal if something (dropout, sampling) ever does.
+    at::Generator gen = at::detail::getDefaultCPUGenerator();
+    {
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      tensors["rng.cpu"] = gen.get_state();
+    }
+    save_checkpoint(c, tensors, opt, s, hooks.on_checkpoint_write);
+  };
   auto t_start = std::chrono::steady_clock::now();
-  int64_t samples_since = 0, steps_this_run = 0;
+  int64_t samples_since = 0, steps_this_run = 0, examples_this_run = 0;
   auto t_last = t_start;
   bool finished = st.step >= total_steps;
 
@@ -857,6 +873,7 @@ TrainResult run_loop(const TrainConfig& c, Task& task, const TrainHooks& hooks) 
       st.last_loss = group_loss;
       result.last_loss = group_loss;
       samples_since += group_examples;
+      examples_this_run += group_examples;
       const auto now = std::chrono::steady_clock::now();
       const double elapsed = std::chrono::duration<double>(now - t_start).count();
       const double eta = elapsed / steps_this_run * (total_steps - st.step);
@@ -878,9 +895,10 @@ TrainResult run_loop(const TrainConfig& c, Task& task, const TrainHooks& hooks) 
       }
       if (progress.tty()) {
         char line[256];
-        std::snprintf(line, sizeof line, "epoch %lld/%lld %s %lld/%lld  loss %.4f  lr %.2e  ETA %s", (long long)(epoch + 1),
-                      (long long)c.epochs, bar(double(st.step) / total_steps).c_str(), (long long)st.step, (long long)total_steps,
-                      group_loss, lr, format_duration(eta).c_str());
+        const double rate = static_cast<double>(examples_this_run) / std::max(elapsed, 1e-9);
+        std::snprintf(line, sizeof line, "epoch %lld/%lld %s %lld/%lld  loss %.4f  lr %.2e  %.1f samples/s  ETA %s",
+                      (long long)(epoch + 1), (long long)c.epochs, bar(double(st.step) / total_steps).c_str(), (long long)st.step,
+                      (long long)total_steps, group_loss, lr, rate, format_duration(eta).c_str());
         progress.update(line);
       }
       group_loss = 0;

@@ -29,9 +29,12 @@ def say(msg):
     print(f"corpus: {msg}", flush=True)
 
 
-def fail(msg):
+def fail(msg, code=1):
     print(f"demo_corpus: {msg}", file=sys.stderr, flush=True)
-    sys.exit(1)
+    sys.exit(code)
+
+
+NO_DOWNLOAD = 3  # exit status when a package cannot be downloaded (scripts/test.sh tells it apart)
 
 
 def need_space(path, gib):
@@ -56,7 +59,7 @@ def download(package, debs):
         detail = next((l for l in err if l.startswith("E:")), err[-1] if err else "")
         fail(f"could not download {package}: {detail}\n"
              f"  No network, or no Debian package source for it? Check `apt-get download {package}` by hand,\n"
-             f"  or copy {package}_*.deb into {debs}/ and rerun.")
+             f"  or copy {package}_*.deb into {debs}/ and rerun.", NO_DOWNLOAD)
     for part in glob.glob(os.path.join(debs, "*.deb.part")):
         os.remove(part)
     return found[-1]
@@ -122,6 +125,16 @@ def main():
         categories = categories[: a.max_categories]
     cap = a.max_per_category or table["max_clips"]
 
+    settings = {"source": a.source, "max_per_category": cap, "max_categories": a.max_categories, "seed": a.seed,
+                "table_sha256": hashlib.sha256(open(a.table, "rb").read()).hexdigest()}
+    try:
+        with open(os.path.join(a.out, "corpus.json")) as f:
+            if json.load(f).get("settings") == settings:
+                say(f"have {a.out}")
+                return
+    except (OSError, ValueError):
+        pass
+
     debs = os.path.join(a.cache, "debs")
     os.makedirs(debs, exist_ok=True)
     deb = download(source["package"], debs)
@@ -174,7 +187,7 @@ def main():
     if os.path.exists(copyright_file):
         shutil.copyfile(copyright_file, os.path.join(a.out, f"COPYRIGHT.{source['package']}"))
     summary = {"source": source["package"], "categories": len(chosen),
-               **{f"{k}_clips": len(v) for k, v in splits.items()}}
+               **{f"{k}_clips": len(v) for k, v in splits.items()}, "settings": settings}
     with open(os.path.join(a.out, "corpus.json"), "w") as f:
         json.dump(summary, f, indent=1)
     say(f"{summary['train_clips']} training, {summary['val_clips']} validation and {summary['test_clips']} test clips "

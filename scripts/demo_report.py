@@ -55,16 +55,12 @@ def table(a):
 
 def show(a):
     refs = {os.path.splitext(os.path.basename(it["media"]))[0]: it for it in read_jsonl(a.test)}
-    shown = 0
-    for p in read_jsonl(a.predictions):
-        key = os.path.splitext(os.path.basename(p.get("path", "")))[0]
-        if key not in refs or "caption" not in p:
-            continue
-        it = refs[key]
+    preds = [p for p in read_jsonl(a.predictions)
+             if "caption" in p and os.path.splitext(os.path.basename(p.get("path", "")))[0] in refs]
+    step = max(1, len(preds) // max(1, a.n))  # evenly spread over the test set, not hand-picked
+    for p in preds[::step][: a.n]:
+        it = refs[os.path.splitext(os.path.basename(p["path"]))[0]]
         print(f"  {os.path.basename(it['media'])}\n      prefixcap: {p['caption']}\n      reference: {it['captions'][0]}")
-        shown += 1
-        if shown >= a.n:
-            break
 
 
 def main():

@@ -12,5 +12,12 @@ cd "$build_dir"
 ctest --output-on-failure -j "$(nproc)" "$@"
 if [[ $# -eq 0 && "${PREFIXCAP_SKIP_DEMO:-0}" != 1 ]]; then
   echo "== demo, reduced (scripts/demo.sh --quick)"
-  PREFIXCAP_DEMO_DIR="${PREFIXCAP_DEMO_DIR:-$build_dir/demo-quick}" "$root/scripts/demo.sh" --quick --fresh
+  rc=0
+  PREFIXCAP_DEMO_DIR="${PREFIXCAP_DEMO_DIR:-$build_dir/demo-quick}" "$root/scripts/demo.sh" --quick --fresh || rc=$?
+  if [[ $rc == 3 ]]; then
+    echo "== demo skipped: its Debian package could not be downloaded (no network?)"
+  elif [[ $rc != 0 ]]; then
+    echo "== demo FAILED (exit $rc)" >&2
+    exit "$rc"
+  fi
 fi

@@ -460,3 +460,35 @@ TEST(TrainRun, Bfloat16LmTrainsAndTheBundleStaysFloat32) {
   EXPECT_EQ(cap.lm->wte->weight.scalar_type(), at::kFloat);
   EXPECT_TRUE(at::equal(cap.lm->wte->weight, load_gpt2(fixture_dir("gpt2-tiny"))->wte->weight));
 }
+
+TEST(TrainCli, HelpShowsDefaultsAndBadConfigsAreRefusedByName) {
+  TempDir dir;
+  auto run = [&](const std::string& args) {
+    const std::string out = dir.file("out.txt");
+    int rc = std::system((std::string(PREFIXCAP_TRAIN_BIN) + " " + args + " >" + out + " 2>&1").c_str());
+    return std::make_pair(WEXITSTATUS(rc), read_bytes(out));
+  };
+  auto [rc, text] = run("--help");
+  EXPECT_EQ(rc, 0);
+  EXPECT_NE(text.find("--batch-size INT=32"), std::string::npos) << text;
+  EXPECT_NE(text.find("--schedule TEXT=cosine"), std::string::npos);
+  EXPECT_NE(text.find("--resume"), std::string::npos);
+  write_bytes(dir.file("cfg.json"), "{\"epochs\": 3, \"batchsize\": 8}");
+  std::tie(rc, text) = run("--config " + dir.file("cfg.json"));
+  EXPECT_EQ(rc, 1);
+  EXPECT_NE(text.find("unknown key 'batchsize'"), std::string::npos) << text;
+  write_bytes(dir.file("cfg.json"), "{\"epochs\": \"3\"}");
+  std::tie(rc, text) = run("--config " + dir.file("cfg.json"));
+  EXPECT_EQ(rc, 1);
+  EXPECT_NE(text.find("'epochs' must be an integer"), std::string::npos) << text;
+  std::tie(rc, text) = run("--out x --batch-size 8x");
+  EXPECT_EQ(rc, 1);
+  EXPECT_NE(text.find("'8x' is not an integer"), std::string::npos) << text;
+  // The command line wins over the file.
+  write_bytes(dir.file("cfg.json"), "{\"epochs\": 3, \"lr\": 0.5}");
+  std::tie(rc, text) = run("--config " + dir.file("cfg.json") + " --epochs 7 --print-config");
+  EXPECT_EQ(rc, 0);
+  Json printed = Json::parse(text);
+  EXPECT_EQ(printed["epochs"], 7);
+  EXPECT_EQ(printed["lr"], 0.5);
+}
