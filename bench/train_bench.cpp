@@ -155,8 +155,12 @@ int run(int argc, char** argv) {
   if (lm_dtype == "bfloat16") lm->to(at::kBFloat16);  // after the float32 copy the Python loop reads
   else if (lm_dtype != "float32") throw std::invalid_argument("--lm-dtype: float32 or bfloat16");
   torch::optim::AdamW opt(params, torch::optim::AdamWOptions(5e-5).weight_decay(0.01));
-  TensorMap batches;
-  auto step = [&](int64_t s) {
+  // Batch s: items s*B .. s*B+B-1 (mod items), features read from the cache as training does.
+  struct BenchBatch {
+    MapperInput in;
+    at::Tensor ids, mask;
+  };
+  auto gather = [&](int64_t s) {
     std::vector<at::Tensor> conv, cls;
     std::vector<int64_t> rows;
     for (int64_t b = 0; b < B; ++b) {
@@ -166,12 +170,17 @@ int run(int argc, char** argv) {
       cls.push_back(f.at("clipwise"));
       rows.push_back(i);
     }
-    MapperInput in;
-    in.conv_block6 = at::stack(conv);
-    in.clipwise = at::stack(cls);
+    BenchBatch batch;
+    batch.in.conv_block6 = at::stack(conv);
+    batch.in.clipwise = at::stack(cls);
     at::Tensor idx = at::tensor(rows, at::kLong);
-    at::Tensor ids = all_ids.index_select(0, idx), mask = all_mask.index_select(0, idx);
-    at::Tensor loss = prefix_lm_loss(*lm, mapper->forward(in), ids, mask);
+    batch.ids = all_ids.index_select(0, idx);
+    batch.mask = all_mask.index_select(0, idx);
+    return batch;
+  };
+  auto step = [&](int64_t s) {
+    BenchBatch batch = gather(s);
+    at::Tensor loss = prefix_lm_loss(*lm, mapper->forward(batch.in), batch.ids, batch.mask);
     loss.backward();
     torch::nn::utils::clip_grad_norm_(params, 1.0);
     opt.step();
@@ -179,21 +188,13 @@ int run(int argc, char** argv) {
     return loss.item<double>();
   };
   // The batches the Python loop reads (same order).
+  TensorMap batches;
   for (int64_t s = 0; s < steps + 2; ++s) {
-    std::vector<at::Tensor> conv, cls;
-    std::vector<int64_t> rows;
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t i = (s * B + b) % items;
-      auto f = *cache.get((tmp / ("m" + std::to_string(i))).string());
-      conv.push_back(f.at("conv_block6"));
-      cls.push_back(f.at("clipwise"));
-      rows.push_back(i);
-    }
-    at::Tensor idx = at::tensor(rows, at::kLong);
-    batches[std::to_string(s) + ".conv_block6"] = at::stack(conv);
-    batches[std::to_string(s) + ".clipwise"] = at::stack(cls);
-    batches[std::to_string(s) + ".ids"] = all_ids.index_select(0, idx);
-    batches[std::to_string(s) + ".mask"] = all_mask.index_select(0, idx);
+    BenchBatch batch = gather(s);
+    batches[std::to_string(s) + ".conv_block6"] = batch.in.conv_block6;
+    batches[std::to_string(s) + ".clipwise"] = batch.in.clipwise;
+    batches[std::to_string(s) + ".ids"] = batch.ids;
+    batches[std::to_string(s) + ".mask"] = batch.mask;
   }
   save_safetensors((tmp / "batches.safetensors").string(), batches);
   const double first_loss = step(0);

@@ -349,11 +349,11 @@ std::string Gpt2Tokenizer::decode(const std::vector<int64_t>& ids) const {
 
 namespace prefixcap {
 
-void Gpt2Tokenizer::save(const std::string& folder) const {
+namespace {
+// vocab.json and merges.txt, each through a temporary file renamed into place.
+void write_tokenizer_files(const std::string& folder, const std::string& vocab_json, const std::string& merges) {
   const std::filesystem::path dir(folder);
-  nlohmann::json v = nlohmann::json::object();
-  for (int64_t i = 0; i < vocab_size(); ++i) v[token(i)] = i;
-  for (const auto& [name, text] : {std::pair<std::string, std::string>{"vocab.json", v.dump()}, {"merges.txt", merges_text()}}) {
+  for (const auto& [name, text] : {std::pair<std::string, const std::string&>{"vocab.json", vocab_json}, {"merges.txt", merges}}) {
     const std::filesystem::path path = dir / name, tmp = dir / (name + ".tmp");
     {
       std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
@@ -363,6 +363,13 @@ void Gpt2Tokenizer::save(const std::string& folder) const {
     }
     std::filesystem::rename(tmp, path);
   }
+}
+}  // namespace
+
+void Gpt2Tokenizer::save(const std::string& folder) const {
+  nlohmann::json v = nlohmann::json::object();
+  for (int64_t i = 0; i < vocab_size(); ++i) v[token(i)] = i;
+  write_tokenizer_files(folder, v.dump(), merges_text());
 }
 
 }  // namespace prefixcap
@@ -435,17 +442,7 @@ void train_bpe_tokenizer(const std::vector<std::string>& texts, int64_t vocab_si
   vocab["<|endoftext|>"] = next_id;
   std::string merges_text = "#version: 0.2\n";
   for (const auto& m : merges) merges_text += m + "\n";
-  for (const auto& [name, text] :
-       {std::pair<std::string, std::string>{"vocab.json", vocab.dump()}, {"merges.txt", merges_text}}) {
-    const fs::path path = fs::path(folder) / name, tmp = fs::path(folder) / (name + ".tmp");
-    {
-      std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-      out << text;
-      out.flush();
-      if (!out) throw FileError(tmp.string(), "cannot write the tokenizer file (disk full?)");
-    }
-    fs::rename(tmp, path);
-  }
+  write_tokenizer_files(folder, vocab.dump(), merges_text);
 }
 
 }  // namespace prefixcap

@@ -1,4 +1,5 @@
 // TrainConfig: one option table for the JSON config file and the command line.
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <set>
@@ -100,6 +101,20 @@ void set_from_json(const TrainOption& o, const Json& v, const std::string& where
   }
 }
 
+// The whole text as a number (std::sto* accept "8x" as 8; this does not).
+template <typename T, typename Parse, typename Bad>
+T parse_whole(const std::string& text, Parse parse, Bad bad, const char* what) {
+  size_t used = 0;
+  T value{};
+  try {
+    value = parse(text, &used);
+  } catch (const std::exception&) {
+    throw bad(what);
+  }
+  if (used != text.size()) throw bad(what);
+  return value;
+}
+
 }  // namespace
 
 TrainConfig TrainConfig::from_json(const Json& j, const std::string& where) {
@@ -127,26 +142,15 @@ void set_train_option(TrainConfig& c, const std::string& name, const std::string
   auto options = train_options(c);
   auto it = std::find_if(options.begin(), options.end(), [&](const TrainOption& o) { return o.name == name; });
   if (it == options.end()) throw ConfigError("unknown option '" + name + "'");
-  const std::string flag = "--" + std::string(name);
+  std::string flag = "--" + name;
+  std::replace(flag.begin(), flag.end(), '_', '-');
   auto bad = [&](const char* what) { return ConfigError("option " + flag + ": '" + text + "' is not " + what); };
   if (auto* s = std::get_if<std::string*>(&it->target)) {
     **s = text;
   } else if (auto* i = std::get_if<int64_t*>(&it->target)) {
-    size_t used = 0;
-    try {
-      **i = std::stoll(text, &used);
-    } catch (const std::exception&) {
-      throw bad("an integer");
-    }
-    if (used != text.size()) throw bad("an integer");
+    **i = parse_whole<int64_t>(text, [](const std::string& t, size_t* used) { return std::stoll(t, used); }, bad, "an integer");
   } else if (auto* d = std::get_if<double*>(&it->target)) {
-    size_t used = 0;
-    try {
-      **d = std::stod(text, &used);
-    } catch (const std::exception&) {
-      throw bad("a number");
-    }
-    if (used != text.size()) throw bad("a number");
+    **d = parse_whole<double>(text, [](const std::string& t, size_t* used) { return std::stod(t, used); }, bad, "a number");
   } else if (auto* b = std::get_if<bool*>(&it->target)) {
     if (text == "true" || text == "1" || text.empty()) **b = true;
     else if (text == "false" || text == "0") **b = false;

@@ -1008,12 +1008,14 @@ Json caption_validation(CaptionTask& t, const TrainConfig& c, const std::vector<
     std::vector<size_t> which;
     for (size_t i = lo; i < std::min(n_items, lo + static_cast<size_t>(c.encode_batch)); ++i) which.push_back(i);
     auto caps = cap.caption(t.to_mapper_input(t.collate(features_of(which))), opts);
-    for (size_t k = 0; k < which.size(); ++k) items.push_back({val[which[k]].media, val[which[k]].captions, caps[k][0].text});
+    for (size_t k = 0; k < which.size(); ++k)
+      if (!val[which[k]].captions.empty())  // an item without references cannot be scored
+        items.push_back({val[which[k]].media, val[which[k]].captions, caps[k][0].text});
     progress.update("validation captions " + bar(double(items.size()) / n_items) + " " + std::to_string(items.size()) + "/" +
                     std::to_string(n_items));
   }
   progress.done();
-  EvalReport report = evaluate(items, EvalOptions{});
+  EvalReport report = items.empty() ? EvalReport{} : evaluate(items, EvalOptions{});
   Json m = {{"loss", tokens ? loss_sum / tokens : NAN}};
   for (const auto& [k, v] : report.corpus) m[k] = v;
   Json samples = Json::array();

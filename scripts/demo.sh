@@ -44,8 +44,8 @@ if [[ $quick == 1 ]]; then
   work="$demo_dir/quick"
   source_pkg=sonic-pi-samples
   corpus_args=(--source sonic-pi-samples --max-per-category 5)
-  lm_args=(--epochs 3 --batch-size 16)
-  cap_args=(--encoder-train-epochs 1 --epochs 3 --batch-size 8 --val-max-items 4)
+  lm_args=(--epochs 40 --batch-size 16)
+  cap_args=(--encoder-train-epochs 2 --epochs 12 --batch-size 8)
 else
   work="$demo_dir/full"
   source_pkg=0ad-data
@@ -121,7 +121,7 @@ step "evaluation on the held-out test clips"
 eval_dir="$work/eval"
 mkdir -p "$eval_dir"
 "$bin/caption" -m "$bundle" @<(sed -n 's/.*"media": "\([^"]*\)".*/\1/p' "$corpus/test.jsonl" | sed "s|^|$corpus/|") \
-  -f jsonl -o "$eval_dir/prefixcap.jsonl" --no-progress
+  -f jsonl -o "$eval_dir/prefixcap.jsonl"
 "$py" "$root/scripts/demo_report.py" baselines --train "$corpus/train.jsonl" --test "$corpus/test.jsonl" --out "$eval_dir"
 for sys in prefixcap most_frequent random; do
   "$bin/caption-eval" -p "$eval_dir/$sys.jsonl" -r "$corpus/test.jsonl" -f json -o "$eval_dir/$sys.scores.json"
@@ -139,6 +139,6 @@ step "metrics (pycocoevalcap-exact BLEU, ROUGE-L, CIDEr-D)"
   "most frequent training caption=$eval_dir/most_frequent.scores.json" \
   "random training caption=$eval_dir/random.scores.json" | tee "$eval_dir/metrics.md"
 echo
-echo "This is a demo model trained here on $(cat "$corpus/corpus.json" | tr -d '\n ' | sed 's/.*"train_clips":\([0-9]*\).*/\1/') clips of game sound effects,"
+echo "This is a demo model trained here on $(cat "$corpus/corpus.json" | tr -d '\n ' | sed 's/.*"train_clips":\([0-9]*\).*/\1/') clips of sound effects from Debian's $source_pkg,"
 echo "not a general captioner. For the real one: scripts/download_models.sh, then caption -m bundles/<name> FILES."
 echo "Bundle: $bundle   (caption -m $bundle your.wav)   [$((SECONDS - t_start)) s]"

@@ -130,7 +130,7 @@ TEST(TrainConfig, UnknownKeysAndWrongTypesAreRefusedByName) {
             std::string::npos);
   EXPECT_NE(message_of([] { TrainConfig::from_json({{"lr", true}}, "cfg.json"); }).find("'lr' must be a number"), std::string::npos);
   TrainConfig c;
-  EXPECT_NE(message_of([&] { set_train_option(c, "batch_size", "8x"); }).find("--batch_size: '8x' is not an integer"),
+  EXPECT_NE(message_of([&] { set_train_option(c, "batch_size", "8x"); }).find("--batch-size: '8x' is not an integer"),
             std::string::npos);
   c.out = "x";
   c.encoder = c.lm = "y";
