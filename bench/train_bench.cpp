@@ -199,11 +199,17 @@ int run(int argc, char** argv) {
   save_safetensors((tmp / "batches.safetensors").string(), batches);
   const double first_loss = step(0);
   step(1);  // warm-up
-  const double t0 = now_seconds();
-  for (int s = 2; s < steps + 2; ++s) step(s);
-  const double secs = now_seconds() - t0;
+  double secs = 0, best = 1e30;  // the machine is shared: the fastest step is the steadier figure
+  for (int s = 2; s < steps + 2; ++s) {
+    const double t0 = now_seconds();
+    step(s);
+    const double dt = now_seconds() - t0;
+    secs += dt;
+    best = std::min(best, dt);
+  }
   out["step"] = {{"model", "prefix_aac mapper + GPT-2 124M (frozen)"}, {"lm_dtype", lm_dtype}, {"batch", B}, {"caption_tokens", T},
                  {"steps_timed", steps}, {"ms_per_step", 1000 * secs / steps}, {"samples_per_s", steps * B / secs},
+                 {"ms_best_step", 1000 * best},
                  {"first_loss", first_loss}, {"peak_rss_mb", peak_rss_bytes() / 1e6}};
   std::fprintf(stderr, "train_bench: prefixcap %.1f samples/s (%.0f ms/step)\n", steps * B / secs, 1000 * secs / steps);
 
@@ -217,6 +223,7 @@ int run(int argc, char** argv) {
       Json py = Json::parse(text);
       out["python"] = py;
       out["speedup"] = out["step"]["samples_per_s"].get<double>() / py["samples_per_s"].get<double>();
+      out["speedup_best_step"] = py["ms_best_step"].get<double>() / out["step"]["ms_best_step"].get<double>();
       out["same_first_loss"] = std::abs(py["first_loss"].get<double>() - first_loss) < 1e-3 * std::abs(first_loss);
     } catch (const std::exception& e) {
       out["python"] = {{"error", std::string("could not run ") + cmd + ": " + e.what()}, {"output", text}};

@@ -10,6 +10,7 @@
 
 #include "core/errors.h"
 #include "core/weights.h"
+#include "lm/short_attention.h"
 #include "lm/skinny_matmul.h"
 
 namespace prefixcap {
@@ -172,6 +173,11 @@ at::Tensor Gpt2AttentionImpl::forward(const at::Tensor& x, LayerKv* cache, const
     at::Tensor y = (probs.unsqueeze(-1) * v).sum(2);   // [B, H, D]
     return c_proj(y.reshape({B, 1, C}));
   }
+  // Training (gradients wanted): one pass per (batch, head) instead of B*H tiny BLAS calls each
+  // way. Inference keeps the matmul path below.
+  if (at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad()) &&
+      short_attention_applicable(q, k))
+    return c_proj(short_attention(q, k, v, attn_bias, scale).transpose(1, 2).reshape({B, T, C}));
   // [B, H, T, S]
   at::Tensor scores = at::matmul(q, k.transpose(-2, -1)).mul_(scale);
   if (attn_bias.defined()) scores = scores + attn_bias;

@@ -9,6 +9,7 @@
 #include "lm/decoding.h"
 #include "lm/gpt2.h"
 #include "lm/loss.h"
+#include "lm/short_attention.h"
 #include "lm/tokenizer.h"
 #include "tests/test_helpers.h"
 
@@ -309,4 +310,27 @@ TEST(BpeTraining, LearnsFrequentWordsAndRoundTrips) {
   const std::string unseen = "zebra xylophone 42!";
   EXPECT_EQ(tok.decode(tok.encode(unseen)), unseen);  // any text still encodes (byte fallback)
   EXPECT_THROW(train_bpe_tokenizer(texts, 100, dir.file("x")), std::invalid_argument);
+}
+
+TEST(ShortAttention, EqualsTheMatmulFormulaWithGradients) {
+  at::manual_seed(5);
+  for (auto [B, H, T, S, D] : {std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>{2, 3, 7, 7, 16}, {1, 2, 1, 9, 8},
+                               {3, 4, 12, 20, 32}}) {
+    at::Tensor q = at::randn({B, H, T, D}).set_requires_grad(true);
+    at::Tensor k = at::randn({B, H, S, D}).set_requires_grad(true);
+    at::Tensor v = at::randn({B, H, S, D}).set_requires_grad(true);
+    // causal over the last T keys, and one padded key in batch row 0
+    at::Tensor allowed = at::ones({T, S}, at::kBool).tril(S - T).unsqueeze(0).repeat({B, 1, 1});
+    allowed[0].select(1, 0).fill_(false);
+    at::Tensor bias = at::zeros({B, 1, T, S}).masked_fill_(allowed.logical_not().unsqueeze(1), std::numeric_limits<float>::lowest());
+    const double scale = 1.0 / std::sqrt(double(D));
+    at::Tensor ref = at::matmul(at::softmax(at::matmul(q, k.transpose(-2, -1)) * scale + bias, -1), v);
+    at::Tensor got = short_attention(q, k, v, bias, scale);
+    EXPECT_TRUE(at::allclose(got, ref, 1e-5, 1e-5)) << (got - ref).abs().max().item<double>();
+    at::Tensor w = at::randn_like(ref);
+    auto gr = torch::autograd::grad({(ref * w).sum()}, {q, k, v});
+    auto gg = torch::autograd::grad({(got * w).sum()}, {q, k, v});
+    for (int i = 0; i < 3; ++i)
+      EXPECT_TRUE(at::allclose(gg[i], gr[i], 1e-4, 1e-5)) << i << ": " << (gg[i] - gr[i]).abs().max().item<double>();
+  }
 }
