@@ -28,8 +28,10 @@
 #include "bench/bench_util.h"
 #include "core/safetensors.h"
 #include "core/threads.h"
+#include "core/weights.h"
 #include "encoders/cnn14.h"
 #include "lm/gpt2.h"
+#include "lm/loss.h"
 #include "mapper/mappers.h"
 #include "pipeline/feature_cache.h"
 #include "pipeline/trainer.h"
@@ -40,16 +42,6 @@ namespace fs = std::filesystem;
 using Json = nlohmann::json;
 
 namespace {
-
-void gpt2_init(Gpt2ModelImpl& m) {
-  torch::NoGradGuard g;
-  for (auto& p : m.named_parameters()) {
-    const std::string& k = p.key();
-    if (k.find("ln_") != std::string::npos) p.value().fill_(k.substr(k.size() - 6) == "weight" ? 1.0 : 0.0);
-    else if (k.substr(k.size() - 4) == "bias") p.value().zero_();
-    else p.value().normal_(0, 0.02);
-  }
-}
 
 void write_ogg(const std::string& path, double seconds, uint32_t seed) {
   SF_INFO info{};
@@ -124,7 +116,7 @@ int run(int argc, char** argv) {
   const int64_t B = 8, T = 20, items = 64;
   torch::manual_seed(0);
   Gpt2Model lm{Gpt2Config{}};
-  gpt2_init(*lm);
+  lm->init_weights();
   lm->freeze();
   lm->eval();
   MapperConfig mc;
@@ -146,9 +138,7 @@ int run(int argc, char** argv) {
   for (int64_t i = 0; i < items; ++i) all_mask[i].narrow(0, 12 + i % 9, T - 12 - i % 9).zero_();  // 12..20 real tokens
   std::vector<at::Tensor> params = mapper->parameters();
   {  // what the Python loop starts from
-    TensorMap state;
-    for (const auto& p : mapper->named_parameters()) state["mapper." + p.key()] = p.value().detach();
-    for (const auto& b : mapper->named_buffers()) state["mapper." + b.key()] = b.value().detach();
+    TensorMap state = module_tensors(*mapper, "mapper.");
     for (const auto& [k, v] : lm->hf_state_dict()) state["lm." + k] = v;
     save_safetensors((tmp / "weights.safetensors").string(), state);
   }
@@ -251,11 +241,7 @@ int run(int argc, char** argv) {
       const fs::path dir = tmp / name;
       fs::create_directories(dir);
       std::ofstream(dir / "config.json") << ec.to_json().dump();
-      TensorMap state;
-      for (const auto& p : enc->named_parameters()) state[p.key()] = p.value().detach();
-      for (const auto& b : enc->named_buffers())
-        if (b.key().rfind("front_end.", 0) != 0) state[b.key()] = b.value().detach();
-      save_safetensors((dir / "model.safetensors").string(), state);
+      save_safetensors((dir / "model.safetensors").string(), module_tensors(*enc, "", "front_end."));
       for (int workers : {1, 2}) {
         TrainConfig c;
         c.encoder = dir.string();

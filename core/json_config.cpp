@@ -23,12 +23,12 @@ Json read_json_file(const std::string& path) {
   }
 }
 
-void write_json_file(const std::string& path, const Json& value) {
+void write_file_atomic(const std::string& path, const std::string& bytes) {
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
     if (!out) throw FileError(tmp, std::string("cannot create: ") + std::strerror(errno));
-    out << value.dump(2) << "\n";
+    out << bytes;
     out.flush();
     if (!out) {
       std::remove(tmp.c_str());
@@ -41,6 +41,8 @@ void write_json_file(const std::string& path, const Json& value) {
     throw FileError(path, std::string("cannot rename into place: ") + std::strerror(err));
   }
 }
+
+void write_json_file(const std::string& path, const Json& value) { write_file_atomic(path, value.dump(2) + "\n"); }
 
 void json_check_keys(const Json& j, const std::vector<std::string>& known, const std::string& where) {
   if (!j.is_object()) throw ConfigError(where + ": expected a JSON object, got " + j.type_name());

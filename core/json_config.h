@@ -15,7 +15,12 @@ using Json = nlohmann::json;
 // Parses a JSON file; throws FileError (missing, unreadable, invalid JSON with line/column).
 Json read_json_file(const std::string& path);
 
-// Writes JSON atomically (temporary file + rename), pretty-printed.
+// Writes `bytes` to `path` atomically: a temporary file in the same folder, flushed, then
+// renamed over `path`. A failed write (full disk, ...) leaves an existing `path` intact and
+// throws FileError.
+void write_file_atomic(const std::string& path, const std::string& bytes);
+
+// Writes JSON atomically (write_file_atomic), pretty-printed.
 void write_json_file(const std::string& path, const Json& value);
 
 // Value of `key` in object `j` as T; throws ConfigError "<where>: key 'k': expected T, got ...".

@@ -117,4 +117,19 @@ void load_state_strict(torch::nn::Module& module, const TensorMap& weights,
   }
 }
 
+TensorMap module_tensors(const torch::nn::Module& module, const std::string& prefix, const std::string& skip_buffers) {
+  TensorMap out;
+  for (const auto& p : module.named_parameters()) out[prefix + p.key()] = p.value().detach();
+  for (const auto& b : module.named_buffers())
+    if (skip_buffers.empty() || b.key().rfind(skip_buffers, 0) != 0) out[prefix + b.key()] = b.value().detach();
+  return out;
+}
+
+TensorMap tensors_under(const TensorMap& tensors, const std::string& prefix) {
+  TensorMap out;
+  for (auto it = tensors.lower_bound(prefix); it != tensors.end() && it->first.rfind(prefix, 0) == 0; ++it)
+    out[it->first.substr(prefix.size())] = it->second;
+  return out;
+}
+
 }  // namespace prefixcap

@@ -44,4 +44,13 @@ struct StrictLoadOptions {
 void load_state_strict(torch::nn::Module& module, const TensorMap& weights,
                        const StrictLoadOptions& options);
 
+// The other direction: every parameter and buffer of `module` (detached, sharing memory) under
+// `prefix` + its name; buffers whose names start with `skip_buffers` (when not empty) are left
+// out (e.g. CNN14's "front_end." tables, which come from its config).
+TensorMap module_tensors(const torch::nn::Module& module, const std::string& prefix = "",
+                         const std::string& skip_buffers = "");
+
+// The tensors whose names start with `prefix`, with the prefix taken off.
+TensorMap tensors_under(const TensorMap& tensors, const std::string& prefix);
+
 }  // namespace prefixcap

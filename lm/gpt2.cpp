@@ -249,7 +249,7 @@ Gpt2Output Gpt2ModelImpl::forward(const Gpt2Input& input) {
   if (input.prefix_embeds.defined()) {
     TORCH_CHECK(input.prefix_embeds.dim() == 3 && input.prefix_embeds.size(2) == config_.n_embd,
                 "prefix_embeds: expected [B, P, ", config_.n_embd, "], got ", input.prefix_embeds.sizes());
-    parts.push_back(input.prefix_embeds);
+    parts.push_back(input.prefix_embeds.to(wte->weight.scalar_type()));  // a bfloat16 model computes in bfloat16
   }
   if (input.input_ids.defined()) {
     TORCH_CHECK(input.input_ids.dim() == 2, "input_ids: expected [B, T], got ", input.input_ids.sizes());
@@ -409,6 +409,22 @@ Gpt2Model load_gpt2(const std::string& path) {
   model->load_weights(load_weight_file(weights_path.string()), weights_path.string());
   model->freeze();
   return model;
+}
+
+void Gpt2ModelImpl::init_weights() {
+  torch::NoGradGuard no_grad;
+  const double std_proj = 0.02 / std::sqrt(2.0 * static_cast<double>(config_.n_layer));
+  auto ends_with = [](const std::string& s, const std::string& tail) {
+    return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+  };
+  for (auto& p : named_parameters()) {
+    const std::string& k = p.key();
+    at::Tensor v = p.value();
+    if (k.find("ln_") != std::string::npos) v.fill_(ends_with(k, "weight") ? 1.0 : 0.0);
+    else if (ends_with(k, "bias")) v.zero_();
+    else if (ends_with(k, "c_proj.weight")) v.normal_(0, std_proj);
+    else v.normal_(0, 0.02);
+  }
 }
 
 }  // namespace prefixcap

@@ -156,6 +156,9 @@ class Gpt2ModelImpl : public torch::nn::Module {
   TensorMap hf_state_dict() const;
   // No parameter requires grad; gradients still flow to prefix inputs.
   void freeze();
+  // GPT-2's initialisation for a model trained from scratch: weights N(0, 0.02), the residual
+  // projections (c_proj) N(0, 0.02 / sqrt(2 n_layer)), biases 0, LayerNorms 1 / 0.
+  void init_weights();
 
   const Gpt2Config& config() const { return config_; }
 

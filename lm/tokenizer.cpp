@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/errors.h"
+#include "core/json_config.h"
 
 namespace prefixcap {
 namespace {
@@ -350,19 +351,9 @@ std::string Gpt2Tokenizer::decode(const std::vector<int64_t>& ids) const {
 namespace prefixcap {
 
 namespace {
-// vocab.json and merges.txt, each through a temporary file renamed into place.
 void write_tokenizer_files(const std::string& folder, const std::string& vocab_json, const std::string& merges) {
-  const std::filesystem::path dir(folder);
-  for (const auto& [name, text] : {std::pair<std::string, const std::string&>{"vocab.json", vocab_json}, {"merges.txt", merges}}) {
-    const std::filesystem::path path = dir / name, tmp = dir / (name + ".tmp");
-    {
-      std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-      out << text;
-      out.flush();
-      if (!out) throw FileError(tmp.string(), "cannot write the tokenizer file (disk full?)");
-    }
-    std::filesystem::rename(tmp, path);
-  }
+  write_file_atomic((std::filesystem::path(folder) / "vocab.json").string(), vocab_json);
+  write_file_atomic((std::filesystem::path(folder) / "merges.txt").string(), merges);
 }
 }  // namespace
 

@@ -51,14 +51,6 @@ Modality detect_modality(const std::string& path) {
 // bundle
 
 namespace {
-TensorMap module_state(const torch::nn::Module& m, const std::string& skip_prefix = "") {
-  TensorMap out;
-  for (const auto& p : m.named_parameters()) out[p.key()] = p.value().detach();
-  for (const auto& b : m.named_buffers())
-    if (skip_prefix.empty() || b.key().rfind(skip_prefix, 0) != 0) out[b.key()] = b.value().detach();
-  return out;
-}
-
 std::string bundle_path(const fs::path& dir, const Json& j, const std::string& key, const std::string& where) {
   std::string rel = json_get<std::string>(j, key, where);
   fs::path p = fs::path(rel).is_absolute() ? fs::path(rel) : dir / rel;
@@ -126,14 +118,8 @@ Captioner Captioner::load(const std::string& bundle_dir) {
   TensorMap mapper_weights = load_weight_file(weights);
   if (mc.kv_prefix) {
     c.kv_head = KvPrefixHead(mc.embed_dim, c.lm->config());
-    TensorMap head;
-    for (auto it = mapper_weights.begin(); it != mapper_weights.end();)
-      if (it->first.rfind("kv_head.", 0) == 0) {
-        head[it->first.substr(8)] = it->second;
-        it = mapper_weights.erase(it);
-      } else {
-        ++it;
-      }
+    TensorMap head = tensors_under(mapper_weights, "kv_head.");
+    for (const auto& [k, v] : head) mapper_weights.erase("kv_head." + k);
     load_state_strict(*c.kv_head, head, {{}, {}, weights});
     c.kv_head->eval();
   }
@@ -164,7 +150,7 @@ void Captioner::save(const std::string& bundle_dir) const {
   if (encoder_kind_ == "cnn14") {
     fs::create_directories(dir / "encoder");
     write_json_file((dir / "encoder" / "config.json").string(), cnn14->config().to_json());
-    TensorMap state = module_state(*cnn14, "front_end.");
+    TensorMap state = module_tensors(*cnn14, "", "front_end.");
     if (cnn14->config().mel_from_checkpoint)
       state["logmel_extractor.melW"] = cnn14->front_end->named_buffers()["mel_basis"].detach();
     save_safetensors((dir / "encoder" / "model.safetensors").string(), state, {{"format", "pt"}});
@@ -181,15 +167,14 @@ void Captioner::save(const std::string& bundle_dir) const {
     write_json_file((dir / "encoder" / "preprocessor_config.json").string(),
                     {{"size", clip_preprocess.shortest_edge}, {"crop_size", clip_preprocess.crop_size},
                      {"image_mean", clip_preprocess.mean}, {"image_std", clip_preprocess.std}, {"resample", 3}});
-    save_safetensors((dir / "encoder" / "model.safetensors").string(), module_state(*clip), {{"format", "pt"}});
+    save_safetensors((dir / "encoder" / "model.safetensors").string(), module_tensors(*clip), {{"format", "pt"}});
     j["encoder"] = {{"kind", "clip"}, {"path", "encoder"}};
   } else {
     j["encoder"] = {{"kind", "none"}};
   }
   // Mapper
-  TensorMap mapper_state = module_state(*mapper);
-  if (kv_head)
-    for (const auto& [k, v] : module_state(*kv_head)) mapper_state["kv_head." + k] = v;
+  TensorMap mapper_state = module_tensors(*mapper);
+  if (kv_head) mapper_state.merge(module_tensors(*kv_head, "kv_head."));
   save_safetensors((dir / "mapper.safetensors").string(), mapper_state, {{"format", "pt"}});
   j["mapper"] = {{"config", mapper->config().to_json()}, {"weights", "mapper.safetensors"}};
   j["prefix"] = {{"normalize", normalize_prefix}};

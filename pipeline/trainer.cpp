@@ -26,6 +26,8 @@
 #include "core/safetensors.h"
 #include "core/weights.h"
 #include "data/datasets.h"
+#include "data/references.h"
+#include "lm/loss.h"
 #include "metrics/evaluate.h"
 #include "pipeline/audio_decode.h"
 #include "pipeline/captioner.h"
@@ -35,51 +37,14 @@
 namespace prefixcap {
 namespace fs = std::filesystem;
 
-// ---------------------------------------------------------------------------------------
-// loss
-
-at::Tensor prefix_lm_loss(Gpt2ModelImpl& lm, const at::Tensor& prefix, const at::Tensor& ids, const at::Tensor& mask) {
-  const int64_t P = prefix.size(1), T = ids.size(1);
-  if (P < 1) throw std::invalid_argument("prefix_lm_loss: the prefix must have at least one vector");
-  Gpt2Input x;
-  x.prefix_embeds = prefix.to(lm.wte->weight.scalar_type());  // a bfloat16 LM computes in bfloat16
-  x.input_ids = ids;
-  x.logits = LogitsMode::None;  // captions are right-padded: causal attention keeps real tokens off the pads
-  at::Tensor hidden = lm.forward(x).last_hidden_state.narrow(1, P - 1, T);
-  at::Tensor logits = lm.head(hidden).to(at::kFloat);
-  at::Tensor target = mask.defined() ? ids.masked_fill(mask.eq(0), -100) : ids;
-  return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}), target.reshape({-1}), {}, at::Reduction::Mean, -100);
-}
-
 namespace {
 
 // ---------------------------------------------------------------------------------------
 // small helpers
 
-TensorMap module_tensors(const torch::nn::Module& m, const std::string& prefix) {
-  TensorMap out;
-  for (const auto& p : m.named_parameters()) out[prefix + p.key()] = p.value().detach();
-  for (const auto& b : m.named_buffers()) out[prefix + b.key()] = b.value().detach();
-  return out;
-}
-
-void load_module_tensors(torch::nn::Module& m, const TensorMap& state, const std::string& prefix, const std::string& source) {
-  torch::NoGradGuard no_grad;
-  auto copy = [&](const std::string& key, at::Tensor t) {
-    auto it = state.find(prefix + key);
-    if (it == state.end()) throw FileError(source, "tensor '" + prefix + key + "' missing");
-    if (it->second.sizes() != t.sizes())
-      throw FileError(source, "tensor '" + prefix + key + "': expected " + shape_to_string(t.sizes().vec()) + ", got " +
-                                  shape_to_string(it->second.sizes().vec()));
-    t.copy_(it->second);
-  };
-  for (auto& p : m.named_parameters()) copy(p.key(), p.value());
-  for (auto& b : m.named_buffers()) copy(b.key(), b.value());
-}
-
 std::string weights_hash(const torch::nn::Module& m) {
   Hasher h;
-  for (const auto& [k, v] : module_tensors(m, "")) {
+  for (const auto& [k, v] : module_tensors(m)) {
     h.update(k);
     at::Tensor t = v.to(at::kCPU).contiguous();
     h.update(t.data_ptr(), t.numel() * t.element_size());
@@ -151,13 +116,7 @@ class JsonLog {
       } catch (const Json::exception&) {  // a line cut by a crash
       }
     }
-    const std::string tmp = path_ + ".tmp";
-    {
-      std::ofstream out(tmp, std::ios::trunc);
-      out << kept;
-      if (!out) throw FileError(tmp, "cannot write");
-    }
-    fs::rename(tmp, path_);
+    write_file_atomic(path_, kept);
   }
   void write(const Json& j) {
     std::ofstream out(path_, std::ios::app);
@@ -326,30 +285,33 @@ class CaptionTask {
 
   TensorMap state() {
     TensorMap s = module_tensors(*cap_.mapper, "mapper.");
-    if (cap_.kv_head)
-      for (auto& [k, v] : module_tensors(*cap_.kv_head, "kv_head.")) s[k] = v;
-    if (c_.train_lm_head) s["lm_head.weight"] = cap_.lm->lm_head->weight.detach();
-    if (c_.encoder_train_epochs > 0)
-      for (auto& [k, v] : module_tensors(encoder_module(), "encoder.")) s[k] = v;
+    if (cap_.kv_head) s.merge(module_tensors(*cap_.kv_head, "kv_head."));
+    if (c_.train_lm_head) s.merge(module_tensors(*cap_.lm->lm_head, "lm_head."));
+    if (c_.encoder_train_epochs > 0) s.merge(module_tensors(encoder_module(), "encoder."));
     return s;
   }
   void load_state(const TensorMap& s, const std::string& source) {
-    load_module_tensors(*cap_.mapper, s, "mapper.", source);
-    if (cap_.kv_head) load_module_tensors(*cap_.kv_head, s, "kv_head.", source);
-    if (c_.train_lm_head) load_module_tensors(*cap_.lm->lm_head, s, "lm_head.", source);
-    if (c_.encoder_train_epochs > 0) load_module_tensors(encoder_module(), s, "encoder.", source);
+    auto load = [&](torch::nn::Module& m, const std::string& prefix) {
+      load_state_strict(m, tensors_under(s, prefix), {{}, {}, source + " (" + prefix + "*)", {}});
+    };
+    load(*cap_.mapper, "mapper.");
+    if (cap_.kv_head) load(*cap_.kv_head, "kv_head.");
+    if (c_.train_lm_head) load(*cap_.lm->lm_head, "lm_head.");
+    if (c_.encoder_train_epochs > 0) load(encoder_module(), "encoder.");
   }
 
   // Puts the encoder in the mode of `epoch` (trained in the first encoder_train_epochs).
   void set_epoch(int64_t epoch) {
+    const bool was_training = encoder_trains_;
     encoder_trains_ = epoch < c_.encoder_train_epochs;
     for (auto& p : encoder_module().parameters()) p.set_requires_grad(encoder_trains_);
     encoder_module().train(encoder_trains_);
-    if (!encoder_trains_) {
+    if (encoder_trains_) {
+      cache_.reset();  // its weights, hence its cache folder, change as it learns
+    } else if (was_training) {
       // Frozen from here: drop its gradients, or AdamW would go on moving it (weight decay,
-      // momentum) with zero gradients.
+      // momentum) with zero gradients; decoded audio is no longer needed.
       for (auto& p : encoder_module().parameters()) p.mutable_grad().reset();
-      cache_.reset();  // the encoder's identity (weights) may have changed
       std::lock_guard<std::mutex> lock(decoded_mutex_);
       decoded_.clear();
       decoded_bytes_ = 0;
@@ -484,9 +446,7 @@ class CaptionTask {
     Gpt2Input x;
     x.input_ids = at::cat({bos, ids}, 1);
     x.cache = &cache;
-    at::Tensor logits = cap_.lm->forward(x).logits.narrow(1, 0, ids.size(1));
-    at::Tensor target = ids.masked_fill(mask.eq(0), -100);
-    return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}), target.reshape({-1}), {}, at::Reduction::Mean, -100);
+    return token_cross_entropy(cap_.lm->forward(x).logits.narrow(1, 0, ids.size(1)), ids, mask);
   }
 
  private:
@@ -653,17 +613,6 @@ Json run_identity(const TrainConfig& c) {
   return j;
 }
 
-void write_text_atomic(const fs::path& path, const std::string& text) {
-  const fs::path tmp = path.string() + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::trunc | std::ios::binary);
-    out << text;
-    out.flush();
-    if (!out) throw FileError(tmp.string(), "cannot write (disk full?)");
-  }
-  fs::rename(tmp, path);
-}
-
 void save_checkpoint(const TrainConfig& c, const TensorMap& tensors, torch::optim::Optimizer& opt, const CheckpointState& s,
                      const std::function<void(const std::string&)>& fault_hook) {
   const fs::path dir = fs::path(c.out) / "checkpoints";
@@ -686,7 +635,7 @@ void save_checkpoint(const TrainConfig& c, const TensorMap& tensors, torch::opti
     write_json_file((tmp / "state.json").string(), st);
     fs::remove_all(dir / name);
     fs::rename(tmp, dir / name);
-    write_text_atomic(dir / "latest", name + "\n");
+    write_file_atomic((dir / "latest").string(), name + "\n");
   } catch (...) {
     std::error_code ec;
     fs::remove_all(tmp, ec);
@@ -1097,10 +1046,7 @@ TrainResult train_caption(const TrainConfig& c, const TrainHooks& hooks) {
   task.state = [&] { return t.state(); };
   task.load_state = [&](const TensorMap& s, const std::string& src) { t.load_state(s, src); };
   if (!val_items.empty())
-    task.validate = [&](int64_t, Progress& p) {
-      if (!t.encoder_trains()) {
-        fill_cache(t, val_items, c, p, "validation");
-      }
+    task.validate = [&](int64_t, Progress& p) {  // begin_epoch cached the validation features
       return caption_validation(t, c, val_items, val_examples, p);
     };
   task.save_output = [&](const std::string& dir) { t.captioner().save(dir); };
@@ -1110,27 +1056,12 @@ TrainResult train_caption(const TrainConfig& c, const TrainHooks& hooks) {
 // ---------------------------------------------------------------------------------------
 // task: lm
 
-void init_gpt2(Gpt2ModelImpl& m) {
-  torch::NoGradGuard no_grad;
-  const double std_proj = 0.02 / std::sqrt(2.0 * static_cast<double>(m.config().n_layer));
-  for (auto& p : m.named_parameters()) {
-    const std::string& k = p.key();
-    at::Tensor v = p.value();
-    const bool is_ln = k.find("ln_") != std::string::npos;
-    if (is_ln) v.fill_(k.size() >= 6 && k.substr(k.size() - 6) == "weight" ? 1.0 : 0.0);
-    else if (k.size() >= 4 && k.substr(k.size() - 4) == "bias") v.zero_();
-    else if (k.find("c_proj.weight") != std::string::npos) v.normal_(0, std_proj);
-    else v.normal_(0, 0.02);
-  }
-}
-
+// The non-blank lines of a text file (data/'s line reader: CRLF handled).
 std::vector<std::string> text_lines(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) throw FileError(path, "cannot open");
+  if (!fs::is_regular_file(path)) throw FileError(path, "cannot open");
   std::vector<std::string> out;
-  std::string line;
-  while (std::getline(in, line))
-    if (line.find_first_not_of(" \t\r") != std::string::npos) out.push_back(line);
+  for (auto& line : read_text_lines(path))
+    if (line.find_first_not_of(" \t") != std::string::npos) out.push_back(std::move(line));
   if (out.empty()) throw FileError(path, "has no text");
   return out;
 }
@@ -1168,7 +1099,7 @@ TrainResult train_lm(const TrainConfig& c, const TrainHooks& hooks) {
       throw ConfigError("lm_config vocab_size " + std::to_string(cfg.vocab_size) + " is smaller than the tokenizer's " +
                         std::to_string(tok->vocab_size()));
     lm = Gpt2Model(cfg);
-    init_gpt2(*lm);
+    lm->init_weights();
   }
   for (auto& p : lm->parameters()) p.set_requires_grad(true);
   const int64_t max_len = lm->config().n_positions;
@@ -1191,9 +1122,7 @@ TrainResult train_lm(const TrainConfig& c, const TrainHooks& hooks) {
     x.logits = LogitsMode::None;
     const int64_t T = b.ids.size(1);
     at::Tensor hidden = lm->forward(x).last_hidden_state.narrow(1, 0, T - 1);
-    at::Tensor logits = lm->head(hidden);
-    at::Tensor target = b.ids.narrow(1, 1, T - 1).masked_fill(b.mask.narrow(1, 1, T - 1).eq(0), -100);
-    return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}), target.reshape({-1}), {}, at::Reduction::Mean, -100);
+    return token_cross_entropy(lm->head(hidden), b.ids.narrow(1, 1, T - 1), b.mask.narrow(1, 1, T - 1));
   };
   auto batch_of = [&](const std::vector<Example>& ex, const std::vector<int64_t>& which) {
     Batch b;
@@ -1218,8 +1147,10 @@ TrainResult train_lm(const TrainConfig& c, const TrainHooks& hooks) {
   task.loss = lm_loss;
   task.train_mode = [&](bool on) { lm->train(on); };
   task.param_groups = [&] { return std::vector<std::vector<at::Tensor>>{lm->parameters()}; };
-  task.state = [&] { return module_tensors(*lm, ""); };
-  task.load_state = [&](const TensorMap& s, const std::string& src) { load_module_tensors(*lm, s, "", src); };
+  task.state = [&] { return module_tensors(*lm, "lm."); };
+  task.load_state = [&](const TensorMap& s, const std::string& src) {
+    load_state_strict(*lm, tensors_under(s, "lm."), {{}, {}, src + " (lm.*)", {}});
+  };
   if (!val_examples.empty())
     task.validate = [&](int64_t, Progress& p) {
       torch::NoGradGuard no_grad;

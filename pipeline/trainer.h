@@ -107,11 +107,6 @@ double learning_rate(const TrainConfig& c, int64_t step, int64_t total);
 // Visit order of n examples in `epoch`: a permutation fixed by (seed, epoch).
 std::vector<int64_t> epoch_order(int64_t n, int64_t seed, int64_t epoch);
 
-// Teacher-forced cross-entropy of caption tokens after a prefix, computing logits only where
-// caption tokens are predicted. prefix [B, P, n_embd] (P >= 1), ids [B, T], mask [B, T] 1 = real
-// (or undefined). Mean over real tokens, as ClipCap's and Prefix-AAC's training.
-at::Tensor prefix_lm_loss(Gpt2ModelImpl& lm, const at::Tensor& prefix, const at::Tensor& ids, const at::Tensor& mask);
-
 struct TrainHooks {
   // Called after every optimizer step with the step number (1-based) and its loss; may throw
   // (tests use this to stop a run as a crash would).

@@ -18,6 +18,7 @@
 
 #include "core/safetensors.h"
 #include "lm/gpt2.h"
+#include "lm/loss.h"
 #include "pipeline/captioner.h"
 #include "pipeline/feature_cache.h"
 #include "pipeline/prefetch.h"
