@@ -1,6 +1,6 @@
 // caption-import: turns the anchors' published checkpoints into prefixcap captioner bundles.
 //   caption-import clipcap coco_weights.pt -o bundles/clipcap-coco --tokenizer gpt2/ [--clip clip-vit-base-patch32/]
-//   caption-import prefix-aac audiocaps.pt -o bundles/prefix-aac --tokenizer gpt2/ --config prefix_aac.json
+//   caption-import prefix-aac audiocaps.pt -o bundles/prefix-aac --tokenizer gpt2/ --preset audiocaps
 #include <cstdio>
 #include <filesystem>
 #include <string>
@@ -29,8 +29,8 @@ int main(int argc, char** argv) {
   };
   CLI::App* clipcap = app.add_subcommand("clipcap", "ClipCap ClipCaptionModel (MLP) or ClipCaptionPrefix (transformer) weights");
   common(clipcap);
-  clipcap->add_option("--clip", options.clip_dir, "CLIP folder (config.json, model.safetensors) to caption images")
-      ->check(CLI::ExistingDirectory);
+  clipcap->add_option("--clip", options.clip_dir, "CLIP to caption images: a folder (config.json + weights) or an OpenAI file (RN50x4.pt, ViT-B-32.pt)")
+      ->check(CLI::ExistingPath);
   clipcap->add_option("--num-heads", options.num_heads, "transformer mapper heads (not stored in the checkpoint)")
       ->capture_default_str();
   clipcap->add_option("--normalize-prefix", normalize, "divide CLIP embeddings by their L2 norm: yes, no, auto (MLP no, transformer yes)")
@@ -38,9 +38,15 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   CLI::App* aac = app.add_subcommand("prefix-aac", "Prefix-AAC AAC_Prefix state dict");
   common(aac);
-  aac->add_option("--config", options.model_config, "config.json with audio_encoder, gpt2 and prefix sizes (see README)")
-      ->required()
-      ->check(CLI::ExistingFile);
+  auto* preset = aac->add_option("--preset", options.preset,
+                                  "the published configuration: audiocaps (10 s clips, ReLU after the mapping networks' "
+                                  "BatchNorm) or clotho (30 s, no ReLU); shapes come from the weights")
+                      ->check(CLI::IsMember({"audiocaps", "clotho"}));
+  auto* config = aac->add_option("--config", options.model_config, "instead of --preset: a config.json with audio_encoder, gpt2 and "
+                                                                   "prefix sizes (see README)")
+                     ->check(CLI::ExistingFile);
+  preset->excludes(config);
+  config->excludes(preset);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -53,6 +59,10 @@ int main(int argc, char** argv) {
     namespace fs = std::filesystem;
     if (fs::exists(out_dir) && !fs::is_empty(out_dir) && !force) {
       std::fprintf(stderr, "caption-import: %s exists and is not empty; pass --force to replace it\n", out_dir.c_str());
+      return 1;
+    }
+    if (aac->parsed() && options.preset.empty() && options.model_config.empty()) {
+      std::fprintf(stderr, "caption-import: prefix-aac needs --preset audiocaps|clotho or --config FILE\n");
       return 1;
     }
     Captioner captioner = clipcap->parsed() ? import_clipcap(checkpoint, options) : import_prefix_aac(checkpoint, options);

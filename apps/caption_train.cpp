@@ -4,7 +4,9 @@
 // wins over the file. --build-cache only fills the feature cache; --print-config shows the
 // configuration that would run.
 // Exit code: 0 = done, 1 = usage, configuration or data error, 2 = training failed.
+#include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 #include <map>
 #include <string>
@@ -75,7 +77,16 @@ int main(int argc, char** argv) {
       build_cache(config);
       return 0;
     }
-    TrainResult r = train(config);
+    TrainHooks hooks;
+    // Fault injection for the crash/resume tests: SIGKILL right after optimizer step N (its
+    // log line written, a checkpoint due at that step not yet).
+    if (const char* kill_at = std::getenv("PREFIXCAP_FAULT_KILL_AT_STEP")) {
+      const long long step = std::atoll(kill_at);
+      hooks.on_step = [step](int64_t s, double) {
+        if (s == step) std::raise(SIGKILL);
+      };
+    }
+    TrainResult r = train(config, hooks);
     std::fprintf(stderr, "caption-train: %lld steps, last loss %.4f; output %s%s\n", static_cast<long long>(r.steps), r.last_loss,
                  r.bundle.c_str(), r.best.empty() ? "" : ("; best " + r.best_metrics.dump() + " in " + r.best).c_str());
     return 0;

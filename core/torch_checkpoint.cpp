@@ -4,7 +4,9 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <memory>
+#include <set>
 #include <unordered_map>
 #include <vector>
 
@@ -12,6 +14,7 @@
 #include <caffe2/serialize/inline_container.h>
 
 #include "core/errors.h"
+#include "core/mapped_file.h"
 
 namespace prefixcap {
 namespace {
@@ -21,7 +24,9 @@ struct PyValue;
 using PyRef = std::shared_ptr<PyValue>;
 
 struct PyValue {
-  enum class Kind { None, Bool, Int, Float, String, Tuple, List, Dict, Tensor, Global };
+  // Object: an instance of a TorchScript class (`__torch__.*`), built only from its attribute
+  // dict (BUILD state), never by running anything; it flattens like a dict.
+  enum class Kind { None, Bool, Int, BigInt, Float, String, Tuple, List, Dict, Object, Tensor, Global };
   Kind kind = Kind::None;
   int64_t int_value = 0;
   double float_value = 0;
@@ -55,12 +60,20 @@ const StorageType* find_storage_type(const std::string& name) {
   return nullptr;
 }
 
+using StorageLoader = std::function<at::Tensor(const std::string& key, at::ScalarType, int64_t numel)>;
+
 class Unpickler {
  public:
-  Unpickler(const std::string& path, const uint8_t* data, size_t size,
-            std::function<at::Tensor(const std::string& key, at::ScalarType, int64_t numel)>
-                load_storage)
-      : path_(path), data_(data), size_(size), load_storage_(std::move(load_storage)) {}
+  // Reads one pickle starting at data[start]; `load_storage` turns a persistent storage id
+  // into its tensor. `torchscript_objects` also accepts TorchScript module objects
+  // (`__torch__.*` classes), whose attributes are read as a dict.
+  Unpickler(const std::string& path, const uint8_t* data, size_t size, StorageLoader load_storage,
+            size_t start = 0, bool torchscript_objects = false)
+      : path_(path), data_(data), size_(size), pos_(start), load_storage_(std::move(load_storage)),
+        torchscript_objects_(torchscript_objects) {}
+
+  // Where the pickle ended (the byte after STOP).
+  size_t position() const { return pos_; }
 
   PyRef run() {
     while (true) {
@@ -85,7 +98,13 @@ class Unpickler {
         case 'M': push_int(read_le(2)); break;                        // BININT2
         case 0x8a: {                                                  // LONG1
           size_t n = read_u8();
-          if (n > 8) fail("integer wider than 64 bits");
+          if (n > 8) {  // e.g. the legacy format's 80-bit magic number: kept as its bytes
+            auto v = make(PyValue::Kind::BigInt);
+            std::vector<uint8_t> bytes = read_bytes(n);
+            v->text.assign(bytes.begin(), bytes.end());
+            push(v);
+            break;
+          }
           uint64_t raw = read_le(n);
           int64_t value = static_cast<int64_t>(raw);
           if (n > 0 && n < 8 && (raw >> (8 * n - 1)) & 1) value -= int64_t(1) << (8 * n);
@@ -155,9 +174,26 @@ class Unpickler {
           push(call(callable, args));
           break;
         }
+        case 0x81: {                                         // NEWOBJ: cls(*args)
+          PyRef args = pop();
+          PyRef cls = pop();
+          if (!torchscript_objects_ || cls->kind != PyValue::Kind::Global || cls->text.rfind("__torch__.", 0) != 0 ||
+              args->kind != PyValue::Kind::Tuple || !args->items.empty())
+            fail("unsupported object construction (NEWOBJ) in pickle");
+          auto v = make(PyValue::Kind::Object);
+          v->text = cls->text;
+          push(v);
+          break;
+        }
         case 'b': {                                          // BUILD
           PyRef state = pop();
           PyRef obj = top();
+          if (obj->kind == PyValue::Kind::Object) {
+            // A TorchScript module's attributes: parameters, buffers, submodules, flags.
+            if (state->kind != PyValue::Kind::Dict) fail("TorchScript object state is not a dict");
+            obj->dict_items = state->dict_items;
+            break;
+          }
           // OrderedDict state dicts carry a `_metadata` attribute (module versions): not
           // needed to read tensors. Anything else with state is not a plain state dict.
           if (obj->kind != PyValue::Kind::Dict && obj->kind != PyValue::Kind::Tensor)
@@ -244,7 +280,8 @@ class Unpickler {
   }
   void push_global(const std::string& name) {
     bool allowed = name == "collections.OrderedDict" || name == "torch._utils._rebuild_tensor_v2" ||
-                   name == "torch._utils._rebuild_parameter" || find_storage_type(name);
+                   name == "torch._utils._rebuild_parameter" || find_storage_type(name) ||
+                   (torchscript_objects_ && name.rfind("__torch__.", 0) == 0 && name.find('\n') == std::string::npos);
     if (!allowed)
       fail("it refers to the Python object '" + name +
            "'; only state dicts (dicts of tensors) are read. Save model.state_dict() instead "
@@ -298,12 +335,15 @@ class Unpickler {
   }
 
   PyRef persistent_load(const PyRef& pid) {
-    // ('storage', <storage class>, key, location, numel)
-    if (pid->kind != PyValue::Kind::Tuple || pid->items.size() != 5 ||
+    // ('storage', <storage class>, key, location, numel) in zip archives; the legacy format
+    // adds view_metadata: None, or (view_key, offset, view_numel) for a view of the storage.
+    if (pid->kind != PyValue::Kind::Tuple || (pid->items.size() != 5 && pid->items.size() != 6) ||
         pid->items[0]->kind != PyValue::Kind::String || pid->items[0]->text != "storage" ||
         pid->items[1]->kind != PyValue::Kind::Global ||
         pid->items[2]->kind != PyValue::Kind::String)
       fail("unsupported persistent id (expected a tensor storage)");
+    PyRef view;
+    if (pid->items.size() == 6 && pid->items[5]->kind != PyValue::Kind::None) view = pid->items[5];
     const StorageType* st = find_storage_type(pid->items[1]->text);
     if (!st) fail("unsupported storage type '" + pid->items[1]->text + "'");
     int64_t numel = as_int(pid->items[4], "storage size");
@@ -315,6 +355,14 @@ class Unpickler {
       fail("storage '" + key + "' is used with two different types or sizes");
     auto v = make(PyValue::Kind::Tensor);
     v->tensor = it->second;
+    if (view) {
+      if (view->kind != PyValue::Kind::Tuple || view->items.size() != 3) fail("malformed storage view");
+      const int64_t offset = as_int(view->items[1], "storage view offset");
+      const int64_t size = as_int(view->items[2], "storage view size");
+      if (offset < 0 || size < 0 || offset > numel || size > numel - offset)
+        fail("storage view [" + std::to_string(offset) + ", +" + std::to_string(size) + ") runs past storage '" + key + "'");
+      v->tensor = it->second.narrow(0, offset, size);
+    }
     return v;
   }
 
@@ -345,8 +393,10 @@ class Unpickler {
       bool empty = false;
       for (size_t i = 0; i < sizes.size(); ++i) {
         if (sizes[i] < 0 || strides[i] < 0) fail("negative tensor size or stride");
+        int64_t extent = 0;
         if (sizes[i] == 0) empty = true;
-        else last += (sizes[i] - 1) * strides[i];
+        else if (__builtin_mul_overflow(sizes[i] - 1, strides[i], &extent) || __builtin_add_overflow(last, extent, &last))
+          fail("tensor size " + shape_to_string(sizes) + " with stride " + shape_to_string(strides) + " overflows");
       }
       if (offset < 0 || (!empty && last >= storage.numel()))
         fail("tensor view " + shape_to_string(sizes) + " at offset " + std::to_string(offset) +
@@ -363,7 +413,8 @@ class Unpickler {
   const uint8_t* data_;
   size_t size_;
   size_t pos_ = 0;
-  std::function<at::Tensor(const std::string&, at::ScalarType, int64_t)> load_storage_;
+  StorageLoader load_storage_;
+  bool torchscript_objects_ = false;
   std::vector<PyRef> stack_;
   std::vector<size_t> marks_;
   std::unordered_map<uint64_t, PyRef> memo_;
@@ -383,12 +434,95 @@ void flatten(const PyRef& value, const std::string& prefix, TensorMap& out, int 
     out[prefix] = value->tensor;
     return;
   }
-  if (value->kind != PyValue::Kind::Dict) return;  // numbers, strings: not weights
+  if (value->kind != PyValue::Kind::Dict && value->kind != PyValue::Kind::Object) return;  // numbers, strings: not weights
   for (const auto& [key, item] : value->dict_items) {
     std::string name = key_to_string(key);
     if (name.empty()) continue;
     flatten(item, prefix.empty() ? name : prefix + "." + name, out, depth + 1, path);
   }
+}
+
+}  // namespace
+
+namespace {
+
+// ref: torch/serialization.py _legacy_save / _legacy_load (torch 1.13): four pickles (magic
+// number, protocol version 1001, sys_info, the object), a pickle of the storage keys, then
+// per key an 8-byte little-endian element count and the raw little-endian bytes.
+TensorMap load_legacy_checkpoint(const std::string& path) {
+  MappedFile file(path);
+  const uint8_t* data = file.data();
+  const size_t size = file.size();
+  auto fail = [&](const std::string& what) -> void { throw FileError(path, "cannot read legacy torch.save file: " + what); };
+  StorageLoader no_storage = [&](const std::string&, at::ScalarType, int64_t) -> at::Tensor {
+    fail("tensor data in a header pickle");
+    return {};
+  };
+
+  Unpickler magic(path, data, size, no_storage);
+  PyRef magic_value = magic.run();
+  static const char kMagic[] = "\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19";  // 0x1950a86a20f9469cfc6c
+  if (magic_value->kind != PyValue::Kind::BigInt || magic_value->text != std::string(kMagic, 10))
+    fail("wrong magic number: not a torch.save file");
+  Unpickler protocol(path, data, size, no_storage, magic.position());
+  PyRef protocol_value = protocol.run();
+  if (protocol_value->kind != PyValue::Kind::Int || protocol_value->int_value != 1001)
+    fail("unsupported legacy protocol version (expected 1001)");
+  Unpickler sys_info(path, data, size, no_storage, protocol.position());
+  PyRef info = sys_info.run();
+  if (info->kind != PyValue::Kind::Dict) fail("malformed sys_info");
+  for (const auto& [key, value] : info->dict_items)
+    if (key->kind == PyValue::Kind::String && key->text == "little_endian" &&
+        !(value->kind == PyValue::Kind::Bool && value->int_value == 1))
+      fail("saved on a big-endian machine, which prefixcap does not read");
+
+  // The object: storages are allocated now and filled from the data section below.
+  std::map<std::string, at::Tensor> storages;
+  StorageLoader allocate = [&](const std::string& key, at::ScalarType dtype, int64_t numel) {
+    const uint64_t bytes = static_cast<uint64_t>(numel) * c10::elementSize(dtype);
+    if (bytes > size) fail("storage '" + key + "' of " + std::to_string(numel) + " elements is larger than the file");
+    at::Tensor t = at::empty({numel}, at::TensorOptions().dtype(dtype));
+    storages[key] = t;
+    return t;
+  };
+  Unpickler object(path, data, size, allocate, sys_info.position());
+  PyRef root = object.run();
+  Unpickler key_list(path, data, size, no_storage, object.position());
+  PyRef keys = key_list.run();
+  if (keys->kind != PyValue::Kind::List) fail("malformed storage key list");
+
+  size_t pos = key_list.position();
+  std::set<std::string> filled;
+  for (const PyRef& key : keys->items) {
+    if (key->kind != PyValue::Kind::String) fail("malformed storage key");
+    auto it = storages.find(key->text);
+    if (it == storages.end()) fail("storage '" + key->text + "' is listed but used by no tensor");
+    if (!filled.insert(key->text).second) fail("storage '" + key->text + "' is listed twice");
+    if (size - pos < 8) fail("file ends before storage '" + key->text + "' (truncated?)");
+    uint64_t count = 0;
+    for (int i = 0; i < 8; ++i) count |= uint64_t(data[pos + i]) << (8 * i);
+    pos += 8;
+    at::Tensor& t = it->second;
+    if (count != static_cast<uint64_t>(t.numel()))
+      fail("storage '" + key->text + "' holds " + std::to_string(count) + " elements, its tensors expect " +
+           std::to_string(t.numel()));
+    const uint64_t bytes = count * t.element_size();
+    if (bytes > size - pos)
+      fail("file ends inside storage '" + key->text + "' (" + std::to_string(size - pos) + " of " + std::to_string(bytes) +
+           " bytes: truncated?)");
+    if (bytes) std::memcpy(t.data_ptr(), data + pos, bytes);
+    pos += bytes;
+  }
+  for (const auto& [key, tensor] : storages)
+    if (!filled.count(key)) fail("storage '" + key + "' has no data");
+  if (pos != size) fail(std::to_string(size - pos) + " unexpected bytes after the last storage");
+
+  TensorMap out;
+  flatten(root, "", out, 0, path);
+  if (out.empty()) throw FileError(path, "checkpoint holds no tensors");
+  // Views were taken of the storages before they were filled: make each tensor own its values.
+  for (auto& [name, tensor] : out) tensor = tensor.contiguous();
+  return out;
 }
 
 }  // namespace
@@ -400,21 +534,22 @@ TensorMap load_torch_checkpoint(const std::string& path) {
     char magic[4] = {0, 0, 0, 0};
     in.read(magic, 4);
     if (in.gcount() < 4) throw FileError(path, "file too short to be a checkpoint");
-    if (static_cast<uint8_t>(magic[0]) == 0x80 && magic[1] >= 2 && magic[1] <= 5)
-      throw FileError(path,
-                      "legacy (non-zip) torch.save format, which prefixcap does not read. "
-                      "Convert it once with Python + torch: "
-                      "python3 scripts/convert_checkpoint.py IN OUT.safetensors");
+    if (static_cast<uint8_t>(magic[0]) == 0x80 && magic[1] >= 2 && magic[1] <= 5) return load_legacy_checkpoint(path);
     if (std::memcmp(magic, "PK\x03\x04", 4) != 0)
       throw FileError(path, "not a PyTorch checkpoint (no zip archive header)");
   }
   std::unique_ptr<caffe2::serialize::PyTorchStreamReader> reader;
   at::DataPtr pickle;
   size_t pickle_size = 0;
+  bool torchscript = false;
   try {
     reader = std::make_unique<caffe2::serialize::PyTorchStreamReader>(path);
     if (!reader->hasRecord("data.pkl"))
       throw FileError(path, "zip archive has no data.pkl: not a torch.save checkpoint");
+    // TorchScript archives (torch.jit.save, OpenAI's CLIP .pt files) add code/ and constants.pkl:
+    // their data.pkl holds module objects, read here as dicts of attributes. Their code is
+    // never compiled or run.
+    torchscript = reader->hasRecord("constants.pkl");
     std::tie(pickle, pickle_size) = reader->getRecord("data.pkl");
   } catch (const c10::Error& e) {
     throw FileError(path, std::string("cannot read the zip archive: ") + e.what_without_backtrace());
@@ -441,7 +576,7 @@ TensorMap load_torch_checkpoint(const std::string& path) {
     }
   };
 
-  Unpickler unpickler(path, static_cast<const uint8_t*>(pickle.get()), pickle_size, load_storage);
+  Unpickler unpickler(path, static_cast<const uint8_t*>(pickle.get()), pickle_size, load_storage, 0, torchscript);
   PyRef root = unpickler.run();
   TensorMap out;
   flatten(root, "", out, 0, path);

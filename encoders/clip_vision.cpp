@@ -197,9 +197,49 @@ void ClipVisionTransformerImpl::load_weights(const TensorMap& weights, const std
   load_state_strict(*this, clip_openai_to_hf(weights, config_), options);
 }
 
-void ClipVisionTransformerImpl::freeze() {
+void ClipImageEncoderImpl::freeze() {
   for (auto& p : parameters()) p.set_requires_grad(false);
   eval();
+}
+
+Json ClipVisionTransformerImpl::config_json() const {
+  const auto& c = config_;
+  Json vc = {{"hidden_size", c.hidden_size}, {"intermediate_size", c.intermediate_size},
+             {"num_hidden_layers", c.num_hidden_layers}, {"num_attention_heads", c.num_attention_heads},
+             {"image_size", c.image_size}, {"patch_size", c.patch_size}, {"num_channels", c.num_channels},
+             {"layer_norm_eps", c.layer_norm_eps}, {"hidden_act", c.hidden_act}};
+  return {{"model_type", "clip"}, {"projection_dim", c.projection_dim}, {"vision_config", vc}};
+}
+
+ClipVisionConfig clip_vit_config_from_openai(const TensorMap& w, const std::string& source) {
+  auto need = [&](const std::string& key) -> const at::Tensor& {
+    auto it = w.find(key);
+    if (it == w.end()) throw FileError(source, "not an OpenAI CLIP ViT: tensor '" + key + "' is missing");
+    return it->second;
+  };
+  ClipVisionConfig c;
+  const at::Tensor& conv1 = need("visual.conv1.weight");            // [width, 3, patch, patch]
+  const at::Tensor& positions = need("visual.positional_embedding");  // [grid^2 + 1, width]
+  const at::Tensor& proj = need("visual.proj");                       // [width, embed_dim]
+  if (conv1.dim() != 4 || positions.dim() != 2 || proj.dim() != 2)
+    throw FileError(source, "OpenAI CLIP ViT tensors have unexpected ranks");
+  c.hidden_size = conv1.size(0);
+  c.patch_size = conv1.size(-1);
+  const int64_t grid = std::llround(std::sqrt(static_cast<double>(positions.size(0) - 1)));
+  c.image_size = grid * c.patch_size;
+  c.num_hidden_layers = 0;
+  const std::string suffix = ".attn.in_proj_weight";
+  for (const auto& [key, t] : w)
+    if (key.rfind("visual.transformer.resblocks.", 0) == 0 && key.size() > suffix.size() &&
+        key.compare(key.size() - suffix.size(), suffix.size(), suffix) == 0)
+      ++c.num_hidden_layers;
+  c.num_attention_heads = std::max<int64_t>(1, c.hidden_size / 64);
+  c.intermediate_size = 4 * c.hidden_size;
+  c.projection_dim = proj.size(1);
+  c.hidden_act = "quick_gelu";
+  c.layer_norm_eps = 1e-5;
+  if (c.num_hidden_layers == 0) throw FileError(source, "OpenAI CLIP ViT without transformer blocks");
+  return c;
 }
 
 ClipVisionTransformer load_clip_vision(const std::string& path) {

@@ -17,6 +17,7 @@
 
 #include "core/json_config.h"
 #include "core/tensor_map.h"
+#include "encoders/clip_image_encoder.h"
 
 namespace prefixcap {
 
@@ -80,19 +81,18 @@ class ClipVisionEmbeddingsImpl : public torch::nn::Module {
 };
 TORCH_MODULE(ClipVisionEmbeddings);
 
-struct ClipVisionOutput {
-  at::Tensor last_hidden_state;  // [B, 1 + patches, C], encoder output before post_layernorm
-  at::Tensor pooled_output;      // [B, C] = post_layernorm(class token)
-  at::Tensor image_embeds;       // [B, projection_dim] (not L2-normalised, as ClipCap uses it)
-};
-
-class ClipVisionTransformerImpl : public torch::nn::Module {
+class ClipVisionTransformerImpl : public ClipImageEncoderImpl {
  public:
   explicit ClipVisionTransformerImpl(const ClipVisionConfig& c);
-  ClipVisionOutput forward(const at::Tensor& pixel_values);
-  void load_weights(const TensorMap& weights, const std::string& source);
-  void freeze();
+  // last_hidden_state [B, 1 + patches, C] (before post_layernorm), pooled_output, image_embeds.
+  ClipVisionOutput forward(const at::Tensor& pixel_values) override;
+  void load_weights(const TensorMap& weights, const std::string& source) override;
   const ClipVisionConfig& config() const { return config_; }
+  int64_t image_size() const override { return config_.image_size; }
+  int64_t embed_dim() const override { return config_.projection_dim; }
+  int64_t token_dim() const override { return config_.hidden_size; }
+  Json config_json() const override;
+  std::string architecture() const override { return "vit"; }
 
   // vision_model.{embeddings, pre_layrnorm, encoder.layers, post_layernorm}
   struct VisionModelImpl : torch::nn::Module {
@@ -115,5 +115,9 @@ TensorMap clip_openai_to_hf(const TensorMap& weights, const ClipVisionConfig& co
 
 // config.json + model.safetensors (or the given weight file). Frozen, eval mode.
 ClipVisionTransformer load_clip_vision(const std::string& path);
+
+// openai/CLIP build_model's derivation for a ViT state dict with OpenAI names (visual.conv1,
+// visual.transformer.resblocks.*, visual.proj): width, layers, patch, resolution, heads = width/64.
+ClipVisionConfig clip_vit_config_from_openai(const TensorMap& weights, const std::string& source);
 
 }  // namespace prefixcap

@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include "core/log.h"
+
 namespace prefixcap {
 
 LogMelConfig LogMelConfig::from_json(const Json& j, const std::string& where) {
@@ -26,10 +28,19 @@ LogMelConfig LogMelConfig::from_json(const Json& j, const std::string& where) {
     throw ConfigError(where + ": win_length different from n_fft is not supported");
   if (c.sample_rate <= 0 || c.window_size < 2 || c.hop_size <= 0 || c.mel_bins <= 0)
     throw ConfigError(where + ": sample_rate, window_size, hop_size and mel_bins must be positive");
-  if (!(c.fmin >= 0 && c.fmin < c.fmax && c.fmax <= c.sample_rate / 2.0))
-    throw ConfigError(where + ": expected 0 <= fmin < fmax <= sample_rate/2, got fmin " + std::to_string(c.fmin) +
-                      ", fmax " + std::to_string(c.fmax));
+  if (!(c.fmin >= 0 && c.fmin < c.fmax && c.fmin < c.sample_rate / 2.0))
+    throw ConfigError(where + ": expected 0 <= fmin < fmax and fmin < sample_rate/2, got fmin " + std::to_string(c.fmin) +
+                      ", fmax " + std::to_string(c.fmax) + ", sample_rate " + std::to_string(c.sample_rate));
   if (!(c.amin > 0) || !(c.ref > 0)) throw ConfigError(where + ": amin and ref must be positive");
+  if (c.fmax > c.sample_rate / 2.0) {
+    // librosa (and so torchlibrosa / PANNs) accept it: the filters whose band lies above the
+    // Nyquist frequency are all zero. Prefix-AAC's Cnn14(16000, fmax=14000) is such a config.
+    const std::vector<int64_t> empty = empty_mel_filters(c);
+    std::string which;
+    if (!empty.empty()) which = "; mel filters " + std::to_string(empty.front()) + ".." + std::to_string(empty.back()) + " are empty";
+    log_warning(where + ": fmax " + std::to_string(static_cast<int64_t>(c.fmax)) + " Hz is above the Nyquist frequency " +
+                std::to_string(c.sample_rate / 2) + " Hz" + which + " (librosa's semantics)");
+  }
   return c;
 }
 
@@ -67,6 +78,14 @@ at::Tensor slaney_mel_filterbank(const LogMelConfig& c) {
     }
   }
   return fb;
+}
+
+std::vector<int64_t> empty_mel_filters(const LogMelConfig& config) {
+  at::Tensor peak = std::get<0>(slaney_mel_filterbank(config).max(1));
+  std::vector<int64_t> out;
+  for (int64_t m = 0; m < peak.size(0); ++m)
+    if (peak[m].item<double>() <= 0) out.push_back(m);
+  return out;
 }
 
 LogMelFrontEndImpl::LogMelFrontEndImpl(const LogMelConfig& config) : config_(config) {

@@ -23,15 +23,20 @@ struct LogMelConfig {
   double top_db = -1;            // clip to max - top_db (negative = off, as PANNs)
 
   // Reads sample_rate, window_size (or n_fft), hop_size (or hop_length), mel_bins (or n_mels),
-  // fmin, fmax, amin, ref, top_db from a JSON object; checks ranges.
+  // fmin, fmax, amin, ref, top_db from a JSON object; checks ranges. fmax above the Nyquist
+  // frequency is accepted with a one-line warning (librosa's semantics: empty top filters).
   static LogMelConfig from_json(const Json& j, const std::string& where);
   int64_t frames(int64_t samples) const { return samples / hop_size + 1; }
 };
 
 // Periodic Hann window of length n (scipy get_window('hann', n, fftbins=True)).
 at::Tensor hann_window_periodic(int64_t n);
-// Slaney-scale, slaney-normalised mel filterbank [mel_bins, window_size/2 + 1] (float64).
+// Slaney-scale, slaney-normalised mel filterbank [mel_bins, window_size/2 + 1] (float64),
+// librosa.filters.mel(htk=False, norm='slaney'); with fmax above sample_rate/2 (accepted, as
+// librosa does) the filters above the Nyquist frequency are all zero.
 at::Tensor slaney_mel_filterbank(const LogMelConfig& config);
+// Indices of the all-zero filters of that filterbank (librosa warns about them).
+std::vector<int64_t> empty_mel_filters(const LogMelConfig& config);
 
 struct LogMelOutput {
   at::Tensor power_spectrogram;  // [B, 1, T, n_fft/2+1]

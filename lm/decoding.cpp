@@ -58,6 +58,31 @@ at::Tensor step(Gpt2ModelImpl& lm, KvCache& cache, const at::Tensor& last_tokens
   return at::log_softmax(logits / temperature, -1);
 }
 
+}  // namespace
+
+at::Tensor sampling_probabilities(const at::Tensor& logits, double temperature, int top_k, double top_p) {
+  at::Tensor scores = logits.to(at::kFloat) / temperature;
+  const float minus_inf = -std::numeric_limits<float>::infinity();
+  if (top_k > 0 && top_k < scores.size(-1)) {
+    at::Tensor kth = std::get<0>(scores.topk(top_k, -1)).select(-1, top_k - 1).unsqueeze(-1);
+    scores = scores.masked_fill(scores < kth, minus_inf);
+  }
+  if (top_p < 1.0) {
+    // A token goes when the tokens more likely than it already hold top_p of the mass: the
+    // one that crosses top_p stays, and so does the most likely one (HF TopPLogitsWarper).
+    auto sorted = scores.sort(-1, /*descending=*/true);
+    at::Tensor sorted_probs = at::softmax(std::get<0>(sorted), -1);
+    at::Tensor mass_before = sorted_probs.cumsum(-1) - sorted_probs;
+    at::Tensor remove_sorted = mass_before >= top_p;
+    remove_sorted.select(-1, 0).fill_(false);
+    at::Tensor remove = at::zeros_like(remove_sorted).scatter(-1, std::get<1>(sorted), remove_sorted);
+    scores = scores.masked_fill(remove, minus_inf);
+  }
+  return at::softmax(scores, -1);
+}
+
+namespace {
+
 at::Tensor is_stop(const at::Tensor& tokens, const std::vector<int64_t>& stop_ids) {
   at::Tensor out = at::zeros(tokens.sizes(), tokens.options().dtype(at::kBool));
   for (int64_t id : stop_ids) out = out | tokens.eq(id);
@@ -88,20 +113,9 @@ std::vector<std::vector<DecodedSequence>> generate_single(Gpt2ModelImpl& lm, con
     if (!o.sample) {
       next = logp.argmax(-1);
     } else {
-      at::Tensor scores = logp.cpu();
-      if (o.top_k > 0 && o.top_k < scores.size(-1)) {
-        at::Tensor kth = std::get<0>(scores.topk(o.top_k, -1)).select(-1, o.top_k - 1).unsqueeze(-1);
-        scores = scores.masked_fill(scores < kth, -std::numeric_limits<float>::infinity());
-      }
-      if (o.top_p < 1.0) {
-        // Keep the most likely tokens until their mass reaches top_p (the first always kept).
-        auto sorted = scores.sort(-1, /*descending=*/true);
-        at::Tensor cum = at::softmax(std::get<0>(sorted), -1).cumsum(-1);
-        at::Tensor remove_sorted = (cum - at::softmax(std::get<0>(sorted), -1)) >= o.top_p;
-        at::Tensor remove = at::zeros_like(remove_sorted).scatter(-1, std::get<1>(sorted), remove_sorted);
-        scores = scores.masked_fill(remove, -std::numeric_limits<float>::infinity());
-      }
-      next = at::multinomial(at::softmax(scores, -1), 1, /*replacement=*/false, gen).squeeze(-1).to(logp.device());
+      // logp already carries the temperature
+      at::Tensor probs = sampling_probabilities(logp.cpu(), /*temperature=*/1.0, o.top_k, o.top_p);
+      next = at::multinomial(probs, 1, /*replacement=*/false, gen).squeeze(-1).to(logp.device());
     }
     at::Tensor chosen_logp = logp.gather(-1, next.unsqueeze(-1)).squeeze(-1).cpu();
     at::Tensor next_cpu = next.cpu();

@@ -40,6 +40,12 @@ struct DecodedSequence {
 std::vector<std::vector<DecodedSequence>> generate(Gpt2ModelImpl& lm, const Prompt& prompt,
                                                    const DecodingOptions& options);
 
+// The distribution sampling draws from, per row of logits [N, V]: softmax(logits / temperature)
+// restricted to the top_k most likely tokens (0 = all), then to the smallest set of the most
+// likely tokens whose mass reaches top_p (the token that crosses top_p is kept, as Hugging
+// Face's TopPLogitsWarper does; the most likely token always is), renormalised. [N, V] float.
+at::Tensor sampling_probabilities(const at::Tensor& logits, double temperature, int top_k, double top_p);
+
 // Checks the options; throws std::invalid_argument naming the bad field.
 void validate(const DecodingOptions& options);
 

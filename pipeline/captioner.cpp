@@ -100,9 +100,8 @@ Captioner Captioner::load(const std::string& bundle_dir) {
     c.cnn14 = load_cnn14(bundle_path(dir, enc, "path", json_path + " encoder"));
   } else if (c.encoder_kind_ == "clip") {
     std::string path = bundle_path(dir, enc, "path", json_path + " encoder");
-    c.clip = load_clip_vision(path);
-    fs::path pre = fs::path(path) / "preprocessor_config.json";
-    if (fs::exists(pre)) c.clip_preprocess = ClipPreprocessConfig::from_json(read_json_file(pre.string()), pre.string());
+    c.clip = load_clip_image_encoder(path);
+    c.clip_preprocess = load_clip_preprocess(path, *c.clip);
   } else if (c.encoder_kind_ != "none") {
     throw ConfigError(json_path + ": unknown encoder kind '" + c.encoder_kind_ + "' (cnn14, clip, none)");
   }
@@ -157,13 +156,7 @@ void Captioner::save(const std::string& bundle_dir) const {
     j["encoder"] = {{"kind", "cnn14"}, {"path", "encoder"}};
   } else if (encoder_kind_ == "clip") {
     fs::create_directories(dir / "encoder");
-    const auto& c = clip->config();
-    Json vc = {{"hidden_size", c.hidden_size}, {"intermediate_size", c.intermediate_size},
-               {"num_hidden_layers", c.num_hidden_layers}, {"num_attention_heads", c.num_attention_heads},
-               {"image_size", c.image_size}, {"patch_size", c.patch_size}, {"num_channels", c.num_channels},
-               {"layer_norm_eps", c.layer_norm_eps}, {"hidden_act", c.hidden_act}};
-    write_json_file((dir / "encoder" / "config.json").string(),
-                    {{"model_type", "clip"}, {"projection_dim", c.projection_dim}, {"vision_config", vc}});
+    write_json_file((dir / "encoder" / "config.json").string(), clip->config_json());
     write_json_file((dir / "encoder" / "preprocessor_config.json").string(),
                     {{"size", clip_preprocess.shortest_edge}, {"crop_size", clip_preprocess.crop_size},
                      {"image_mean", clip_preprocess.mean}, {"image_std", clip_preprocess.std}, {"resample", 3}});
@@ -199,13 +192,15 @@ int Captioner::sample_rate() const {
 // ---------------------------------------------------------------------------------------
 // captioning
 
-at::Tensor Captioner::prefix(const MapperInput& features) {
+MapperInput Captioner::mapper_input(const MapperInput& features) const {
   MapperInput in = features;
   for (at::Tensor* t : {&in.embedding, &in.tokens, &in.token_mask, &in.conv_block6, &in.clipwise, &in.context})
     if (t->defined()) *t = t->to(device_);
   if (normalize_prefix && in.embedding.defined()) in.embedding = in.embedding / in.embedding.norm(2, -1, /*keepdim=*/true);
-  return mapper->forward(in);
+  return in;
 }
+
+at::Tensor Captioner::prefix(const MapperInput& features) { return mapper->forward(mapper_input(features)); }
 
 MapperInput Captioner::encode_waveforms(const std::vector<std::vector<float>>& waveforms) {
   if (encoder_kind_ != "cnn14") throw std::invalid_argument("this captioner has no audio encoder (encoder kind " + encoder_kind_ + ")");

@@ -3,7 +3,7 @@
 //
 // BUNDLE/captioner.json (paths relative to BUNDLE):
 //   {"format": "prefixcap-captioner", "version": 1,
-//    "encoder": {"kind": "cnn14" | "clip" | "none", "path": "encoder"},
+//    "encoder": {"kind": "cnn14" | "clip" | "none", "path": "encoder"},   // clip: ViT or ResNet
 //    "mapper":  {"config": {...MapperConfig...}, "weights": "mapper.safetensors"},
 //    "lm":      {"path": "lm", "tokenizer": "lm"},
 //    "prefix":  {"normalize": false},            // ClipCap: divide the embedding by its L2 norm
@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "core/json_config.h"
-#include "encoders/clip_vision.h"
+#include "encoders/clip_image_encoder.h"
 #include "encoders/cnn14.h"
 #include "encoders/image_preprocess.h"
 #include "lm/decoding.h"
@@ -45,8 +45,11 @@ class Captioner {
   // Writes the bundle (captioner.json, mapper weights, LM folder, encoder folder).
   void save(const std::string& bundle_dir) const;
 
-  // Prefix [B, P, n_embd] from encoder features (normalisation applied as configured).
+  // Prefix [B, P, n_embd] from encoder features: mapper(mapper_input(features)).
   at::Tensor prefix(const MapperInput& features);
+  // What the mapper sees: the features on this captioner's device, the embedding divided by
+  // its L2 norm when the bundle says so (ClipCap's normalize_prefix).
+  MapperInput mapper_input(const MapperInput& features) const;
   // Features of mono waveforms at the encoder's rate (CNN14 bundles), padded into one batch.
   MapperInput encode_waveforms(const std::vector<std::vector<float>>& waveforms);
   // Features of images (CLIP bundles).
@@ -81,7 +84,7 @@ class Captioner {
   // Parts, public so that importers and training can assemble a captioner.
   std::string encoder_kind_ = "none";  // cnn14 | clip | none
   Cnn14 cnn14{nullptr};
-  ClipVisionTransformer clip{nullptr};
+  ClipImageEncoder clip;  // a CLIP ViT or ResNet
   ClipPreprocessConfig clip_preprocess;
   std::shared_ptr<MapperImpl> mapper;
   KvPrefixHead kv_head{nullptr};

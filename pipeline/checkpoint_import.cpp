@@ -68,6 +68,29 @@ void finish(Captioner& c, const ImportOptions& options, const std::string& sourc
 
 }  // namespace
 
+// ref: Prefix_AAC_ICASSP2023 AAC_Prefix/AAC_Prefix.py (get_model_in_table, AAC_Prefix, module-level
+// num_head = 8) and the Cnn14(sample_rate=16000, window_size=512, hop_size=320, mel_bins=64,
+// fmin=50, fmax=14000, classes_num=527) it builds. What the weights hold (widths, layer counts,
+// prefix lengths, vocabulary) is read from them; the rest is the published constructor's.
+Json prefix_aac_preset(const std::string& name, const TensorMap& weights, const std::string& source) {
+  if (name != "audiocaps" && name != "clotho")
+    throw ConfigError("unknown Prefix-AAC preset '" + name + "' (audiocaps: 10 s clips, ReLU after the mapping "
+                      "networks' BatchNorm; clotho: 30 s clips, no ReLU)");
+  auto rows = [&](const std::string& key, int dim = 0) { return need(weights, key, source).size(dim); };
+  std::vector<int64_t> channels;
+  for (int i = 1; i <= 6; ++i) channels.push_back(rows("audio_encoder.conv_block" + std::to_string(i) + ".conv1.weight"));
+  Json encoder = {{"sample_rate", 16000}, {"window_size", 512}, {"hop_size", 320}, {"mel_bins", rows("audio_encoder.bn0.weight")},
+                  {"fmin", 50}, {"fmax", 14000}, {"classes_num", rows("audio_encoder.fc_audioset.weight")},
+                  {"channels", channels}, {"embedding_dim", rows("audio_encoder.fc1.weight")}};
+  const std::string stft = "audio_encoder.spectrogram_extractor.stft.conv_real.weight";  // [n_fft/2+1, 1, n_fft]
+  if (weights.count(stft)) encoder["window_size"] = rows(stft, 2);
+  return {{"model_type", "prefix_aac"},
+          {"audio_encoder", encoder},
+          {"num_head", 8},
+          {"Dataset", name == "clotho" ? "Clotho" : "AudioCaps"},
+          {"decoding", {{"beam_size", 5}, {"entry_length", 67}, {"temperature", 1.0}, {"stop_token", "."}}}};
+}
+
 // ref: CLIP_prefix_caption train.py ClipCaptionModel / ClipCaptionPrefix, predict.py.
 // Mapping table: gpt.X -> LM X (GPT2LMHeadModel names); clip_project.X -> mapper X.
 Captioner import_clipcap(const std::string& checkpoint, const ImportOptions& options) {
@@ -116,12 +139,12 @@ Captioner import_clipcap(const std::string& checkpoint, const ImportOptions& opt
   c.stop_strings = {"."};
   if (!options.clip_dir.empty()) {
     c.encoder_kind_ = "clip";
-    c.clip = load_clip_vision(options.clip_dir);
-    auto pre = std::filesystem::path(options.clip_dir) / "preprocessor_config.json";
-    if (std::filesystem::exists(pre)) c.clip_preprocess = ClipPreprocessConfig::from_json(read_json_file(pre.string()), pre.string());
-    if (c.clip->config().projection_dim != mc.input_dim)
-      throw ConfigError(options.clip_dir + ": CLIP projection_dim " + std::to_string(c.clip->config().projection_dim) +
-                        " does not fit the mapper input " + std::to_string(mc.input_dim));
+    c.clip = load_clip_image_encoder(options.clip_dir);
+    c.clip_preprocess = load_clip_preprocess(options.clip_dir, *c.clip);
+    if (c.clip->embed_dim() != mc.input_dim)
+      throw ConfigError(options.clip_dir + ": this CLIP gives " + std::to_string(c.clip->embed_dim()) +
+                        "-d image embeddings, the checkpoint's mapper takes " + std::to_string(mc.input_dim) +
+                        "-d ones (ClipCap's transformer weights need RN50x4: 640-d; its MLP weights ViT-B/32: 512-d)");
   }
   finish(c, options, "ClipCap " + std::filesystem::path(checkpoint).filename().string());
   return c;
@@ -132,11 +155,11 @@ Captioner import_clipcap(const std::string& checkpoint, const ImportOptions& opt
 // gpt.X -> LM X (GPT2Model names); language_header.weight -> LM lm_head.weight (untied);
 // temporal_mappingnetwork.X / global_mappingnetwork.X -> mapper, same names.
 Captioner import_prefix_aac(const std::string& checkpoint, const ImportOptions& options) {
-  if (options.model_config.empty())
-    throw std::invalid_argument("import prefix-aac: the model's config.json (audio_encoder, gpt2, prefix sizes) is required");
-  const std::string where = options.model_config;
-  Json cfg = read_json_file(options.model_config);
+  if (options.model_config.empty() == options.preset.empty())
+    throw std::invalid_argument("import prefix-aac: give --preset audiocaps|clotho (the published models) or --config FILE, not both");
   TensorMap all = load_weight_file(checkpoint);
+  const std::string where = options.model_config.empty() ? "preset '" + options.preset + "'" : options.model_config;
+  Json cfg = options.model_config.empty() ? prefix_aac_preset(options.preset, all, checkpoint) : read_json_file(options.model_config);
   TensorMap audio = take_prefix(all, "audio_encoder."), gpt = take_prefix(all, "gpt.");
   TensorMap mapper;
   for (const char* branch : {"temporal_mappingnetwork.", "global_mappingnetwork."})
@@ -189,6 +212,9 @@ Captioner import_prefix_aac(const std::string& checkpoint, const ImportOptions& 
   mc.global_num_layers = count_layers(mapper, "global_mappingnetwork.transformer.layers.");
   mc.num_heads = json_get_or<int64_t>(cfg, "num_head", 8, where);
   mc.mlp_ratio = json_get_or<double>(cfg, "mlp_ratio", 2.0, where);
+  // The MLP width is in the weights: they win over a config that says otherwise.
+  const std::string fc1 = "temporal_mappingnetwork.transformer.layers.0.mlp.fc1.weight";
+  if (mapper.count(fc1)) mc.mlp_ratio = static_cast<double>(mapper.at(fc1).size(0)) / static_cast<double>(mc.embed_dim);
   mc.classes_num = ec.classes_num;
   mc.relu_after_bn = json_get_or<bool>(cfg, "relu_after_bn", dataset != "Clotho", where);
   mc.max_positions = need(mapper, "temporal_mappingnetwork.pos_encoder.pe", checkpoint).size(0);

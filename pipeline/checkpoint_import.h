@@ -16,11 +16,17 @@ struct ImportOptions {
                                  // the tensors, n_head from the standard GPT-2 sizes)
   std::string clip_dir;          // ClipCap: CLIP folder to caption images (optional: features only)
   std::string model_config;      // Prefix-AAC: config.json with audio_encoder / gpt2 / prefix sizes
+  std::string preset;            // Prefix-AAC instead of model_config: "audiocaps" or "clotho"
   int num_heads = 8;             // ClipCap transformer mapper heads (not stored in checkpoints)
   int normalize_prefix = -1;     // -1 = the original code's default (MLP no, transformer yes)
 };
 
 Captioner import_clipcap(const std::string& checkpoint, const ImportOptions& options);
 Captioner import_prefix_aac(const std::string& checkpoint, const ImportOptions& options);
+
+// The published Prefix-AAC configuration `name` (audiocaps | clotho) for these weights: the
+// authors' constructor values, with every shape the weights hold read from them. The same JSON
+// form as a --config file.
+Json prefix_aac_preset(const std::string& name, const TensorMap& weights, const std::string& source);
 
 }  // namespace prefixcap

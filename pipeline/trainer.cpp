@@ -329,9 +329,7 @@ class CaptionTask {
     if (cap_.cnn14) {
       d["config"] = cap_.cnn14->config().to_json();
     } else {
-      const auto& v = cap_.clip->config();
-      d["config"] = {{"hidden_size", v.hidden_size}, {"num_hidden_layers", v.num_hidden_layers}, {"image_size", v.image_size},
-                     {"patch_size", v.patch_size}, {"projection_dim", v.projection_dim}};
+      d["config"] = cap_.clip->config_json();
       const auto& p = cap_.clip_preprocess;
       d["preprocess"] = {{"shortest_edge", p.shortest_edge}, {"crop_size", p.crop_size}, {"mean", p.mean}, {"std", p.std}};
     }
@@ -474,9 +472,8 @@ class CaptionTask {
       cap_.cnn14 = load_cnn14(c_.encoder);
     } else {
       cap_.encoder_kind_ = "clip";
-      cap_.clip = load_clip_vision(c_.encoder);
-      fs::path pre = fs::path(c_.encoder) / "preprocessor_config.json";
-      if (fs::exists(pre)) cap_.clip_preprocess = ClipPreprocessConfig::from_json(read_json_file(pre.string()), pre.string());
+      cap_.clip = load_clip_image_encoder(c_.encoder);
+      cap_.clip_preprocess = load_clip_preprocess(c_.encoder, *cap_.clip);
     }
   }
 
@@ -494,8 +491,7 @@ class CaptionTask {
       fill("input_dim", type == "mlp" || type == "transformer" ? e.embedding_dim : e.channels.back());
       fill("classes_num", e.classes_num);
     } else {
-      const auto& v = cap_.clip->config();
-      fill("input_dim", type == "query_guided" ? v.hidden_size : v.projection_dim);
+      fill("input_dim", type == "query_guided" ? cap_.clip->token_dim() : cap_.clip->embed_dim());
     }
     MapperConfig mc = MapperConfig::from_json(mj, "mapper config");
     cap_.mapper = make_mapper(mc);
@@ -606,8 +602,8 @@ std::string step_name(int64_t step) {
 // The keys whose change makes a resumed run a different run.
 Json run_identity(const TrainConfig& c) {
   Json j = c.to_json();
-  for (const char* k : {"out", "resume", "progress", "log_every", "workers", "prefetch", "num_threads", "epochs", "max_steps",
-                        "save_every_steps", "keep_checkpoints", "val_beam_size", "val_max_items", "sample_captions",
+  // epochs and max_steps stay: they set the total step count that the lr schedule decays over.
+  for (const char* k : {"out", "resume", "progress", "log_every", "workers", "prefetch", "num_threads", "save_every_steps", "keep_checkpoints", "val_beam_size", "val_max_items", "sample_captions",
                         "beam_size", "max_tokens", "cache_dir", "encode_batch", "best_metric", "skip_missing", "decoded_cache_mb"})
     j.erase(k);
   return j;

@@ -130,7 +130,7 @@ std::vector<VideoFrame> sample_video_frames(const std::string& path, int count, 
   return picked;
 }
 
-VideoFeatures encode_video_frames(const std::vector<VideoFrame>& frames, ClipVisionTransformerImpl& vit,
+VideoFeatures encode_video_frames(const std::vector<VideoFrame>& frames, ClipImageEncoderImpl& vit,
                                   const ClipPreprocessConfig& preprocess) {
   if (frames.empty()) throw std::invalid_argument("encode_video_frames: no frames");
   std::vector<at::Tensor> pixels;

@@ -5,7 +5,7 @@
 #include <string>
 #include <vector>
 
-#include "encoders/clip_vision.h"
+#include "encoders/clip_image_encoder.h"
 #include "encoders/image_preprocess.h"
 
 namespace prefixcap {
@@ -31,7 +31,7 @@ struct VideoFeatures {
 };
 
 // Every frame through CLIP preprocessing and the vision transformer, batched.
-VideoFeatures encode_video_frames(const std::vector<VideoFrame>& frames, ClipVisionTransformerImpl& vit,
+VideoFeatures encode_video_frames(const std::vector<VideoFrame>& frames, ClipImageEncoderImpl& vit,
                                   const ClipPreprocessConfig& preprocess);
 
 }  // namespace prefixcap
