@@ -4,12 +4,15 @@
 #pragma once
 
 #include <functional>
+#include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
 #include <ATen/Tensor.h>
 
 #include "core/json_config.h"
+#include "core/safetensors.h"
 
 namespace prefixcap::fixtures {
 
@@ -20,26 +23,59 @@ struct CaseResult {
   std::string detail;   // what was compared, the worst difference, or why it failed
 };
 
+// A fixture's golden.safetensors that remembers which tensors were read: run_fixture fails
+// every golden tensor that no case compared or fed to the engine.
+class Golden {
+ public:
+  explicit Golden(const std::string& path) : file_(path) {}
+  at::Tensor tensor(const std::string& name) const;  // marks `name` as used
+  const SafetensorsEntry& entry(const std::string& name) const { return file_.entry(name); }  // shape only: not a use
+  bool contains(const std::string& name) const { return file_.contains(name); }
+  std::vector<std::string> unused() const;
+
+ private:
+  SafetensorsFile file_;
+  mutable std::set<std::string> used_;
+};
+
 struct FixtureReport {
   std::string kind;
   std::vector<CaseResult> cases;
+  // What the kind runner touched, for run_fixture's coverage checks.
+  std::shared_ptr<Golden> golden;      // the golden file it read (null: the fixture has none)
+  std::set<std::string> ran;           // ids of the cases.json cases it ran (see case_ids)
   int passed() const;
   int failed() const;
   int skipped() const;
 };
 
+// Runs the kind's runner, then fails the run (as extra failed cases, named) for every case of
+// cases.json that did not run, every golden tensor never read, and a fixture with no cases.
 // Throws if the folder is not a fixture of a known kind.
 FixtureReport run_fixture(const std::string& folder);
+
+// Ids of the cases a cases.json declares: the keys of an object "cases", or each array
+// element's "name" (else its position); plus "decode:<name>" for a tokenizer's decode_cases.
+std::vector<std::string> case_ids(const Json& cases);
+
+// Reference variants prefixcap deliberately does not implement: the only cases that may be
+// reported as skipped (with this reason); anything else unknown fails.
+const char* deliberate_skip_reason(const std::string& what);
 
 // Kind name of a folder ("gpt2-lm", "gpt2-tokenizer", ...), or "" if unknown.
 std::string detect_kind(const std::string& folder, const Json& cases);
 
 // ---- helpers shared by the per-kind runners ----
 
+// "model.pt (a TorchScript archive)" -> "model.pt": file names in cases.json may carry a note.
+std::string first_word(const std::string& text);
+
 // Elementwise max|got-ref| <= atol + rtol*|ref|. Returns "" on success, else a description
 // with the worst index, got, expected and max difference.
 std::string compare_close(const std::string& what, const at::Tensor& got, const at::Tensor& expected,
                           double atol, double rtol, double* max_diff = nullptr);
+// Equal values and shapes; floating tensors compare as floating values (no cast to integers),
+// NaN equal to NaN.
 std::string compare_exact(const std::string& what, const at::Tensor& got, const at::Tensor& expected);
 
 // The {"atol", "rtol"} of an entry of cases.json, nested under "tolerance" or flat in the
@@ -67,6 +103,8 @@ FixtureReport run_audio_decode_fixture(const std::string& folder, const Json& ca
 FixtureReport run_mel_frontend_fixture(const std::string& folder, const Json& cases);
 FixtureReport run_cnn14_fixture(const std::string& folder, const Json& cases);
 FixtureReport run_clip_vision_fixture(const std::string& folder, const Json& cases);
+FixtureReport run_clip_resnet_fixture(const std::string& folder, const Json& cases);
+FixtureReport run_torch_checkpoint_fixture(const std::string& folder, const Json& cases);
 FixtureReport run_clipcap_fixture(const std::string& folder, const Json& cases);
 FixtureReport run_prefix_aac_fixture(const std::string& folder, const Json& cases);
 FixtureReport run_metrics_fixture(const std::string& folder, const Json& cases);

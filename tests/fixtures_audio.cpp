@@ -28,6 +28,20 @@ double snr_db(const std::vector<float>& y_in, const at::Tensor& ref_in, int64_t 
   return noise == 0 ? INFINITY : 10 * std::log10(signal / noise);
 }
 
+// What the decoder must say about a broken file, from the case's description (a regex).
+std::string expected_decode_error(const std::string& description) {
+  static const std::pair<const char*, const char*> kReasons[] = {
+      {"zero-byte", "empty"},
+      {"ASCII text", "not a recognised|not an audio|no audio stream|invalid data"},
+      {"file ends after", "truncated|ends early|shorter than"},
+      {"claim", "truncated|ends early|shorter than"},
+      {"fmt chunk size", "chunk|malformed|truncated"},
+  };
+  for (const auto& [needle, reason] : kReasons)
+    if (description.find(needle) != std::string::npos) return reason;
+  return "";
+}
+
 std::string fmt(double v) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.2f", v);
@@ -39,7 +53,8 @@ std::string fmt(double v) {
 FixtureReport run_audio_decode_fixture(const std::string& folder, const Json& cases) {
   FixtureReport report;
   report.kind = "audio-decode";
-  SafetensorsFile golden((fs::path(folder) / "golden.safetensors").string());
+  report.golden = std::make_shared<Golden>((fs::path(folder) / "golden.safetensors").string());
+  const Golden& golden = *report.golden;
   int target_rate = 32000;
   std::smatch m;
   std::string target = cases.value("target", "");
@@ -47,13 +62,22 @@ FixtureReport run_audio_decode_fixture(const std::string& folder, const Json& ca
   for (const Json& c : cases.at("cases")) {
     const std::string path = (fs::path(folder) / c.at("file").get<std::string>()).string();
     const Json& expected = c.at("expected");
+    report.ran.insert(c.at("name").get<std::string>());
     report.cases.push_back(run_case(c.at("name").get<std::string>(), [&]() -> std::string {
       if (expected.value("error", false)) {
+        // The file must be there and readable (an error from a wrong path proves nothing), and
+        // the decoder's reason must be the one the case describes.
+        if (!fs::is_regular_file(path)) return "FAIL:fixture file " + path + " is missing";
+        const std::string reason = expected_decode_error(c.value("description", std::string()));
+        if (reason.empty()) return "FAIL:no known decoder reason for this broken-file description";
         try {
           Waveform w = decode_audio(path, {target_rate});
           return "FAIL:decoded " + std::to_string(w.samples.size()) + " samples instead of reporting an error";
         } catch (const FileError& e) {
-          return std::string("rejected: ") + e.what();
+          const std::string message = e.what();
+          if (!std::regex_search(message, std::regex(reason, std::regex::icase)))
+            return "FAIL:rejected for another reason than /" + reason + "/: " + message;
+          return "rejected: " + message;
         }
       }
       Checks checks;
@@ -103,9 +127,11 @@ FixtureReport run_mel_frontend_fixture(const std::string& folder, const Json& ca
   report.kind = "mel-frontend";
   const std::string config_path = (fs::path(folder) / cases.at("config").get<std::string>()).string();
   LogMelConfig config = LogMelConfig::from_json(read_json_file(config_path), config_path);
-  SafetensorsFile golden((fs::path(folder) / "golden.safetensors").string());
+  report.golden = std::make_shared<Golden>((fs::path(folder) / "golden.safetensors").string());
+  const Golden& golden = *report.golden;
   LogMelFrontEnd front_end(config);
   for (const Json& c : cases.at("cases")) {
+    report.ran.insert(c.at("name").get<std::string>());
     report.cases.push_back(run_case(c.at("name").get<std::string>(), [&]() -> std::string {
       Checks checks;
       LogMelOutput out;
@@ -140,7 +166,8 @@ FixtureReport run_cnn14_fixture(const std::string& folder, const Json& cases) {
   const Json& files = cases.at("model_files");
   const std::string config_path = (fs::path(folder) / files.at("config").get<std::string>()).string();
   Cnn14Config config = Cnn14Config::from_file(config_path);
-  SafetensorsFile golden((fs::path(folder) / "golden.safetensors").string());
+  report.golden = std::make_shared<Golden>((fs::path(folder) / "golden.safetensors").string());
+  const Golden& golden = *report.golden;
   double default_atol = 1e-4, default_rtol = 1e-3;
   if (cases.contains("default_tolerance")) tolerance_of(cases["default_tolerance"], &default_atol, &default_rtol, 1e-4, 1e-3);
   for (auto f = files.begin(); f != files.end(); ++f) {
@@ -158,11 +185,30 @@ FixtureReport run_cnn14_fixture(const std::string& folder, const Json& cases) {
     report.cases.push_back(load);
     if (!load.passed) continue;
     for (const Json& c : cases.at("cases")) {
+      report.ran.insert(c.at("name").get<std::string>());
       report.cases.push_back(run_case(file + "/" + c.at("name").get<std::string>(), [&]() -> std::string {
         torch::NoGradGuard no_grad;
         Checks checks;
         const Json& input = c.at("inputs").at("waveform");
         at::Tensor waveform = golden.tensor(input.at("tensor").get<std::string>());
+        for (auto in = c.at("inputs").begin(); in != c.at("inputs").end(); ++in) {
+          if (in.key() == "waveform") continue;
+          if (in.key() != "lengths") {
+            checks.require(false, "unknown input '" + in.key() + "'");
+            continue;
+          }
+          // Valid samples per row (the reference runs on the zero-padded batch): the padding
+          // must be zeros and the last valid sample not, or the lengths describe another batch.
+          at::Tensor lengths = golden.tensor(in.value().at("tensor").get<std::string>()).to(at::kLong);
+          checks.require(lengths.numel() == waveform.size(0), "lengths: one per waveform row expected");
+          for (int64_t b = 0; b < std::min<int64_t>(lengths.numel(), waveform.size(0)); ++b) {
+            const int64_t n = lengths[b].item<int64_t>();
+            const bool ok = n > 0 && n <= waveform.size(1) && waveform[b][n - 1].item<float>() != 0 &&
+                            (n == waveform.size(1) || waveform[b].narrow(0, n, waveform.size(1) - n).abs().max().item<float>() == 0);
+            checks.require(ok, "lengths[" + std::to_string(b) + "] = " + std::to_string(n) + " does not match the zero padding of row " +
+                                   std::to_string(b));
+          }
+        }
         if (input.contains("file")) {  // the same samples as a WAV: the decoder must give them exactly
           std::string wav = input["file"].get<std::string>();
           Waveform w = decode_audio((fs::path(folder) / wav.substr(0, wav.find(' '))).string(), {0});

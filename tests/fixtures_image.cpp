@@ -5,8 +5,11 @@
 #include <ATen/ATen.h>
 #include <torch/types.h>
 
+#include "core/json_config.h"
 #include "core/safetensors.h"
 #include "core/weights.h"
+#include "encoders/clip_image_encoder.h"
+#include "encoders/clip_resnet.h"
 #include "encoders/clip_vision.h"
 #include "encoders/image_preprocess.h"
 #include "tests/fixture_runner.h"
@@ -15,70 +18,61 @@ namespace prefixcap::fixtures {
 namespace fs = std::filesystem;
 
 namespace {
-// Fraction of elements with |got - ref| <= tol (per channel tolerance when tol has 3 values).
-std::string within(const std::string& what, const at::Tensor& got_in, const at::Tensor& ref_in, const at::Tensor& tol,
-                   double min_fraction, Checks& checks) {
-  at::Tensor got = got_in.to(at::kDouble), ref = ref_in.to(at::kDouble);
-  if (got.sizes() != ref.sizes()) {
-    std::ostringstream s;
-    s << what << ": shape " << got.sizes() << ", expected " << ref.sizes();
-    checks.failures.push_back(s.str());
-    return "";
+
+// Preprocessing cases: every crop_u8 value exact (the engine is Pillow-exact), pixel_values
+// within the fixture's stated atol (1e-6 when it states none numerically), decoded JPEG
+// pixels exact.
+void run_preprocess_cases(const std::string& folder, const Json& pre, ClipPreprocessConfig pconfig, const Golden& golden,
+                          FixtureReport& report) {
+  if (pre.contains("mean")) pconfig.mean = pre["mean"].get<std::vector<double>>();
+  if (pre.contains("std")) pconfig.std = pre["std"].get<std::vector<double>>();
+  double pixel_atol = 1e-6, pixel_rtol = 0;
+  if (pre.contains("tolerance") && pre["tolerance"].contains("pixel_values") && pre["tolerance"]["pixel_values"].is_object())
+    tolerance_of(pre["tolerance"]["pixel_values"], &pixel_atol, &pixel_rtol, 1e-6, 0.0);
+  if (!pre.contains("images") || pre["images"].empty()) throw std::runtime_error("preprocess case lists no images");
+  for (const Json& img : pre.at("images")) {
+    report.cases.push_back(run_case("preprocess/" + img.at("name").get<std::string>(), [&]() -> std::string {
+      Checks checks;
+      ImageDecodeOptions decode;
+      decode.apply_exif_orientation = false;  // the reference (PIL.Image.open) ignores EXIF
+      Image8 image = decode_image((fs::path(folder) / img.at("file").get<std::string>()).string(), decode);
+      if (img.contains("size_wh")) {
+        auto wh = img["size_wh"].get<std::vector<int>>();
+        checks.require(image.width == wh[0] && image.height == wh[1], "decoded size differs");
+      }
+      if (img.contains("decoded_u8")) {
+        at::Tensor ours = at::from_blob(image.pixels.data(), {image.height, image.width, image.channels}, at::kByte);
+        checks.exact("decoded", ours, golden.tensor(first_word(img["decoded_u8"].get<std::string>())));
+      }
+      at::Tensor crop = clip_crop_u8(image, pconfig);
+      checks.exact("crop_u8", crop, golden.tensor(img.at("crop_u8").get<std::string>()));
+      checks.close("pixel_values", clip_normalize(crop, pconfig), golden.tensor(img.at("pixel_values").get<std::string>()),
+                   pixel_atol, pixel_rtol);
+      return checks.result();
+    }));
   }
-  at::Tensor diff = (got - ref).abs();
-  double fraction = (diff <= tol).to(at::kDouble).mean().item<double>();
-  double exact = (diff == 0).to(at::kDouble).mean().item<double>();
-  std::ostringstream s;
-  s.precision(5);
-  s << what << ": " << 100 * fraction << "% within one level (" << 100 * exact << "% exact, max|d| " << diff.max().item<double>() << ")";
-  if (fraction < min_fraction) checks.failures.push_back(s.str());
-  else checks.notes.push_back(s.str());
-  return s.str();
 }
+
 }  // namespace
 
 FixtureReport run_clip_vision_fixture(const std::string& folder, const Json& cases) {
   FixtureReport report;
   report.kind = "clip-vision";
   const Json& model = cases.at("model");
-  const std::string config_path = (fs::path(folder) / model.at("config").get<std::string>()).string();
+  const std::string config_path = (fs::path(folder) / first_word(model.at("config").get<std::string>())).string();
   ClipVisionConfig config = ClipVisionConfig::from_file(config_path);
-  SafetensorsFile golden((fs::path(folder) / cases.at("golden").at("file").get<std::string>()).string());
+  report.golden = std::make_shared<Golden>((fs::path(folder) / cases.at("golden").at("file").get<std::string>()).string());
+  const Golden& golden = *report.golden;
   const Json& all = cases.at("cases");
 
   if (all.contains("preprocess")) {
-    const Json& pre = all["preprocess"];
+    report.ran.insert("preprocess");
     ClipPreprocessConfig pconfig;
     if (model.contains("preprocessor_config")) {
       const std::string p = (fs::path(folder) / model["preprocessor_config"].get<std::string>()).string();
       pconfig = ClipPreprocessConfig::from_json(read_json_file(p), p);
     }
-    if (pre.contains("mean")) pconfig.mean = pre["mean"].get<std::vector<double>>();
-    if (pre.contains("std")) pconfig.std = pre["std"].get<std::vector<double>>();
-    at::Tensor level_tol = (1.0 / (255.0 * at::tensor(pconfig.std, at::kDouble)) + 1e-6).view({3, 1, 1});
-    for (const Json& img : pre.at("images")) {
-      report.cases.push_back(run_case("preprocess/" + img.at("name").get<std::string>(), [&]() -> std::string {
-        Checks checks;
-        ImageDecodeOptions decode;
-        decode.apply_exif_orientation = false;  // the reference (PIL.Image.open) ignores EXIF
-        Image8 image = decode_image((fs::path(folder) / img.at("file").get<std::string>()).string(), decode);
-        if (img.contains("size_wh")) {
-          auto wh = img["size_wh"].get<std::vector<int>>();
-          checks.require(image.width == wh[0] && image.height == wh[1], "decoded size differs");
-        }
-        if (img.contains("decoded_u8")) {
-          std::string name = img["decoded_u8"].get<std::string>();
-          name = name.substr(0, name.find(' '));
-          at::Tensor ours = at::from_blob(image.pixels.data(), {image.height, image.width, image.channels}, at::kByte);
-          within("decoded", ours, golden.tensor(name), at::tensor(1.0), 0.999, checks);
-        }
-        at::Tensor crop = clip_crop_u8(image, pconfig);
-        within("crop_u8", crop, golden.tensor(img.at("crop_u8").get<std::string>()), at::tensor(1.0), 0.999, checks);
-        within("pixel_values", clip_normalize(crop, pconfig), golden.tensor(img.at("pixel_values").get<std::string>()),
-               level_tol, 0.999, checks);
-        return checks.result();
-      }));
-    }
+    run_preprocess_cases(folder, all["preprocess"], pconfig, golden, report);
   }
 
   for (auto w = model.at("weights").begin(); w != model.at("weights").end(); ++w) {
@@ -94,6 +88,7 @@ FixtureReport run_clip_vision_fixture(const std::string& folder, const Json& cas
     if (!load.passed) continue;
     for (auto c = all.begin(); c != all.end(); ++c) {
       if (!c.value().contains("inputs") || !c.value()["inputs"].contains("pixel_values")) continue;
+      report.ran.insert(c.key());
       report.cases.push_back(run_case(w.key() + "/" + c.key(), [&]() -> std::string {
         torch::NoGradGuard no_grad;
         Checks checks;
@@ -106,6 +101,69 @@ FixtureReport run_clip_vision_fixture(const std::string& folder, const Json& cas
           else if (o.key() == "pooled_output") checks.close(o.key(), out.pooled_output, expected, atol, rtol);
           else if (o.key() == "image_embeds") checks.close(o.key(), out.image_embeds, expected, atol, rtol);
           else checks.require(false, "unknown output '" + o.key() + "'");
+        }
+        return checks.result();
+      }));
+    }
+  }
+  return report;
+}
+
+// CLIP ModifiedResNet (clip-rn-tiny): the same preprocessing rules at the model's resolution;
+// every weight file (OpenAI-named safetensors, a TorchScript archive of a whole CLIP) through
+// the same loader users call, the configuration derived from the weights and checked against
+// the fixture's config.json.
+FixtureReport run_clip_resnet_fixture(const std::string& folder, const Json& cases) {
+  FixtureReport report;
+  report.kind = "clip-resnet";
+  const Json& model = cases.at("model");
+  const std::string config_path = (fs::path(folder) / first_word(model.at("config").get<std::string>())).string();
+  const ClipResNetConfig config = ClipResNetConfig::from_json(read_json_file(config_path), config_path);
+  report.golden = std::make_shared<Golden>((fs::path(folder) / cases.at("golden").at("file").get<std::string>()).string());
+  const Golden& golden = *report.golden;
+  const Json& all = cases.at("cases");
+
+  if (all.contains("preprocess")) {
+    report.ran.insert("preprocess");
+    ClipPreprocessConfig pconfig;
+    pconfig.shortest_edge = pconfig.crop_size = config.image_resolution;
+    run_preprocess_cases(folder, all["preprocess"], pconfig, golden, report);
+  }
+  if (model.at("weights").empty()) throw std::runtime_error("cases.json: model.weights lists no weight file");
+  for (auto w = model.at("weights").begin(); w != model.at("weights").end(); ++w) {
+    const std::string path = (fs::path(folder) / w.key()).string();
+    std::shared_ptr<ClipModifiedResNetImpl> resnet;
+    CaseResult load = run_case(w.key() + "/load", [&] {
+      ClipImageEncoder encoder = load_clip_image_encoder(path);
+      resnet = std::dynamic_pointer_cast<ClipModifiedResNetImpl>(encoder);
+      if (!resnet) return std::string("FAIL:loaded as a ") + encoder->architecture() + ", not a ResNet";
+      Checks checks;
+      checks.require(resnet->config().to_json() == config.to_json(),
+                     "derived config " + resnet->config().to_json().dump() + " differs from " + config.to_json().dump());
+      return checks.result().empty() ? "strict load, config derived from the weights" : checks.result();
+    });
+    report.cases.push_back(load);
+    if (!load.passed) continue;
+    for (auto c = all.begin(); c != all.end(); ++c) {
+      if (!c.value().contains("inputs") || !c.value()["inputs"].contains("pixel_values")) continue;
+      report.ran.insert(c.key());
+      report.cases.push_back(run_case(w.key() + "/" + c.key(), [&]() -> std::string {
+        torch::NoGradGuard no_grad;
+        Checks checks;
+        const at::Tensor pixels = golden.tensor(c.value()["inputs"]["pixel_values"].get<std::string>());
+        ClipResNetOutput out = resnet->forward_all(pixels);
+        for (auto o = c.value().at("outputs").begin(); o != c.value().at("outputs").end(); ++o) {
+          double atol, rtol;
+          tolerance_of(o.value(), &atol, &rtol);
+          at::Tensor expected = golden.tensor(o.value().at("tensor").get<std::string>());
+          if (o.key() == "stem") checks.close(o.key(), out.stem, expected, atol, rtol);
+          else if (o.key() == "layer4") checks.close(o.key(), out.layer4, expected, atol, rtol);
+          else if (o.key() == "image_embeds") {
+            checks.close(o.key(), out.image_embeds, expected, atol, rtol);
+            checks.close("image_embeds via the encoder interface", resnet->forward(pixels).image_embeds, expected, atol, rtol);
+          } else {
+            checks.require(false, "unknown output '" + o.key() + "'");
+          }
         }
         return checks.result();
       }));

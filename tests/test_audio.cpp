@@ -7,6 +7,8 @@
 
 #include "core/errors.h"
 #include "core/safetensors.h"
+#include "core/weights.h"
+#include "encoders/log_mel.h"
 #include "encoders/cnn14.h"
 #include "pipeline/audio_decode.h"
 #include "tests/test_helpers.h"
@@ -144,7 +146,7 @@ TEST(Cnn14, ConfigAndShapeErrorsAreClear) {
   TempDir dir;
   write_bytes(dir.file("config.json"), R"({"model_type":"cnn14","channels":[4,8,16]})");
   EXPECT_THROW(Cnn14Config::from_file(dir.file("config.json")), ConfigError);
-  write_bytes(dir.file("config.json"), R"({"model_type":"cnn14","fmax":20000})");
+  write_bytes(dir.file("config.json"), R"({"model_type":"cnn14","fmin":15000,"fmax":14000})");
   EXPECT_THROW(Cnn14Config::from_file(dir.file("config.json")), ConfigError);
   Cnn14Config c = Cnn14Config::from_file(fixture_dir("cnn14-tiny") + "/config.json");
   c.channels[5] = 256;
@@ -173,4 +175,59 @@ TEST(AudioDecode, WindowSpansCoverTheRecording) {
   EXPECT_EQ(window_spans(4.0, 10.0, 10.0).size(), 1u);
   EXPECT_TRUE(window_spans(0.0, 10.0, 10.0).empty());
   EXPECT_THROW(window_spans(10.0, 10.0, 0.0), std::invalid_argument);
+}
+
+// Prefix-AAC's encoder is Cnn14(sample_rate=16000, window_size=512, hop_size=320, mel_bins=64,
+// fmin=50, fmax=14000): fmax above the 8 kHz Nyquist frequency. librosa accepts it and leaves
+// the filters above Nyquist empty; the numbers below are the prefix-aac-tiny fixture's, measured
+// with librosa/torchlibrosa (cases.json "checks.melW").
+TEST(LogMel, FmaxAboveNyquistFollowsLibrosa) {
+  const Json fixture = read_json_file(fixture_dir("prefix-aac-tiny") + "/cases.json");
+  const Json& checks = fixture.at("checks").at("melW");
+  const Json cfg = {{"sample_rate", 16000}, {"window_size", 512}, {"hop_size", 320}, {"mel_bins", 64}, {"fmin", 50}, {"fmax", 14000}};
+  LogMelConfig c = LogMelConfig::from_json(cfg, "prefix-aac config");
+  EXPECT_EQ(empty_mel_filters(c), checks.at("constructor_fmax14000_empty_filters").get<std::vector<int64_t>>());
+  // The checkpoint stores Cnn14_16k's filterbank (fmax 8000) as melW [freq, mel].
+  TensorMap weights = load_weight_file(fixture_dir("prefix-aac-tiny") + "/prefix_aac_tiny.pt");
+  const at::Tensor stored = weights.at("audio_encoder.logmel_extractor.melW").to(at::kDouble).t();
+  const double vs_constructor = (slaney_mel_filterbank(c) - stored).abs().max().item<double>();
+  EXPECT_NEAR(vs_constructor, checks.at("stored_vs_constructor_fmax14000_max_abs").get<double>(), 1e-6);
+  LogMelConfig c8 = c;
+  c8.fmax = 8000;
+  EXPECT_LT((slaney_mel_filterbank(c8) - stored).abs().max().item<double>(), 1e-7);
+  // A whole CNN14 with that config loads and runs (the empty filters give -100 dB bands).
+  Json cnn = cfg;
+  cnn["model_type"] = "cnn14";
+  cnn["channels"] = {4, 8, 16, 32, 64, 128};
+  cnn["embedding_dim"] = 128;
+  Cnn14 model(Cnn14Config::from_json(cnn, "cnn14 config"));
+  torch::NoGradGuard no_grad;
+  at::Tensor logmel = model->front_end->forward(at::randn({1, 16000}));
+  EXPECT_EQ(logmel.size(-1), 64);
+  EXPECT_LT((logmel.narrow(-1, 55, 9) + 100).abs().max().item<double>(), 1e-3);
+  // Still refused: fmin >= fmax, negative fmin, fmin at or above Nyquist.
+  for (const Json& bad : {Json{{"fmin", 9000}, {"fmax", 8000}}, Json{{"fmin", -1}, {"fmax", 8000}},
+                          Json{{"fmin", 8000}, {"fmax", 14000}}}) {
+    Json j = cfg;
+    j.update(bad);
+    EXPECT_THROW(LogMelConfig::from_json(j, "bad config"), ConfigError) << bad.dump();
+  }
+}
+
+// PANNs publish legacy (non-zip) torch.save files: torch-legacy's cnn14-legacy.pth holds
+// cnn14-tiny's weights that way and must reproduce cnn14-tiny's golden outputs.
+TEST(Cnn14, LegacyTorchSaveCheckpointReproducesTheGoldenOutputs) {
+  Cnn14 model(Cnn14Config::from_file(fixture_dir("cnn14-tiny") + "/config.json"));
+  const std::string path = fixture_dir("torch-legacy") + "/cnn14-legacy.pth";
+  model->load_weights(load_weight_file(path), path);
+  model->freeze();
+  SafetensorsFile golden(fixture_dir("cnn14-tiny") + "/golden.safetensors");
+  torch::NoGradGuard no_grad;
+  Cnn14Output out = model->forward(golden.tensor("rec.waveform"));
+  for (const auto& [name, got] : std::vector<std::pair<std::string, at::Tensor>>{
+           {"rec.embedding", out.embedding}, {"rec.clipwise_output", out.clipwise_output}}) {
+    at::Tensor expected = golden.tensor(name);
+    const double excess = ((got.to(at::kDouble) - expected).abs() - (1e-4 + 1e-3 * expected.abs())).max().item<double>();
+    EXPECT_LE(excess, 0) << name;  // cnn14-tiny's default tolerance: atol 1e-4, rtol 1e-3
+  }
 }

@@ -9,6 +9,7 @@
 
 #include "core/errors.h"
 #include "core/safetensors.h"
+#include "encoders/image_preprocess.h"
 #include "mapper/mappers.h"
 #include "pipeline/checkpoint_import.h"
 #include "tests/test_helpers.h"
@@ -200,4 +201,100 @@ TEST(Captioner, BadBundlesNameTheFileAndTensor) {
   m = message(dir.file("b"));
   EXPECT_NE(m.find("mapper.safetensors: missing"), std::string::npos) << m;
   EXPECT_THROW(import_clipcap(fixture_dir("prefix-aac-tiny") + "/prefix_aac_tiny.pt", o), FileError);
+}
+
+// ClipCap's transformer weights expect CLIP RN50x4 features: clipcap-tiny's transformer
+// checkpoint (32-d input) with clip-rn-tiny's RN50x4-shaped ResNet (32-d output), read from
+// OpenAI's TorchScript format, as a bundle that captions a photo.
+TEST(Captioner, ClipCapTransformerWeightsCaptionAPhotoThroughAClipResNet) {
+  TempDir dir;
+  ImportOptions o;
+  o.tokenizer_dir = fixture_dir("gpt2-tiny");
+  o.gpt2_config = fixture_dir("gpt2-tiny") + "/config.json";
+  o.clip_dir = fixture_dir("clip-rn-tiny") + "/model.pt";
+  import_clipcap(fixture_dir("clipcap-tiny") + "/transformer_weights_tiny.pt", o).save(dir.file("rn"));
+  EXPECT_EQ(read_json_file(dir.file("rn/encoder/config.json")).at("model_type"), "clip_resnet");
+  Captioner c = Captioner::load(dir.file("rn"));
+  ASSERT_TRUE(c.clip);
+  EXPECT_EQ(c.clip->architecture(), "resnet");
+  EXPECT_EQ(c.clip_preprocess.crop_size, 288);
+  // The photo's embedding through the bundle equals the ResNet on the fixture's golden
+  // (Pillow-exact) preprocessing of the same photo.
+  SafetensorsFile golden(fixture_dir("clip-rn-tiny") + "/golden.safetensors");
+  ImageDecodeOptions decode;
+  decode.apply_exif_orientation = false;
+  Image8 image = decode_image(fixture_dir("clip-rn-tiny") + "/rocket.jpg", decode);
+  at::Tensor ours = c.encode_images({image}).embedding;
+  at::Tensor reference;
+  {
+    torch::NoGradGuard no_grad;
+    reference = c.clip->forward(golden.tensor("preprocess.rocket.pixel_values").unsqueeze(0)).image_embeds;
+  }
+  EXPECT_TRUE(at::allclose(ours, reference, 1e-5, 1e-5));
+  DecodingOptions d = c.default_decoding();
+  d.max_tokens = 20;
+  auto captions = c.caption_files({fixture_dir("clip-rn-tiny") + "/rocket.jpg"}, d);
+  MapperInput features;
+  features.embedding = reference;
+  auto direct = c.caption(features, d);
+  ASSERT_FALSE(captions[0].empty());
+  EXPECT_EQ(captions[0][0].ids, direct[0][0].ids);
+  EXPECT_FALSE(captions[0][0].text.empty());
+  // A CLIP whose embedding width does not fit the mapper is refused with both widths named.
+  TempDir other;
+  Json wider = read_json_file(fixture_dir("clip-rn-tiny") + "/config.json");
+  wider["embed_dim"] = 48;
+  write_json_file(other.file("config.json"), wider);
+  fs::copy_file(fixture_dir("clip-rn-tiny") + "/model.safetensors", other.file("model.safetensors"));
+  o.clip_dir = other.path();
+  std::string message;
+  try {
+    import_clipcap(fixture_dir("clipcap-tiny") + "/transformer_weights_tiny.pt", o);
+  } catch (const std::exception& e) {
+    message = e.what();
+  }
+  // (the weights themselves say 32: strict loading names the tensor first)
+  EXPECT_NE(message.find("attnpool.c_proj.weight"), std::string::npos) << message;
+}
+
+// The published Prefix-AAC configurations as presets: no hand-written config. The tiny GPT-2's
+// width is not a standard GPT-2 size, so only its config.json is given (real checkpoints need
+// nothing: GPT-2 small's heads follow from its width).
+TEST(Captioner, PrefixAacPresetsNeedNoHandWrittenConfig) {
+  TempDir dir;
+  const Json fixture_config = read_json_file(fixture_dir("prefix-aac-tiny") + "/config.json");
+  Json gpt2 = fixture_config.at("gpt2");
+  gpt2["model_type"] = "gpt2";
+  write_json_file(dir.file("gpt2.json"), gpt2);
+  ImportOptions o;
+  o.tokenizer_dir = fixture_dir("gpt2-tiny");
+  o.gpt2_config = dir.file("gpt2.json");
+  o.preset = "audiocaps";
+  const std::string checkpoint = fixture_dir("prefix-aac-tiny") + "/prefix_aac_tiny.pt";
+  import_prefix_aac(checkpoint, o).save(dir.file("audiocaps"));
+  Captioner c = Captioner::load(dir.file("audiocaps"));
+  auto captions = c.caption_files({fixture_dir("prefix-aac-tiny") + "/rec_leaves_16k_mono_s16.wav"}, c.default_decoding());
+  EXPECT_EQ(captions[0][0].ids, golden_row("prefix-aac-tiny", "rec.beam_sorted_ids", 0, 0));
+  EXPECT_TRUE(c.mapper->config().relu_after_bn);
+
+  // Clotho: no ReLU after the BatchNorm (the fixture's prefix_clotho_variant), 30 s clips.
+  o.preset = "clotho";
+  Captioner clotho = import_prefix_aac(checkpoint, o);
+  EXPECT_FALSE(clotho.mapper->config().relu_after_bn);
+  EXPECT_DOUBLE_EQ(clotho.cnn14->config().clip_seconds, 30.0);
+  SafetensorsFile golden(fixture_dir("prefix-aac-tiny") + "/golden.safetensors");
+  at::Tensor wave = golden.tensor("rec.waveform");
+  const int64_t padded = golden.tensor("rec.num_samples_padded").item<int64_t>();
+  torch::NoGradGuard no_grad;
+  Cnn14Output enc = clotho.cnn14->forward(at::constant_pad_nd(wave, {0, padded - wave.size(-1)}));
+  MapperInput features;
+  features.conv_block6 = enc.conv_block6;
+  features.clipwise = enc.clipwise_output;
+  at::Tensor expected = golden.tensor("rec.prefix_clotho_variant").to(at::kFloat);
+  EXPECT_TRUE(at::allclose(clotho.prefix(features), expected, 1e-4, 1e-4));
+
+  o.preset = "wavcaps";
+  EXPECT_THROW(import_prefix_aac(checkpoint, o), ConfigError);
+  o.preset.clear();
+  EXPECT_THROW(import_prefix_aac(checkpoint, o), std::invalid_argument);  // neither preset nor config
 }

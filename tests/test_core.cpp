@@ -174,6 +174,63 @@ std::string tensor_dict_pickle(int offset, int n, int numel) {
 }
 }  // namespace
 
+namespace {
+// The legacy torch.save layout around an object pickle: magic, protocol, sys_info, object,
+// storage keys, then per storage its element count and bytes.
+std::string legacy_file(const std::string& object, const std::string& keys, const std::string& data, int protocol = 1001,
+                        const std::string& magic = "\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19") {
+  std::string out = std::string("\x80\x02\x8a\x0a") + magic + ".";
+  out += std::string("\x80\x02M") + static_cast<char>(protocol & 0xFF) + static_cast<char>(protocol >> 8) + ".";
+  out += std::string("\x80\x02}") + unicode("little_endian") + "\x88s.";
+  return out + object + keys + data;
+}
+std::string count_and_bytes(uint64_t count, const std::string& bytes) {
+  std::string out(8, '\0');
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<char>((count >> (8 * i)) & 0xFF);
+  return out + bytes;
+}
+}  // namespace
+
+TEST(TorchCheckpoint, LegacyFormatReadsAndItsLayoutIsChecked) {
+  TempDir dir;
+  float values[4] = {1, 2, 3, 4};
+  const std::string storage(reinterpret_cast<char*>(values), 16);
+  const std::string keys = std::string("\x80\x02](") + unicode("0") + "e.";
+  write_bytes(dir.file("ok.pth"), legacy_file(tensor_dict_pickle(1, 3, 4), keys, count_and_bytes(4, storage)));
+  TensorMap t = load_weight_file(dir.file("ok.pth"));
+  ASSERT_EQ(t.size(), 1u);
+  EXPECT_TRUE(t["w"].equal(at::tensor({2.0f, 3.0f, 4.0f})));
+
+  write_bytes(dir.file("magic.pth"), legacy_file(tensor_dict_pickle(1, 3, 4), keys, count_and_bytes(4, storage), 1001,
+                                                 "\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x18"));
+  expect_error([&] { load_weight_file(dir.file("magic.pth")); }, {"magic.pth", "magic number"});
+  write_bytes(dir.file("protocol.pth"), legacy_file(tensor_dict_pickle(1, 3, 4), keys, count_and_bytes(4, storage), 1002));
+  expect_error([&] { load_weight_file(dir.file("protocol.pth")); }, {"protocol version"});
+  write_bytes(dir.file("count.pth"), legacy_file(tensor_dict_pickle(1, 3, 4), keys, count_and_bytes(5, storage)));
+  expect_error([&] { load_weight_file(dir.file("count.pth")); }, {"storage '0' holds 5 elements"});
+  write_bytes(dir.file("short.pth"), legacy_file(tensor_dict_pickle(1, 3, 4), keys, count_and_bytes(4, storage.substr(0, 10))));
+  expect_error([&] { load_weight_file(dir.file("short.pth")); }, {"truncated"});
+  write_bytes(dir.file("extra.pth"), legacy_file(tensor_dict_pickle(1, 3, 4), keys, count_and_bytes(4, storage) + "junk"));
+  expect_error([&] { load_weight_file(dir.file("extra.pth")); }, {"4 unexpected bytes"});
+  write_bytes(dir.file("nokeys.pth"), legacy_file(tensor_dict_pickle(1, 3, 4), "\x80\x02]." , ""));
+  expect_error([&] { load_weight_file(dir.file("nokeys.pth")); }, {"storage '0' has no data"});
+}
+
+// OpenAI's CLIP files are TorchScript archives: their module objects are read as dicts of
+// attributes (no code compiled or run), giving exactly the state dict's tensors.
+TEST(TorchCheckpoint, TorchScriptArchiveGivesTheStateDict) {
+  TensorMap ts = load_weight_file(fixture_dir("clip-rn-tiny") + "/model.pt");
+  TensorMap st = load_weight_file(fixture_dir("clip-rn-tiny") + "/model.safetensors");
+  TensorMap visual = tensors_under(ts, "visual.");
+  EXPECT_EQ(visual.size(), tensors_under(st, "visual.").size());
+  for (const auto& [name, t] : st) {
+    ASSERT_TRUE(ts.count(name)) << name;
+    EXPECT_EQ(ts[name].scalar_type(), t.scalar_type()) << name;
+    EXPECT_TRUE(ts[name].equal(t)) << name;
+  }
+  EXPECT_GT(ts.size(), st.size());  // the text tower is there too
+}
+
 TEST(TorchCheckpoint, HandWrittenStateDictReads) {
   TempDir dir;
   float values[4] = {1, 2, 3, 4};
@@ -211,7 +268,7 @@ TEST(TorchCheckpoint, HostileOrBrokenCheckpointsGiveClearErrors) {
   expect_error([&] { load_torch_checkpoint(dir.file("no_tensors.pt")); }, {"no tensors"});
 
   write_bytes(dir.file("legacy.pt"), std::string("\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.", 15));
-  expect_error([&] { load_torch_checkpoint(dir.file("legacy.pt")); }, {"legacy", "convert_checkpoint.py"});
+  expect_error([&] { load_torch_checkpoint(dir.file("legacy.pt")); }, {"legacy.pt", "truncated"});
 
   write_bytes(dir.file("text.pt"), "hello, not a checkpoint");
   expect_error([&] { load_torch_checkpoint(dir.file("text.pt")); }, {"text.pt", "not a PyTorch checkpoint"});

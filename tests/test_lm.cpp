@@ -5,6 +5,7 @@
 #include <torch/autograd.h>
 
 #include "core/errors.h"
+#include "core/safetensors.h"
 #include "core/weights.h"
 #include "lm/decoding.h"
 #include "lm/gpt2.h"
@@ -224,6 +225,71 @@ TEST(Decoding, SamplingIsReproduciblePerSeedAndRespectsTopK) {
   auto a = generate(*lm, p, o), b = generate(*lm, p, o);
   ASSERT_EQ(a[0].size(), 3u);
   for (int i = 0; i < 3; ++i) EXPECT_EQ(a[0][i].ids, b[0][i].ids);
+}
+
+// The kept token sets of top-k / top-p and the effect of temperature on hand-made
+// distributions. Token order is shuffled so that indices, not positions, are checked.
+// Probabilities: token 0: 0.05, 1: 0.5, 2: 0.15, 3: 0.3.
+at::Tensor hand_logits() { return at::log(at::tensor({0.05, 0.5, 0.15, 0.3}, at::kDouble)).view({1, 4}); }
+
+std::vector<int64_t> kept(const at::Tensor& probs) {
+  std::vector<int64_t> out;
+  for (int64_t v = 0; v < probs.size(-1); ++v)
+    if (probs[0][v].item<double>() > 0) out.push_back(v);
+  return out;
+}
+
+TEST(Sampling, TopPKeepsTheTokenThatCrossesP) {
+  // sorted: 0.5 (1), 0.3 (3), 0.15 (2), 0.05 (0); mass before each: 0, 0.5, 0.8, 0.95
+  EXPECT_EQ(kept(sampling_probabilities(hand_logits(), 1.0, 0, 0.4)), (std::vector<int64_t>{1}));
+  EXPECT_EQ(kept(sampling_probabilities(hand_logits(), 1.0, 0, 0.7)), (std::vector<int64_t>{1, 3}));
+  EXPECT_EQ(kept(sampling_probabilities(hand_logits(), 1.0, 0, 0.85)), (std::vector<int64_t>{1, 2, 3}));
+  EXPECT_EQ(kept(sampling_probabilities(hand_logits(), 1.0, 0, 0.97)), (std::vector<int64_t>{0, 1, 2, 3}));
+  EXPECT_EQ(kept(sampling_probabilities(hand_logits(), 1.0, 0, 1e-6)), (std::vector<int64_t>{1}));  // the top one always
+  // renormalised over the kept set: 0.5 / 0.8 and 0.3 / 0.8
+  at::Tensor p = sampling_probabilities(hand_logits(), 1.0, 0, 0.7);
+  EXPECT_NEAR(p[0][1].item<double>(), 0.625, 1e-6);
+  EXPECT_NEAR(p[0][3].item<double>(), 0.375, 1e-6);
+}
+
+TEST(Sampling, TopKKeepsTheKMostLikelyAndComposesWithTopP) {
+  EXPECT_EQ(kept(sampling_probabilities(hand_logits(), 1.0, 1, 1.0)), (std::vector<int64_t>{1}));
+  EXPECT_EQ(kept(sampling_probabilities(hand_logits(), 1.0, 2, 1.0)), (std::vector<int64_t>{1, 3}));
+  EXPECT_EQ(kept(sampling_probabilities(hand_logits(), 1.0, 3, 1.0)), (std::vector<int64_t>{1, 2, 3}));
+  EXPECT_EQ(kept(sampling_probabilities(hand_logits(), 1.0, 10, 1.0)), (std::vector<int64_t>{0, 1, 2, 3}));
+  // top-k first, then top-p on the renormalised rest: {1, 2, 3} -> 0.526, 0.158, 0.316; 0.6 keeps 1 and 3
+  EXPECT_EQ(kept(sampling_probabilities(hand_logits(), 1.0, 3, 0.6)), (std::vector<int64_t>{1, 3}));
+}
+
+TEST(Sampling, TemperatureFlattensBeforeFiltering) {
+  // T = 2: p^(1/2) renormalised = 0.11985 (0), 0.37900 (1), 0.20758 (2), 0.29357 (3)
+  at::Tensor p = sampling_probabilities(hand_logits(), 2.0, 0, 1.0);
+  const double expected[] = {0.1198492074934152, 0.3789964714453117, 0.20758491662545975, 0.2935694044358133};
+  for (int v = 0; v < 4; ++v) EXPECT_NEAR(p[0][v].item<double>(), expected[v], 1e-6) << v;
+  // so top-p 0.7 now needs a third token (0.379 + 0.294 = 0.673 < 0.7), at T = 1 it did not
+  EXPECT_EQ(kept(sampling_probabilities(hand_logits(), 2.0, 0, 0.7)), (std::vector<int64_t>{1, 2, 3}));
+  // T = 0.5: p^2 renormalised = 0.0064, 0.6398, 0.0576, 0.2303 (0.0025, 0.25, 0.0225, 0.09 over 0.3650... )
+  at::Tensor sharp = sampling_probabilities(hand_logits(), 0.5, 0, 1.0);
+  EXPECT_NEAR(sharp[0][1].item<double>(), 0.25 / 0.365, 1e-6);
+  EXPECT_NEAR(sharp[0][0].item<double>(), 0.0025 / 0.365, 1e-6);
+}
+
+TEST(Sampling, DrawsFollowTheKeptDistribution) {
+  // The decoder's own sampling path on the tiny LM: with top_p this small only the argmax is
+  // kept, so sampled captions equal gpt2-tiny's golden greedy ids.
+  auto lm = tiny_lm();
+  prefixcap::SafetensorsFile golden(fixture_dir("gpt2-tiny") + "/golden.safetensors");
+  Prompt p;
+  p.prefix_embeds = golden.tensor("greedy.prefix").to(at::kFloat);
+  DecodingOptions o;
+  o.sample = true;
+  o.top_p = 1e-6;
+  o.temperature = 0.7;
+  o.max_tokens = 20;
+  o.stop_token_ids = {50256};
+  o.seed = 7;
+  at::Tensor expected = golden.tensor("greedy.ids");
+  EXPECT_EQ(generate(*lm, p, o)[0][0].ids, std::vector<int64_t>(expected.data_ptr<int64_t>(), expected.data_ptr<int64_t>() + expected.numel()));
 }
 
 TEST(Decoding, KvPrefixPromptDecodes) {

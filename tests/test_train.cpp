@@ -343,7 +343,7 @@ TEST(TrainRun, FailedCheckpointWriteKeepsThePreviousOneAndResumeFinishes) {
   EXPECT_EQ(train(c).steps, 12);
 }
 
-TEST(TrainRun, KilledAtARandomStepAndResumedGivesTheSameLosses) {
+TEST(TrainRun, KilledAtFixedStepsAndResumedGivesTheSameLosses) {
   TempDir dir;
   make_corpus(dir);
   TrainConfig c = tiny_config(dir, "full");
@@ -359,31 +359,21 @@ TEST(TrainRun, KilledAtARandomStepAndResumedGivesTheSameLosses) {
   const std::string train_cmd = std::string(PREFIXCAP_TRAIN_BIN) + " --config '" + dir.file("cfg.json") + "' 2>/dev/null --out ";
   ASSERT_EQ(std::system((train_cmd + "'" + dir.file("full") + "'").c_str()), 0);
 
-  std::random_device rd;
-  const int64_t kill_at = 5 + static_cast<int64_t>(rd() % 60);
-  std::cout << "killing at step " << kill_at << "\n";
+  // Killed at fixed steps: 7 (between checkpoints, mid accumulation group), then, resumed,
+  // at 30 (an epoch's last step) and at 61; every resume must continue exactly.
   const std::string out = dir.file("killed");
   const std::string log = out + "/train_log.jsonl";
-  pid_t pid = fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    int null = open("/dev/null", O_WRONLY);
-    dup2(null, 1);
-    dup2(null, 2);
-    execl(PREFIXCAP_TRAIN_BIN, PREFIXCAP_TRAIN_BIN, "--config", dir.file("cfg.json").c_str(), "--out", out.c_str(), (char*)nullptr);
-    _exit(127);
+  bool resume = false;
+  for (int kill_at : {7, 30, 61}) {
+    const std::string command = "PREFIXCAP_FAULT_KILL_AT_STEP=" + std::to_string(kill_at) + " " + train_cmd + "'" + out + "'" +
+                                (resume ? " --resume" : "");
+    const int status = std::system(command.c_str());
+    // sh either execs the binary (killed by the signal) or reports it as exit status 128 + 9
+    const bool killed = (WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) || (WIFEXITED(status) && WEXITSTATUS(status) == 137);
+    ASSERT_TRUE(killed) << "the run was not killed at step " << kill_at << " (status " << status << ")";
+    ASSERT_EQ(train_losses(log).rbegin()->first, kill_at);
+    resume = true;
   }
-  int status = 0;
-  for (;;) {
-    if (waitpid(pid, &status, WNOHANG) == pid) break;
-    if (fs::exists(log) && !train_losses(log).empty() && train_losses(log).rbegin()->first >= kill_at) {
-      kill(pid, SIGKILL);
-      waitpid(pid, &status, 0);
-      break;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-  ASSERT_TRUE(WIFSIGNALED(status)) << "the run ended before it could be killed";
   ASSERT_EQ(std::system((train_cmd + "'" + out + "' --resume").c_str()), 0);
   const auto full = train_losses(dir.file("full/train_log.jsonl"));
   EXPECT_EQ(full.size(), 80u);
@@ -394,6 +384,17 @@ TEST(TrainRun, KilledAtARandomStepAndResumedGivesTheSameLosses) {
   r.resume = true;
   r.lr = 2e-3;
   EXPECT_NE(message_of([&] { train(r); }).find("lr (was"), std::string::npos);
+  // Every option that shapes the learning-rate schedule or the batches is named when it changed.
+  r = c;
+  r.out = out;
+  r.resume = true;
+  r.epochs = 50;
+  r.max_steps = 90;
+  r.warmup_steps = 5;
+  r.batch_size = 4;
+  const std::string message = message_of([&] { train(r); });
+  for (const char* key : {"epochs (was", "max_steps (was", "warmup_steps (was", "batch_size (was"})
+    EXPECT_NE(message.find(key), std::string::npos) << key << " not named in: " << message;
 }
 
 TEST(TrainRun, LanguageModelTaskWritesAHuggingFaceFolder) {
