@@ -30,9 +30,14 @@ using Json = nlohmann::json;
 
 namespace {
 
+// What a folder walk picks up: every audio, video and image extension in common use, including
+// image formats prefixcap does not decode (svg, xbm, ...), so that they are reported, not skipped.
 const std::set<std::string> kMediaExtensions = {
-    ".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".aiff", ".aif", ".wma", ".mp4", ".mkv", ".webm",
-    ".mov", ".avi", ".m4v", ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"};
+    ".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".aiff", ".aif", ".aifc", ".wma", ".wv", ".ape",
+    ".caf", ".au", ".snd", ".amr", ".mka", ".mp2", ".ac3", ".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".mpg",
+    ".mpeg", ".ts", ".mts", ".3gp", ".flv", ".wmv", ".ogv", ".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".tif",
+    ".tiff", ".gif", ".ppm", ".pgm", ".pbm", ".pnm", ".pam", ".exr", ".hdr", ".ras", ".sr", ".jp2", ".j2k", ".svg",
+    ".svgz", ".xbm", ".sgi", ".rgb", ".avif", ".heic"};
 
 bool has_media_extension(const fs::path& p) {
   std::string ext = p.extension().string();
@@ -196,7 +201,7 @@ int main(int argc, char** argv) {
     batch.push_back(std::move(failed));
   };
   auto print_error = [&](const Item& it) {
-    if (format == "jsonl") out << Json{{"path", it.path}, {"error", it.error}}.dump() << "\n";
+    if (format == "jsonl") out << json_dump(Json{{"path", it.path}, {"error", it.error}}) << "\n";
   };
   auto flush = [&] {
     if (batch.empty()) return;
@@ -254,7 +259,7 @@ int main(int argc, char** argv) {
           alternatives.push_back({{"caption", results[i][k].text}, {"score", results[i][k].score}});
         j["alternatives"] = alternatives;
         j["timings"] = {{"decode_ms", it.decode_ms}, {"caption_ms", batch_ms}};
-        out << j.dump() << "\n";
+        out << json_dump(j) << "\n";
       }
     }
     out.flush();
@@ -270,18 +275,19 @@ int main(int argc, char** argv) {
       if (captioner->encoder_kind() == "cnn14") {
         // Audio bundles caption the sound of any file (video files: their audio track).
         if (m == Modality::Image) throw FileError(path, "is an image; this captioner is for audio");
-        Waveform w = decode_audio(path, {captioner->sample_rate()});
-        const double duration = double(w.samples.size()) / w.sample_rate;
         if (window > 0) {
-          for (auto [start, end] : window_spans(duration, window, hop)) {
+          // Windows stream through the decoder: memory stays flat however long the recording.
+          AudioReader reader(path, {captioner->sample_rate()});
+          stream_windows(reader, window, hop, [&](double start, double end, std::vector<float>&& samples) {
             Item it{path, m, start, end};
-            size_t a = static_cast<size_t>(start * w.sample_rate), b = std::min(w.samples.size(), static_cast<size_t>(end * w.sample_rate));
-            it.waveform.assign(w.samples.begin() + a, w.samples.begin() + b);
+            it.waveform = std::move(samples);
             it.decode_ms = ms_since(t0);
             batch.push_back(std::move(it));
             if (static_cast<int>(batch.size()) >= batch_size) flush();
-          }
+            t0 = std::chrono::steady_clock::now();
+          });
         } else {
+          Waveform w = decode_audio(path, {captioner->sample_rate()});
           Item it{path, m};
           it.waveform = std::move(w.samples);
           it.decode_ms = ms_since(t0);

@@ -83,7 +83,7 @@ int main(int argc, char** argv) {
       Json j = {{"items", items.size()}, {"scores", Json::object()}, {"missing", report.missing}};
       for (const auto& [key, name] : kMetrics)
         if (report.corpus.count(key)) j["scores"][name] = report.corpus[key];
-      table << j.dump(2) << "\n";
+      table << j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
     } else {
       if (format == "markdown") table << "| metric | score |\n| --- | ---: |\n";
       else table << "metric,score\n";

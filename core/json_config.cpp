@@ -11,6 +11,10 @@
 
 namespace prefixcap {
 
+std::string json_dump(const Json& value, int indent) {
+  return value.dump(indent, ' ', /*ensure_ascii=*/false, nlohmann::json::error_handler_t::replace);
+}
+
 Json read_json_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw FileError(path, std::string("cannot open: ") + std::strerror(errno));
@@ -42,7 +46,7 @@ void write_file_atomic(const std::string& path, const std::string& bytes) {
   }
 }
 
-void write_json_file(const std::string& path, const Json& value) { write_file_atomic(path, value.dump(2) + "\n"); }
+void write_json_file(const std::string& path, const Json& value) { write_file_atomic(path, json_dump(value, 2) + "\n"); }
 
 void json_check_keys(const Json& j, const std::vector<std::string>& known, const std::string& where) {
   if (!j.is_object()) throw ConfigError(where + ": expected a JSON object, got " + j.type_name());

@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <set>
 
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
@@ -115,12 +116,21 @@ SafetensorsFile::SafetensorsFile(const std::string& path, SafetensorsLimits limi
   const uint64_t data_size = file_size - data_start_;
 
   nlohmann::json header;
+  std::string duplicate;  // a tensor named twice (JSON parsers keep the last: a shadowed tensor)
+  std::set<std::string> top_keys;
+  auto watch_keys = [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
+    if (event == nlohmann::json::parse_event_t::key && depth == 1 && !top_keys.insert(parsed.get<std::string>()).second &&
+        duplicate.empty())
+      duplicate = parsed.get<std::string>();
+    return true;
+  };
   try {
-    header = nlohmann::json::parse(map_->data() + 8, map_->data() + 8 + header_len);
+    header = nlohmann::json::parse(map_->data() + 8, map_->data() + 8 + header_len, watch_keys);
   } catch (const nlohmann::json::exception& e) {
     throw FileError(path, std::string("safetensors header is not valid JSON: ") + e.what());
   }
   if (!header.is_object()) throw FileError(path, "safetensors header is not a JSON object");
+  if (!duplicate.empty()) throw FileError(path, "safetensors header names '" + duplicate + "' twice");
 
   for (auto it = header.begin(); it != header.end(); ++it) {
     const std::string& name = it.key();
@@ -192,6 +202,19 @@ SafetensorsFile::SafetensorsFile(const std::string& path, SafetensorsLimits limi
       throw FileError(path, "tensors '" + prev->name + "' and '" + cur->name +
                                 "' have overlapping data_offsets");
   }
+  // The data section must be covered exactly, as the format requires: no hole between tensors,
+  // nothing after the last one. A header length that is off by a few bytes (which would shift
+  // every tensor) or bytes appended to the file show up here.
+  uint64_t covered = 0;
+  for (const auto* e : by_offset) {
+    if (e->begin != covered)
+      throw FileError(path, "safetensors data section has " + std::to_string(e->begin - covered) + " unindexed bytes before tensor '" +
+                                e->name + "' (wrong header length or a damaged file)");
+    covered = e->end;
+  }
+  if (covered != data_size)
+    throw FileError(path, "safetensors data section holds " + std::to_string(data_size) + " bytes, its tensors cover " +
+                              std::to_string(covered) + " (wrong header length, or bytes appended to the file)");
   for (size_t i = 0; i < entries_.size(); ++i) index_[entries_[i].name] = i;
 }
 

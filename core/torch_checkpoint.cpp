@@ -75,6 +75,17 @@ class Unpickler {
   // Where the pickle ended (the byte after STOP).
   size_t position() const { return pos_; }
 
+  // Values can nest arbitrarily deep (a hostile pickle nests a million lists): unlink every
+  // value from its children first, so that no destructor recurses.
+  ~Unpickler() {
+    for (auto& v : made_) {
+      v->items.clear();
+      v->dict_items.clear();
+    }
+  }
+  Unpickler(const Unpickler&) = delete;
+  Unpickler& operator=(const Unpickler&) = delete;
+
   PyRef run() {
     while (true) {
       uint8_t op = read_u8();
@@ -238,6 +249,14 @@ class Unpickler {
  private:
   [[noreturn]] void fail(const std::string& what) const {
     throw FileError(path_, "cannot read checkpoint: " + what);
+  }
+  // Every value is made here: counted (a state dict has thousands, not millions) and kept for
+  // the flat teardown above.
+  static constexpr size_t kMaxValues = 20'000'000;
+  PyRef make(PyValue::Kind kind) {
+    if (made_.size() >= kMaxValues) fail("more than " + std::to_string(kMaxValues) + " pickle values: not a state dict");
+    made_.push_back(prefixcap::make(kind));
+    return made_.back();
   }
   uint8_t read_u8() {
     if (pos_ >= size_) fail("pickle ends early (truncated?)");
@@ -415,6 +434,7 @@ class Unpickler {
   size_t pos_ = 0;
   StorageLoader load_storage_;
   bool torchscript_objects_ = false;
+  std::vector<PyRef> made_;
   std::vector<PyRef> stack_;
   std::vector<size_t> marks_;
   std::unordered_map<uint64_t, PyRef> memo_;

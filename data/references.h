@@ -13,6 +13,12 @@ using References = std::map<std::string, std::vector<std::string>>;
 // key -> predicted caption (raw text).
 using Predictions = std::map<std::string, std::string>;
 
+// Longest caption accepted (bytes): longer text is not a caption, and metrics are quadratic in
+// caption length (ROUGE-L's longest common subsequence).
+constexpr size_t kMaxCaptionBytes = 10000;
+// `caption`, or a std::runtime_error "<where>caption of N bytes exceeds the limit ...".
+std::string checked_caption(const std::string& caption, const std::string& where);
+
 // The key of a media path: its file name without folder and extension ("a/b/x.wav" -> "x").
 std::string media_key(const std::string& path);
 
@@ -21,12 +27,15 @@ std::string media_key(const std::string& path);
 //   AudioCaps csv (audiocap_id, youtube_id, start_time, caption; key = youtube_id + "_" + start_time
 //                 and youtube_id alone, see README)
 //   COCO Karpathy json (dataset_coco.json: images[].filename, sentences[].raw; split optional)
+//   COCO official captions json (captions_val2014.json: images[].{id, file_name}, annotations[].{image_id, caption})
 //   JSONL manifest ({"media": path, "captions": [...]} per line)
-// Malformed lines are reported with file and line number (std::runtime_error).
+// Malformed lines are reported with file and line number (std::runtime_error); a leading UTF-8
+// byte-order mark is ignored; captions longer than kMaxCaptionBytes are refused.
 References read_references(const std::string& path, const std::string& split = "");
 
 // Reads `caption` output: jsonl (records with "path" and "caption"; error records skipped) or
-// csv (path,...,caption,...); windows are keyed "key@start".
+// csv (path,...,caption,...); windows are keyed "key@start". Two predictions for one key are
+// refused, naming both lines.
 Predictions read_predictions(const std::string& path);
 
 // One CSV record (RFC 4180 quoting) from a line; multi-line fields are not supported.

@@ -216,8 +216,42 @@ Image8 resize_bicubic_pillow(const Image8& in, int out_width, int out_height) {
   return cur;
 }
 
+std::string image_format_of(const unsigned char* h, size_t n) {
+  auto starts = [&](const char* sig, size_t len, size_t at = 0) { return n >= at + len && std::memcmp(h + at, sig, len) == 0; };
+  if (starts("\x89PNG", 4)) return "png";
+  if (n >= 3 && h[0] == 0xFF && h[1] == 0xD8 && h[2] == 0xFF) return "jpeg";
+  if (starts("GIF8", 4)) return "gif";
+  if (starts("BM", 2)) return "bmp";
+  if (starts("RIFF", 4) && starts("WEBP", 4, 8)) return "webp";
+  if (starts("II*\0", 4) || starts("MM\0*", 4)) return "tiff";
+  if (n >= 3 && h[0] == 'P' && h[1] >= '1' && h[1] <= '7' && (h[2] == '\n' || h[2] == ' ' || h[2] == '\r' || h[2] == '\t'))
+    return "ppm";  // PBM / PGM / PPM / PAM
+  if (starts("\x76\x2f\x31\x01", 4)) return "exr";
+  if (starts("\x59\xa6\x6a\x95", 4)) return "ras";  // Sun raster
+  if (starts("#?RADIANCE", 10) || starts("#?RGBE", 6)) return "hdr";
+  if (starts("\0\0\0\x0cjP  ", 8) || starts("\xff\x4f\xff\x51", 4)) return "jpeg2000";
+  if (starts("\x01\xda", 2)) return "sgi";
+  if (starts("#define ", 8)) return "xbm";
+  // SVG: XML text whose first element is <svg (after an optional declaration, comments, BOM).
+  const std::string text(reinterpret_cast<const char*>(h), n);
+  const size_t lt = text.find('<');
+  if (lt != std::string::npos && text.find_first_not_of(" \t\r\n\xef\xbb\xbf") == lt &&
+      (text.find("<svg", lt) != std::string::npos || text.find("<!DOCTYPE svg", lt) != std::string::npos))
+    return "svg";
+  return "";
+}
+
+bool image_format_supported(const std::string& format) {
+  return !format.empty() && format != "svg" && format != "xbm" && format != "sgi";
+}
+
 Image8 decode_image_bytes(const std::string& bytes, const std::string& name, const ImageDecodeOptions& options) {
   if (bytes.empty()) throw FileError(name, "empty file");
+  {
+    const std::string format = image_format_of(reinterpret_cast<const unsigned char*>(bytes.data()), std::min<size_t>(bytes.size(), 512));
+    if (!format.empty() && !image_format_supported(format))
+      throw FileError(name, "is a " + format + " image, a format prefixcap does not decode (convert it to PNG first)");
+  }
   int64_t w = 0, h = 0;
   if (probe_dimensions(bytes, &w, &h)) {
     if (w <= 0 || h <= 0) throw FileError(name, "image header gives a zero size (" + std::to_string(w) + "x" + std::to_string(h) + ")");

@@ -29,6 +29,13 @@ struct ImageDecodeOptions {
   bool apply_exif_orientation = true;  // rotate/flip per EXIF (Pillow's Image.open does not)
 };
 
+// The image format a file's first bytes announce ("png", "jpeg", "svg", "ppm", "exr", ...), or ""
+// when they announce no image format. Formats OpenCV cannot decode (svg, xbm, sgi) are
+// recognised too, so that they are reported as unsupported images, not mistaken for audio.
+std::string image_format_of(const unsigned char* head, size_t size);
+// Whether image_format_of's format is one decode_image reads.
+bool image_format_supported(const std::string& format);
+
 // Decodes JPEG, PNG, WebP, BMP, TIFF, ... (detected from the content) to 8-bit gray or RGB:
 // gray stays one channel (CLIP resamples it as one band), alpha is dropped, 16-bit is scaled
 // to 8-bit. Throws FileError naming the file and the problem.

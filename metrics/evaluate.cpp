@@ -1,6 +1,10 @@
 #include "metrics/evaluate.h"
 
 #include <sys/wait.h>
+#include <pthread.h>
+#include <csignal>
+#include <cerrno>
+#include <ctime>
 #include <unistd.h>
 
 #include <cstdio>
@@ -43,6 +47,33 @@ struct Child {
     close(out_pipe[1]);
     to = fdopen(in_pipe[1], "w");
     from = fdopen(out_pipe[0], "r");
+  }
+  // Writes all of `text` to the child's stdin. A child that has exited gives an error here, not
+  // a SIGPIPE that would kill the whole program: the signal is blocked in this thread for the
+  // write and a pending one is consumed.
+  void write_all(const std::string& text) {
+    sigset_t pipe_only, old;
+    sigemptyset(&pipe_only);
+    sigaddset(&pipe_only, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &pipe_only, &old);
+    const int fd = fileno(to);
+    size_t done = 0;
+    bool broken = false;
+    while (done < text.size()) {
+      const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        broken = true;
+        break;
+      }
+      done += static_cast<size_t>(n);
+    }
+    if (broken) {
+      const timespec zero{0, 0};
+      sigtimedwait(&pipe_only, nullptr, &zero);  // the SIGPIPE the failed write raised
+    }
+    pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    if (broken) throw std::runtime_error("the process ended early (it stopped reading its input)");
   }
   std::string read_line() {
     std::string line;
@@ -88,13 +119,11 @@ void run_meteor(const std::vector<CaptionItem>& items, const EvalOptions& o, Eva
     std::string line = "SCORE";
     for (const auto& ref : it.references) line += " ||| " + one_line(ref);
     line += " ||| " + one_line(it.candidate) + "\n";
-    std::fputs(line.c_str(), meteor.to);
-    std::fflush(meteor.to);
+    meteor.write_all(line);
     eval += " ||| " + meteor.read_line();
   }
   eval += "\n";
-  std::fputs(eval.c_str(), meteor.to);
-  std::fflush(meteor.to);
+  meteor.write_all(eval);
   std::vector<double> scores;
   for (size_t i = 0; i < items.size(); ++i) scores.push_back(std::stod(meteor.read_line()));
   r.corpus["METEOR"] = std::stod(meteor.read_line());
@@ -109,7 +138,7 @@ void run_spice(const std::vector<CaptionItem>& items, const EvalOptions& o, Eval
   nlohmann::json input = nlohmann::json::array();
   for (size_t i = 0; i < items.size(); ++i)
     input.push_back({{"image_id", std::to_string(i)}, {"test", items[i].candidate}, {"refs", items[i].references}});
-  std::ofstream((dir / "in.json").string()) << input.dump();
+  std::ofstream((dir / "in.json").string()) << input.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
   Child spice({o.java, "-jar", "-Xmx8G", o.spice_jar, (dir / "in.json").string(), "-cache", (dir / "cache").string(), "-out",
                (dir / "out.json").string(), "-subset", "-silent"});
   int rc = spice.finish();
@@ -121,12 +150,17 @@ void run_spice(const std::vector<CaptionItem>& items, const EvalOptions& o, Eval
   std::ifstream(dir / "out.json") >> out;
   fs::remove_all(dir);
   std::vector<double> scores(items.size(), 0.0);
+  std::vector<bool> seen(items.size(), false);
   double total = 0;
   for (const auto& e : out) {
     size_t i = std::stoul(e.at("image_id").get<std::string>());
     scores.at(i) = e.at("scores").at("All").at("f").get<double>();
+    seen.at(i) = true;
     total += scores[i];
   }
+  // An item SPICE did not score is a failed run, not a score of 0.
+  for (size_t i = 0; i < items.size(); ++i)
+    if (!seen[i]) throw std::runtime_error("SPICE gave no score for item '" + items[i].id + "'");
   r.per_item["SPICE"] = scores;
   r.corpus["SPICE"] = items.empty() ? 0.0 : total / items.size();
 }

@@ -12,6 +12,7 @@ extern "C" {
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <fstream>
 
 #include "core/errors.h"
@@ -90,6 +91,9 @@ class SndfileSource : public AudioSource {
       throw FileError(path_, std::string("decoding failed: ") + sf_strerror(file_));
     read_ += got;
     if (got == 0) {
+      if (exact_length_ && unknown_length_)  // libsndfile could not find the stream's end
+        throw FileError(path_, "truncated or damaged: the audio stopped after " + std::to_string(read_) +
+                                   " frames and the stream's end could not be found");
       if (exact_length_ && info_.frames > 0 && read_ < info_.frames)
         throw FileError(path_, "truncated: " + std::to_string(read_) + " of " + std::to_string(info_.frames) +
                                    " frames could be read");
@@ -102,7 +106,9 @@ class SndfileSource : public AudioSource {
   SndfileSource(const std::string& path, SNDFILE* file, const SF_INFO& sfinfo) : path_(path), file_(file) {
     info_.sample_rate = sfinfo.samplerate;
     info_.channels = sfinfo.channels;
-    info_.frames = sfinfo.frames;
+    // SF_COUNT_MAX: libsndfile did not find the length (an Ogg stream whose last page is missing)
+    unknown_length_ = sfinfo.frames >= std::numeric_limits<sf_count_t>::max() / 2;
+    info_.frames = unknown_length_ ? -1 : sfinfo.frames;
     info_.decoder = "libsndfile";
     SF_FORMAT_INFO fmt;
     fmt.format = sfinfo.format & SF_FORMAT_TYPEMASK;
@@ -115,6 +121,7 @@ class SndfileSource : public AudioSource {
   SNDFILE* file_;
   sf_count_t read_ = 0;
   bool exact_length_ = true;
+  bool unknown_length_ = false;
 };
 
 std::string av_error(int code) {
@@ -151,12 +158,6 @@ class FfmpegSource : public AudioSource {
       info_.duration_s = st->duration * av_q2d(st->time_base);
     else if (format_->duration != AV_NOPTS_VALUE && format_->duration > 0)
       info_.duration_s = double(format_->duration) / AV_TIME_BASE;
-  }
-  ~FfmpegSource() override {
-    av_frame_free(&frame_);
-    av_packet_free(&packet_);
-    avcodec_free_context(&codec_);
-    avformat_close_input(&format_);
   }
 
   bool read(std::vector<float>& out) override {
@@ -242,10 +243,23 @@ class FfmpegSource : public AudioSource {
   }
 
   std::string path_;
-  AVFormatContext* format_ = nullptr;
-  AVCodecContext* codec_ = nullptr;
-  AVPacket* packet_ = nullptr;
-  AVFrame* frame_ = nullptr;
+  // A member with its own destructor: freed even when the constructor throws half-way.
+  struct Handles {
+    AVFormatContext* format = nullptr;
+    AVCodecContext* codec = nullptr;
+    AVPacket* packet = nullptr;
+    AVFrame* frame = nullptr;
+    ~Handles() {
+      av_frame_free(&frame);
+      av_packet_free(&packet);
+      avcodec_free_context(&codec);
+      avformat_close_input(&format);
+    }
+  } h_;
+  AVFormatContext*& format_ = h_.format;
+  AVCodecContext*& codec_ = h_.codec;
+  AVPacket*& packet_ = h_.packet;
+  AVFrame*& frame_ = h_.frame;
   int stream_ = -1;
   bool draining_ = false;
   int64_t packets_ = 0, bad_packets_ = 0, frames_ = 0;
@@ -388,6 +402,55 @@ std::vector<std::pair<double, double>> window_spans(double duration_s, double wi
     if (start + window_s >= duration_s) break;
   }
   return spans;
+}
+
+void stream_windows(AudioReader& reader, double window_s, double hop_s,
+                    const std::function<void(double, double, std::vector<float>&&)>& emit) {
+  if (!(window_s > 0) || !(hop_s > 0)) throw std::invalid_argument("window and hop must be positive seconds");
+  if (reader.output_channels() != 1) throw std::invalid_argument("stream_windows: the reader must give mono audio");
+  const double rate = reader.output_rate();
+  std::vector<float> held;  // samples [base, base + held.size()) of the recording
+  int64_t base = 0, total = 0;
+  bool ended = false, emitted = false;
+  double previous_start = 0;
+  std::vector<float> chunk;
+  // Same arithmetic as window_spans + the whole-file cut: start += hop, sample a = start * rate.
+  for (double start = 0;; start += hop_s) {
+    const auto a = static_cast<int64_t>(start * rate);
+    const auto b_full = static_cast<int64_t>((start + window_s) * rate);
+    // Forget what no window needs any more (hop > window leaves gaps that are never kept).
+    if (a > base) {
+      const int64_t drop = std::min<int64_t>(a - base, static_cast<int64_t>(held.size()));
+      held.erase(held.begin(), held.begin() + drop);
+      base += drop;
+    }
+    while (!ended && total < b_full) {
+      chunk.clear();
+      const size_t n = reader.read(chunk, 1 << 15);
+      if (n == 0) {
+        ended = true;
+        break;
+      }
+      const int64_t chunk_start = total;
+      total += static_cast<int64_t>(n);
+      const int64_t skip = std::max<int64_t>(0, std::min<int64_t>(base - chunk_start, static_cast<int64_t>(n)));
+      held.insert(held.end(), chunk.begin() + skip, chunk.end());
+    }
+    double end = start + window_s;
+    if (ended) {
+      if (total == 0) throw FileError(reader.path(), "no audio samples decoded");
+      const double duration = static_cast<double>(total) / rate;
+      // window_spans: windows start below the duration, and the one reaching the end is the last.
+      if (!(start < duration) || (emitted && previous_start + window_s >= duration)) break;
+      end = std::min(duration, end);
+    }
+    const int64_t b = std::min<int64_t>(total, static_cast<int64_t>(end * rate));
+    std::vector<float> samples;
+    if (b > a) samples.assign(held.begin() + (a - base), held.begin() + (b - base));
+    emit(start, end, std::move(samples));
+    emitted = true;
+    previous_start = start;
+  }
 }
 
 Waveform decode_audio(const std::string& path, const AudioDecodeOptions& options) {

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -41,6 +42,7 @@ class AudioReader {
   AudioReader& operator=(const AudioReader&) = delete;
 
   const AudioInfo& info() const { return info_; }
+  const std::string& path() const { return path_; }
   int output_rate() const { return output_rate_; }
   int output_channels() const { return output_channels_; }
   // Appends up to max_frames output frames to `out`; returns how many (0 = end of audio).
@@ -82,6 +84,14 @@ struct Waveform {
 // seconds covering [0, duration_s]; the last window is cut at the end. Throws for hop <= 0 or
 // window <= 0.
 std::vector<std::pair<double, double>> window_spans(double duration_s, double window_s, double hop_s);
+
+// The windows of window_spans(duration, window_s, hop_s) read through `reader` as they
+// complete: `emit(start_s, end_s, samples)` is called once per window, in order, with the same
+// samples a whole-file decode would cut out; only about window_s + hop_s seconds of audio are
+// held at any time, so memory does not grow with the recording's length. Throws FileError for
+// a file without audio (and whatever the reader throws).
+void stream_windows(AudioReader& reader, double window_s, double hop_s,
+                    const std::function<void(double start_s, double end_s, std::vector<float>&& samples)>& emit);
 
 // The whole file (or the requested window) at once.
 Waveform decode_audio(const std::string& path, const AudioDecodeOptions& options = {});

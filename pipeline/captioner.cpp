@@ -27,14 +27,12 @@ const char* modality_name(Modality m) {
 Modality detect_modality(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw FileError(path, "cannot open");
-  unsigned char h[16] = {0};
+  unsigned char h[512] = {0};
   in.read(reinterpret_cast<char*>(h), sizeof h);
   const auto n = in.gcount();
   if (n == 0) throw FileError(path, "empty file");
   auto starts = [&](const char* sig, size_t len, size_t at = 0) { return size_t(n) >= at + len && std::memcmp(h + at, sig, len) == 0; };
-  if (starts("\x89PNG", 4) || (h[0] == 0xFF && h[1] == 0xD8 && h[2] == 0xFF) || starts("GIF8", 4) || starts("BM", 2) ||
-      (starts("RIFF", 4) && starts("WEBP", 4, 8)) || starts("II*\0", 4) || starts("MM\0*", 4))
-    return Modality::Image;
+  if (!image_format_of(h, static_cast<size_t>(n)).empty()) return Modality::Image;
   // Containers that may hold video: ask FFmpeg whether there is a video stream with frames.
   if (starts("ftyp", 4, 4) || starts("\x1A\x45\xDF\xA3", 4) || starts("RIFF", 4) || starts("OggS", 4)) {
     try {
@@ -92,6 +90,10 @@ Captioner Captioner::load(const std::string& bundle_dir) {
   Json j = read_json_file(json_path);
   if (json_get_or<std::string>(j, "format", "", json_path) != "prefixcap-captioner")
     throw FileError(json_path, "not a prefixcap captioner (\"format\" is not \"prefixcap-captioner\")");
+  const int64_t version = json_get<int64_t>(j, "version", json_path);
+  if (version != 1)
+    throw FileError(json_path, "bundle version " + std::to_string(version) +
+                                   " is not one this prefixcap reads (1); it was written by another prefixcap version");
   Captioner c;
   c.source = json_get_or<std::string>(j, "source", "", json_path);
   const Json& enc = j.contains("encoder") ? j["encoder"] : Json::object();

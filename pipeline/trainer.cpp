@@ -120,7 +120,7 @@ class JsonLog {
   }
   void write(const Json& j) {
     std::ofstream out(path_, std::ios::app);
-    out << j.dump() << "\n";
+    out << json_dump(j) << "\n";
     out.flush();
     if (!out) throw FileError(path_, "cannot write the training log");
   }

@@ -33,7 +33,7 @@ struct FfmpegVideo {
 };
 }  // namespace
 
-std::vector<VideoFrame> sample_video_frames(const std::string& path, int count, VideoInfo* info_out) {
+std::vector<VideoFrame> sample_video_frames(const std::string& path, int count, VideoInfo* info_out, const VideoLimits& limits) {
   if (count <= 0) throw std::invalid_argument("frame count must be positive");
   av_log_set_level(AV_LOG_QUIET);
   FfmpegVideo v;
@@ -53,6 +53,12 @@ std::vector<VideoFrame> sample_video_frames(const std::string& path, int count, 
   VideoInfo info;
   info.width = v.codec->width;
   info.height = v.codec->height;
+  auto check_size = [&](int64_t width, int64_t height) {
+    if (width < 0 || height < 0 || (height > 0 && width > limits.max_frame_pixels / height))
+      throw FileError(path, "video frames of " + std::to_string(width) + "x" + std::to_string(height) +
+                                " pixels exceed the limit of " + std::to_string(limits.max_frame_pixels));
+  };
+  check_size(info.width, info.height);
   info.has_audio = av_find_best_stream(v.format, AVMEDIA_TYPE_AUDIO, -1, -1, nullptr, 0) >= 0;
   const double time_base = av_q2d(st->time_base);
   if (st->duration != AV_NOPTS_VALUE && st->duration > 0) info.duration_s = st->duration * time_base;
@@ -67,6 +73,7 @@ std::vector<VideoFrame> sample_video_frames(const std::string& path, int count, 
   size_t next = 0;
 
   auto convert = [&](double t) {
+    check_size(v.frame->width, v.frame->height);
     VideoFrame f;
     f.time_s = t - start;
     f.image.width = v.frame->width;
@@ -83,12 +90,21 @@ std::vector<VideoFrame> sample_video_frames(const std::string& path, int count, 
     return f;
   };
   int64_t decoded = 0;
+  int64_t stride = 1;  // unknown duration: frames 0, stride, 2 * stride, ... are held
   auto take = [&]() {
-    ++decoded;
+    if (++decoded > limits.max_decoded_frames)
+      throw FileError(path, "more than " + std::to_string(limits.max_decoded_frames) + " video frames decoded without reaching the sampled times");
     int64_t pts = v.frame->best_effort_timestamp;
     double t = pts == AV_NOPTS_VALUE ? 0.0 : pts * time_base;
     if (targets.empty()) {
+      if ((decoded - 1) % stride != 0) return;
       all.push_back(convert(t));
+      if (all.size() >= 2 * static_cast<size_t>(count)) {  // thin: keep every other frame, double the stride
+        std::vector<VideoFrame> thinned;
+        for (size_t i = 0; i < all.size(); i += 2) thinned.push_back(std::move(all[i]));
+        all = std::move(thinned);
+        stride *= 2;
+      }
       return;
     }
     // This frame serves every target it is the first frame at or after.

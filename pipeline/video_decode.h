@@ -2,6 +2,7 @@
 // the clip (frame i nearest after (i + 0.5) * duration / K), as 8-bit RGB.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -21,8 +22,16 @@ struct VideoInfo {
   bool has_audio = false;
 };
 
-// Throws FileError when the file has no video track or no frame decodes.
-std::vector<VideoFrame> sample_video_frames(const std::string& path, int count, VideoInfo* info = nullptr);
+struct VideoLimits {
+  int64_t max_frame_pixels = 100'000'000;  // refuse larger frames (as the image decoder does)
+  int64_t max_decoded_frames = 2'000'000;  // refuse to decode more frames than this (about 18 h at 30 fps)
+};
+
+// Throws FileError when the file has no video track, no frame decodes, or a limit is passed.
+// Memory is bounded: when the duration is unknown, at most 2 * count frames are held while the
+// stream is decoded (every other one dropped as they accumulate), then `count` are picked.
+std::vector<VideoFrame> sample_video_frames(const std::string& path, int count, VideoInfo* info = nullptr,
+                                            const VideoLimits& limits = {});
 
 struct VideoFeatures {
   at::Tensor frame_embeds;   // [K, projection_dim]: one CLIP image embedding per sampled frame

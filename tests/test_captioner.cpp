@@ -102,6 +102,7 @@ TEST(Mappers, FiniteDifferenceGradients) {
 
 TEST(Mappers, KvPrefixHeadGivesPeftLayout) {
   Gpt2Config lm = Gpt2Config::from_file(fixture_dir("gpt2-tiny") + "/config.json");
+  torch::manual_seed(5);
   KvPrefixHead head(8, lm);
   at::Tensor prefix = at::randn({2, 3, 8});
   auto layers = head->forward(prefix);
@@ -109,9 +110,10 @@ TEST(Mappers, KvPrefixHeadGivesPeftLayout) {
   EXPECT_EQ(layers[0].key.sizes(), (std::vector<int64_t>{2, lm.n_head, 3, lm.head_dim()}));
   // Same layout as PEFT's prompt_embeddings for every batch row.
   auto peft = kv_prefix_from_prompt_embeddings(head->proj(prefix[1]), lm, 1);
+  // (a batched and a single-row projection may round differently in the last bit)
   for (int64_t l = 0; l < lm.n_layer; ++l) {
-    EXPECT_TRUE(at::allclose(layers[l].key[1], peft[l].key[0]));
-    EXPECT_TRUE(at::allclose(layers[l].value[1], peft[l].value[0]));
+    EXPECT_TRUE(at::allclose(layers[l].key[1], peft[l].key[0], 1e-5, 1e-6));
+    EXPECT_TRUE(at::allclose(layers[l].value[1], peft[l].value[0], 1e-5, 1e-6));
   }
 }
 

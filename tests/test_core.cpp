@@ -108,6 +108,9 @@ TEST(Safetensors, MalformedFilesGiveOneClearError) {
       {"overlap", safetensors_bytes(R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})", kFloat4), "overlapping"},
       {"missing_offsets", safetensors_bytes(R"({"w":{"dtype":"F32","shape":[4]}})", kFloat4), "data_offsets"},
       {"bad_metadata", safetensors_bytes(R"({"__metadata__":{"a":1}})", ""), "__metadata__"},
+      {"duplicate", safetensors_bytes(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"w":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})", kFloat4), "names 'w' twice"},
+      {"hole", safetensors_bytes(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})", kFloat4), "8 unindexed bytes before tensor 'w'"},
+      {"trailing", safetensors_bytes(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", kFloat4), "its tensors cover 8"},
   };
   for (const auto& c : cases) {
     SCOPED_TRACE(c.name);
@@ -117,6 +120,30 @@ TEST(Safetensors, MalformedFilesGiveOneClearError) {
   }
   expect_error([&] { SafetensorsFile f(dir.file("missing.safetensors")); }, {"missing.safetensors", "cannot open"});
   expect_error([&] { SafetensorsFile f(dir.path()); }, {"not a regular file"});
+}
+
+// A header-length field a few bytes short (the JSON still parses: it ends in padding) or bytes
+// appended to the file would shift or hide data: both refused, never loaded with shifted weights.
+TEST(Safetensors, ShortHeaderLengthOrAppendedBytesAreRefused) {
+  TempDir dir;
+  const std::string bytes = prefixcap::testing::read_bytes(fixture_dir("gpt2-tiny") + "/model.safetensors");
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<unsigned char>(bytes[i]);
+  for (int shorter = 1; shorter <= 5; ++shorter) {
+    std::string changed = bytes;
+    const uint64_t m = n - shorter;
+    for (int i = 0; i < 8; ++i) changed[i] = static_cast<char>((m >> (8 * i)) & 0xFF);
+    write_bytes(dir.file("short.safetensors"), changed);
+    try {
+      SafetensorsFile f(dir.file("short.safetensors"));
+      ADD_FAILURE() << "header length " << shorter << " bytes short was accepted";
+    } catch (const FileError& e) {
+      SCOPED_TRACE(shorter);
+      EXPECT_NE(std::string(e.what()).find("short.safetensors"), std::string::npos) << e.what();
+    }
+  }
+  write_bytes(dir.file("appended.safetensors"), bytes + "extra");
+  expect_error([&] { SafetensorsFile f(dir.file("appended.safetensors")); }, {"appended.safetensors", "bytes appended"});
 }
 
 TEST(Safetensors, TruncatedRealFileIsRejected) {

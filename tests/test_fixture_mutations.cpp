@@ -118,12 +118,14 @@ void expect_caught(MutableFixture& f, Tally& tally, const std::string& what, con
   f.restore();
 }
 
-// The first case object of cases.json (object or array form) that has an "outputs" object.
-Json* first_case_with_outputs(Json& cases) {
-  for (auto& c : cases["cases"]) {
-    if (c.is_object() && c.contains("outputs") && c["outputs"].is_object() && !c["outputs"].empty()) return &c;
-  }
-  return nullptr;
+// Case i of cases.json, in object or array form.
+size_t case_count(const Json& cases) { return cases.at("cases").size(); }
+Json& case_at(Json& cases, size_t i) {
+  Json& all = cases["cases"];
+  if (all.is_array()) return all[i];
+  auto it = all.begin();
+  std::advance(it, static_cast<std::ptrdiff_t>(i));
+  return *it;
 }
 
 void mutate_fixture(const std::string& name) {
@@ -135,17 +137,37 @@ void mutate_fixture(const std::string& name) {
       expect_caught(f, tally, "golden tensor " + tensor, [&] { f.perturb_golden(tensor); });
 
   const Json original = f.cases();
-  // An output key nobody knows.
-  {
+  // An output key nobody knows, in each case that has outputs.
+  for (size_t i = 0; i < case_count(original); ++i) {
     Json cases = original;
-    if (Json* c = first_case_with_outputs(cases)) {
-      auto& outs = (*c)["outputs"];
-      const std::string key = outs.begin().key();
-      Json value = outs[key];
-      outs.erase(key);
-      outs[key + "_renamed"] = value;
-      expect_caught(f, tally, "output '" + key + "' renamed", [&] { f.write_cases(cases); });
-    }
+    Json& c = case_at(cases, i);
+    if (!c.is_object() || !c.contains("outputs") || !c["outputs"].is_object() || c["outputs"].empty()) continue;
+    auto& outs = c["outputs"];
+    const std::string key = outs.begin().key();
+    Json value = outs[key];
+    outs.erase(key);
+    outs[key + "_renamed"] = value;
+    expect_caught(f, tally, "case " + std::to_string(i) + ": output '" + key + "' renamed", [&] { f.write_cases(cases); });
+  }
+  // A metric nobody knows.
+  for (size_t i = 0; i < case_count(original); ++i) {
+    Json cases = original;
+    Json& c = case_at(cases, i);
+    if (!c.is_object() || !c.contains("metric") || !c["metric"].is_string()) continue;
+    c["metric"] = "SPIDEr-X (renamed)";
+    expect_caught(f, tally, "metric of case " + std::to_string(i) + " renamed", [&] { f.write_cases(cases); });
+    break;
+  }
+  // A file that must be refused moved out of reach: "cannot open" is not the refusal asked for.
+  for (size_t i = 0; i < case_count(original); ++i) {
+    Json cases = original;
+    Json& c = case_at(cases, i);
+    const bool refusal = c.is_object() && c.contains("file") &&
+                         ((c.contains("expected") && c["expected"].is_object() && c["expected"].value("error", false)) ||
+                          c.value("expect", "") == "error");
+    if (!refusal) continue;
+    c["file"] = "no/such/file.bin";
+    expect_caught(f, tally, "refused file of case " + std::to_string(i) + " missing", [&] { f.write_cases(cases); });
   }
   // Each case renamed in turn (object form, where the key is the name): it must either fail or
   // still run under its new name — never drop out silently. (Where the name says what the
