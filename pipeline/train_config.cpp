@@ -121,10 +121,11 @@ TrainConfig TrainConfig::from_json(const Json& j, const std::string& where) {
   if (!j.is_object()) throw ConfigError(where + ": expected a JSON object");
   TrainConfig c;
   auto options = train_options(c);
-  for (const auto& [k, v] : j.items()) {
-    auto it = std::find_if(options.begin(), options.end(), [&](const TrainOption& o) { return o.name == k; });
-    if (it == options.end()) throw ConfigError(where + ": unknown key '" + k + "'");
-    set_from_json(*it, v, where);
+  for (const auto& item : j.items()) {
+    const std::string key = item.key();  // (a structured binding cannot be captured in C++17)
+    auto it = std::find_if(options.begin(), options.end(), [&](const TrainOption& o) { return o.name == key; });
+    if (it == options.end()) throw ConfigError(where + ": unknown key '" + key + "'");
+    set_from_json(*it, item.value(), where);
   }
   return c;
 }

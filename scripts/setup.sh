@@ -24,7 +24,8 @@ packages=(
   libavformat-dev libavcodec-dev libavutil-dev libswresample-dev libswscale-dev
   libopencv-dev
   libspdlog-dev libfmt-dev
-  python3-matplotlib              # scripts/plot_training
+  clang libclang-rt-14-dev libomp-14-dev   # scripts/fuzz.sh: libFuzzer + sanitizers
+  python3-matplotlib python3-pil  # scripts/plot_training; fuzz seeds (tests/fuzz/make_seeds.py)
   unzip                           # scripts/demo.sh: sound effects out of 0ad-data's zip
 )
 

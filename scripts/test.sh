@@ -2,14 +2,25 @@
 # The test command: installs what is missing, builds, and runs every test (CTest).
 #   scripts/test.sh            all tests
 #   scripts/test.sh -L fast    only the fast label (ctest arguments pass through)
-# With no arguments it also runs the demo's reduced path (scripts/demo.sh --quick: a small Debian
-# package's clips, a few training steps) so that the demo cannot rot; PREFIXCAP_SKIP_DEMO=1 skips it.
+# With no arguments it also fuzzes every parser for 30 s (scripts/fuzz.sh; replaying the saved
+# crash inputs first), runs the fast and fixture tests under ASan + UBSan (scripts/sanitize.sh),
+# and runs the demo's reduced path (scripts/demo.sh --quick: a small Debian package's clips, a
+# few training steps) so that the demo cannot rot. PREFIXCAP_SKIP_FUZZ=1, PREFIXCAP_SKIP_SANITIZE=1,
+# PREFIXCAP_SKIP_DEMO=1 skip those steps; PREFIXCAP_FUZZ_SECONDS sets the fuzzing time per target.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 build_dir="${PREFIXCAP_BUILD_DIR:-$root/build}"
 "$root/scripts/setup.sh"
 cd "$build_dir"
 ctest --output-on-failure -j "$(nproc)" "$@"
+if [[ $# -eq 0 && "${PREFIXCAP_SKIP_FUZZ:-0}" != 1 ]]; then
+  echo "== fuzzing: saved regressions replayed, every target ${PREFIXCAP_FUZZ_SECONDS:-30} s (scripts/fuzz.sh)"
+  "$root/scripts/fuzz.sh" all "${PREFIXCAP_FUZZ_SECONDS:-30}"
+fi
+if [[ $# -eq 0 && "${PREFIXCAP_SKIP_SANITIZE:-0}" != 1 ]]; then
+  echo "== fast and fixture tests under ASan + UBSan (scripts/sanitize.sh)"
+  "$root/scripts/sanitize.sh"
+fi
 if [[ $# -eq 0 && "${PREFIXCAP_SKIP_DEMO:-0}" != 1 ]]; then
   echo "== demo, reduced (scripts/demo.sh --quick)"
   rc=0

@@ -1,5 +1,7 @@
 // Fixture kind of the image path: CLIP preprocessing on real photos and the vision transformer.
 #include <filesystem>
+#include <functional>
+#include <map>
 #include <sstream>
 
 #include <ATen/ATen.h>
@@ -53,6 +55,30 @@ void run_preprocess_cases(const std::string& folder, const Json& pre, ClipPrepro
   }
 }
 
+// The cases with pixel_values inputs, for one loaded weight file: `outputs_of` runs the model
+// and names what it computed; every output key of a case must be among them.
+void run_vision_cases(const std::string& weights, const Json& all, const Golden& golden, FixtureReport& report,
+                      const std::function<std::map<std::string, at::Tensor>(const at::Tensor&)>& outputs_of) {
+  for (auto c = all.begin(); c != all.end(); ++c) {
+    if (!c.value().contains("inputs") || !c.value()["inputs"].contains("pixel_values")) continue;
+    report.ran.insert(c.key());
+    report.cases.push_back(run_case(weights + "/" + c.key(), [&]() -> std::string {
+      torch::NoGradGuard no_grad;
+      Checks checks;
+      const auto outputs = outputs_of(golden.tensor(c.value()["inputs"]["pixel_values"].get<std::string>()));
+      for (auto o = c.value().at("outputs").begin(); o != c.value().at("outputs").end(); ++o) {
+        double atol, rtol;
+        tolerance_of(o.value(), &atol, &rtol);
+        at::Tensor expected = golden.tensor(o.value().at("tensor").get<std::string>());
+        auto it = outputs.find(o.key());
+        if (it == outputs.end()) checks.require(false, "unknown output '" + o.key() + "'");
+        else checks.close(o.key(), it->second, expected, atol, rtol);
+      }
+      return checks.result();
+    }));
+  }
+}
+
 }  // namespace
 
 FixtureReport run_clip_vision_fixture(const std::string& folder, const Json& cases) {
@@ -86,25 +112,11 @@ FixtureReport run_clip_vision_fixture(const std::string& folder, const Json& cas
     });
     report.cases.push_back(load);
     if (!load.passed) continue;
-    for (auto c = all.begin(); c != all.end(); ++c) {
-      if (!c.value().contains("inputs") || !c.value()["inputs"].contains("pixel_values")) continue;
-      report.ran.insert(c.key());
-      report.cases.push_back(run_case(w.key() + "/" + c.key(), [&]() -> std::string {
-        torch::NoGradGuard no_grad;
-        Checks checks;
-        ClipVisionOutput out = vit->forward(golden.tensor(c.value()["inputs"]["pixel_values"].get<std::string>()));
-        for (auto o = c.value().at("outputs").begin(); o != c.value().at("outputs").end(); ++o) {
-          double atol, rtol;
-          tolerance_of(o.value(), &atol, &rtol);
-          at::Tensor expected = golden.tensor(o.value().at("tensor").get<std::string>());
-          if (o.key() == "last_hidden_state") checks.close(o.key(), out.last_hidden_state, expected, atol, rtol);
-          else if (o.key() == "pooled_output") checks.close(o.key(), out.pooled_output, expected, atol, rtol);
-          else if (o.key() == "image_embeds") checks.close(o.key(), out.image_embeds, expected, atol, rtol);
-          else checks.require(false, "unknown output '" + o.key() + "'");
-        }
-        return checks.result();
-      }));
-    }
+    run_vision_cases(w.key(), all, golden, report, [&](const at::Tensor& pixels) {
+      ClipVisionOutput out = vit->forward(pixels);
+      return std::map<std::string, at::Tensor>{
+          {"last_hidden_state", out.last_hidden_state}, {"pooled_output", out.pooled_output}, {"image_embeds", out.image_embeds}};
+    });
   }
   return report;
 }
@@ -144,30 +156,13 @@ FixtureReport run_clip_resnet_fixture(const std::string& folder, const Json& cas
     });
     report.cases.push_back(load);
     if (!load.passed) continue;
-    for (auto c = all.begin(); c != all.end(); ++c) {
-      if (!c.value().contains("inputs") || !c.value()["inputs"].contains("pixel_values")) continue;
-      report.ran.insert(c.key());
-      report.cases.push_back(run_case(w.key() + "/" + c.key(), [&]() -> std::string {
-        torch::NoGradGuard no_grad;
-        Checks checks;
-        const at::Tensor pixels = golden.tensor(c.value()["inputs"]["pixel_values"].get<std::string>());
-        ClipResNetOutput out = resnet->forward_all(pixels);
-        for (auto o = c.value().at("outputs").begin(); o != c.value().at("outputs").end(); ++o) {
-          double atol, rtol;
-          tolerance_of(o.value(), &atol, &rtol);
-          at::Tensor expected = golden.tensor(o.value().at("tensor").get<std::string>());
-          if (o.key() == "stem") checks.close(o.key(), out.stem, expected, atol, rtol);
-          else if (o.key() == "layer4") checks.close(o.key(), out.layer4, expected, atol, rtol);
-          else if (o.key() == "image_embeds") {
-            checks.close(o.key(), out.image_embeds, expected, atol, rtol);
-            checks.close("image_embeds via the encoder interface", resnet->forward(pixels).image_embeds, expected, atol, rtol);
-          } else {
-            checks.require(false, "unknown output '" + o.key() + "'");
-          }
-        }
-        return checks.result();
-      }));
-    }
+    run_vision_cases(w.key(), all, golden, report, [&](const at::Tensor& pixels) {
+      ClipResNetOutput out = resnet->forward_all(pixels);
+      // image_embeds also through the interface the captioner uses; both must agree with the reference
+      const at::Tensor via_interface = resnet->forward(pixels).image_embeds;
+      if (!at::equal(via_interface, out.image_embeds)) throw std::runtime_error("forward() and forward_all() differ");
+      return std::map<std::string, at::Tensor>{{"stem", out.stem}, {"layer4", out.layer4}, {"image_embeds", via_interface}};
+    });
   }
   return report;
 }

@@ -11,9 +11,12 @@
 
 #include "core/safetensors.h"
 #include "pipeline/checkpoint_import.h"
+#include "tests/test_bundles.h"
 #include "tests/test_helpers.h"
 
 using namespace prefixcap;
+using prefixcap::testing::aac_bundle;
+using prefixcap::testing::clipcap_bundle;
 using prefixcap::testing::fixture_dir;
 using prefixcap::testing::read_bytes;
 using prefixcap::testing::TempDir;
@@ -35,33 +38,6 @@ std::vector<nlohmann::json> read_jsonl(const std::string& path) {
   return out;
 }
 
-// Bundles made once per test binary from the fixtures' checkpoints.
-const std::string& clipcap_bundle() {
-  static TempDir dir;
-  static std::string path = [] {
-    ImportOptions o;
-    o.tokenizer_dir = fixture_dir("gpt2-tiny");
-    o.gpt2_config = fixture_dir("gpt2-tiny") + "/config.json";
-    o.clip_dir = fixture_dir("clip-vit-tiny");
-    std::string p = dir.file("clipcap");
-    import_clipcap(fixture_dir("clipcap-tiny") + "/coco_weights_tiny.pt", o).save(p);
-    return p;
-  }();
-  return path;
-}
-
-const std::string& aac_bundle() {
-  static TempDir dir;
-  static std::string path = [] {
-    ImportOptions o;
-    o.tokenizer_dir = fixture_dir("gpt2-tiny");
-    o.model_config = fixture_dir("prefix-aac-tiny") + "/config.json";
-    std::string p = dir.file("aac");
-    import_prefix_aac(fixture_dir("prefix-aac-tiny") + "/prefix_aac_tiny.pt", o).save(p);
-    return p;
-  }();
-  return path;
-}
 
 std::string q(const std::string& s) { return "'" + s + "'"; }
 

@@ -23,11 +23,14 @@
 #include "pipeline/captioner.h"
 #include "pipeline/checkpoint_import.h"
 #include "pipeline/video_decode.h"
+#include "tests/test_bundles.h"
 #include "tests/test_helpers.h"
 
 using namespace prefixcap;
 using prefixcap::testing::error_of;
+using prefixcap::testing::aac_bundle;
 using prefixcap::testing::fixture_dir;
+using prefixcap::testing::message_of;
 using prefixcap::testing::read_bytes;
 using prefixcap::testing::TempDir;
 using prefixcap::testing::write_bytes;
@@ -41,27 +44,7 @@ int run(const std::string& command) {
 }
 std::string q(const std::string& s) { return "'" + s + "'"; }
 
-std::string message_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
 
-const std::string& aac_bundle() {
-  static TempDir dir;
-  static std::string path = [] {
-    ImportOptions o;
-    o.tokenizer_dir = fixture_dir("gpt2-tiny");
-    o.model_config = fixture_dir("prefix-aac-tiny") + "/config.json";
-    std::string p = dir.file("aac");
-    import_prefix_aac(fixture_dir("prefix-aac-tiny") + "/prefix_aac_tiny.pt", o).save(p);
-    return p;
-  }();
-  return path;
-}
 
 void write_wav(const std::string& path, int rate, int64_t frames) {
   SF_INFO info{};

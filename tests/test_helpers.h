@@ -56,6 +56,17 @@ std::string error_of(Fn fn) {
   return "";
 }
 
+// The message of any std::exception `fn` throws, or "" when it throws none.
+template <typename Fn>
+std::string message_of(Fn fn) {
+  try {
+    fn();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+
 // A safetensors file from a raw JSON header and data bytes (for malformed-file tests).
 inline std::string safetensors_bytes(const std::string& header, const std::string& data, int64_t claimed_len = -1) {
   uint64_t n = claimed_len >= 0 ? static_cast<uint64_t>(claimed_len) : header.size();

@@ -90,14 +90,6 @@ std::map<int64_t, double> train_losses(const std::string& log) {
   return out;
 }
 
-std::string message_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
 
 }  // namespace
 
