@@ -312,14 +312,14 @@ ClipPreprocessConfig ClipPreprocessConfig::from_json(const Json& j, const std::s
   auto edge = [&](const char* key, const char* sub, int64_t fallback) -> int64_t {
     if (!j.contains(key)) return fallback;
     const Json& v = j.at(key);
-    if (v.is_number_integer()) return v.get<int64_t>();
+    if (v.is_number_integer()) return json_get<int64_t>(j, key, where);
     if (v.is_object() && v.contains(sub)) return json_get<int64_t>(v, sub, where + " " + key);
     if (v.is_object() && v.contains("height")) {
       int64_t hh = json_get<int64_t>(v, "height", where), ww = json_get<int64_t>(v, "width", where);
       if (hh != ww) throw ConfigError(where + ": non-square " + key + " is not supported");
       return hh;
     }
-    throw ConfigError(where + ": key '" + key + "' has an unsupported form: " + v.dump());
+    throw ConfigError(where + ": key '" + key + "' has an unsupported form: " + json_dump(v));
   };
   c.shortest_edge = edge("size", "shortest_edge", c.shortest_edge);
   c.crop_size = edge("crop_size", "height", c.crop_size);

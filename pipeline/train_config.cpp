@@ -86,8 +86,7 @@ void set_from_json(const TrainOption& o, const Json& v, const std::string& where
     if (!v.is_string()) throw ConfigError(key + " must be a string");
     **s = v.get<std::string>();
   } else if (auto* i = std::get_if<int64_t*>(&o.target)) {
-    if (!v.is_number_integer()) throw ConfigError(key + " must be an integer");
-    **i = v.get<int64_t>();
+    if (!v.is_number_integer() || !detail::json_integer(v, *i)) throw ConfigError(key + " must be an integer (64-bit)");
   } else if (auto* d = std::get_if<double*>(&o.target)) {
     if (!v.is_number()) throw ConfigError(key + " must be a number");
     **d = v.get<double>();

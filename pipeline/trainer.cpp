@@ -341,7 +341,7 @@ class CaptionTask {
     if (!cache_) {
       Json d = encoder_description();
       const std::string dir = c_.cache_dir.empty() ? (fs::path(c_.out) / "cache").string() : c_.cache_dir;
-      cache_ = std::make_unique<FeatureCache>(dir, hash_hex(d.dump()), d);
+      cache_ = std::make_unique<FeatureCache>(dir, hash_hex(json_dump(d)), d);
     }
     return *cache_;
   }
@@ -667,7 +667,7 @@ CheckpointState load_checkpoint(const TrainConfig& c, const fs::path& dir, Tenso
     if (!run.contains(k) || run[k] != v) changed.push_back(k);
   if (!changed.empty()) {
     std::string msg = state_path + ": cannot resume, these options differ from the checkpoint's run:";
-    for (const auto& k : changed) msg += " " + k + " (was " + (run.contains(k) ? run[k].dump() : "unset") + ", now " + now[k].dump() + ")";
+    for (const auto& k : changed) msg += " " + k + " (was " + (run.contains(k) ? json_dump(run[k]) : "unset") + ", now " + json_dump(now[k]) + ")";
     throw ConfigError(msg);
   }
   *tensors = load_weight_file((dir / "model.safetensors").string());

@@ -30,7 +30,7 @@ command -v clang++ >/dev/null || { echo "fuzz.sh: clang++ is needed (scripts/set
 torch_dir=()
 [[ -n "${Torch_DIR:-}" ]] && torch_dir=("-DTorch_DIR=$Torch_DIR")
 if [[ ! -f "$build/CMakeCache.txt" ]]; then
-  CC=clang CXX=clang++ cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPREFIXCAP_FUZZ=ON \
+  CC=clang CXX=clang++ cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release "-DCMAKE_CXX_FLAGS_RELEASE=-O1 -gline-tables-only" -DPREFIXCAP_FUZZ=ON \
     -DPREFIXCAP_BUILD_TESTS=OFF -DPREFIXCAP_BUILD_BENCH=OFF ${torch_dir[@]+"${torch_dir[@]}"} >/dev/null
 fi
 cmake --build "$build" -j "$(nproc)" --target "${targets[@]}"

@@ -9,8 +9,9 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 build="${PREFIXCAP_ASAN_BUILD_DIR:-$root/build-asan}"
 torch_dir=()
 [[ -n "${Torch_DIR:-}" ]] && torch_dir=("-DTorch_DIR=$Torch_DIR")
-cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPREFIXCAP_SANITIZE=ON -DPREFIXCAP_BUILD_BENCH=OFF \
-  ${torch_dir[@]+"${torch_dir[@]}"} >/dev/null
+# -O1 with line tables: readable sanitizer reports at a fraction of a debug build's compile time.
+cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release "-DCMAKE_CXX_FLAGS_RELEASE=-O1 -g1" -DPREFIXCAP_SANITIZE=ON \
+  -DPREFIXCAP_BUILD_BENCH=OFF ${torch_dir[@]+"${torch_dir[@]}"} >/dev/null
 if [[ "${PREFIXCAP_ASAN_ALL:-0}" == 1 ]]; then
   cmake --build "$build" -j "$(nproc)"
 else
