@@ -28,6 +28,11 @@ LogMelConfig LogMelConfig::from_json(const Json& j, const std::string& where) {
     throw ConfigError(where + ": win_length different from n_fft is not supported");
   if (c.sample_rate <= 0 || c.window_size < 2 || c.hop_size <= 0 || c.mel_bins <= 0)
     throw ConfigError(where + ": sample_rate, window_size, hop_size and mel_bins must be positive");
+  // Bounds far beyond any audio front end, so that a config cannot ask for gigabytes of filterbank.
+  if (c.sample_rate > 768000 || c.window_size > 65536 || c.hop_size > 65536 || c.mel_bins > 1024)
+    throw ConfigError(where + ": expected sample_rate <= 768000, window_size and hop_size <= 65536, mel_bins <= 1024; got " +
+                      std::to_string(c.sample_rate) + ", " + std::to_string(c.window_size) + ", " + std::to_string(c.hop_size) +
+                      ", " + std::to_string(c.mel_bins));
   if (!(c.fmin >= 0 && c.fmin < c.fmax && c.fmin < c.sample_rate / 2.0))
     throw ConfigError(where + ": expected 0 <= fmin < fmax and fmin < sample_rate/2, got fmin " + std::to_string(c.fmin) +
                       ", fmax " + std::to_string(c.fmax) + ", sample_rate " + std::to_string(c.sample_rate));

@@ -395,7 +395,8 @@ TEST(JsonConfig, ErrorsNameFileAndKey) {
   write_bytes(dir.file("bad.json"), "{\"a\": 1,");
   expect_error([&] { read_json_file(dir.file("bad.json")); }, {"bad.json", "invalid JSON"});
   Json j = {{"n", "seven"}, {"typo", 1}};
-  expect_error([&] { json_get<int>(j, "n", "c.json"); }, {"c.json", "'n'", "wrong type"});
+  expect_error([&] { json_get<int>(j, "n", "c.json"); }, {"c.json", "'n'", "expected a whole number", "got string \"seven\""});
+  expect_error([&] { json_get<std::string>(Json{{"s", 3}}, "s", "c.json"); }, {"c.json", "'s'", "wrong type"});
   expect_error([&] { json_get<int>(j, "m", "c.json"); }, {"c.json", "missing key 'm'"});
   expect_error([&] { json_check_keys(j, {"n"}, "c.json"); }, {"unknown key 'typo'"});
   EXPECT_EQ(json_get_or<int>(j, "m", 5, "c.json"), 5);

@@ -18,6 +18,7 @@
 #include "core/json_config.h"
 #include "core/torch_checkpoint.h"
 #include "data/references.h"
+#include "encoders/log_mel.h"
 #include "metrics/evaluate.h"
 #include "pipeline/audio_decode.h"
 #include "pipeline/captioner.h"
@@ -151,6 +152,9 @@ TEST(Hardening, ConfigNumbersMustBeWholeAndInRange) {
   EXPECT_THROW(json_get<uint64_t>(Json{{"n", -1}}, "n", "cfg"), ConfigError);
   EXPECT_THROW(json_get<std::vector<int64_t>>(Json{{"n", {4, 8.5}}}, "n", "cfg"), ConfigError);
   EXPECT_EQ(json_get<int64_t>(Json{{"n", 64.0}}, "n", "cfg"), 64);
+  // Found by fuzz_json_configs: a 7-million-sample window (with fmax above Nyquist) built a
+  // filterbank of hundreds of millions of values to print a warning. Sizes are bounded now.
+  EXPECT_THROW(LogMelConfig::from_json(Json{{"sample_rate", 16005}, {"window_size", 7316005}}, "cfg"), ConfigError);
   EXPECT_EQ(json_get<int>(Json{{"n", -7}}, "n", "cfg"), -7);
   const std::string m = message_of([] { json_get<int>(Json{{"n_embd", 1e12}}, "n_embd", "config.json"); });
   EXPECT_NE(m.find("config.json: key 'n_embd': expected a whole number"), std::string::npos) << m;
