@@ -255,7 +255,7 @@ Image8 decode_image_bytes(const std::string& bytes, const std::string& name, con
   int64_t w = 0, h = 0;
   if (probe_dimensions(bytes, &w, &h)) {
     if (w <= 0 || h <= 0) throw FileError(name, "image header gives a zero size (" + std::to_string(w) + "x" + std::to_string(h) + ")");
-    if (w * h > options.max_pixels)
+    if (w > options.max_pixels / h)  // (w * h could overflow: both come from the file)
       throw FileError(name, "image of " + std::to_string(w) + "x" + std::to_string(h) + " pixels exceeds the limit of " +
                                 std::to_string(options.max_pixels) + " pixels (decompression bomb?)");
   }

@@ -189,6 +189,15 @@ TEST(Hardening, ImageFormatsAreNotMistakenForAudio) {
   EXPECT_NE(read_bytes(dir.file("err.txt")).find("is an image"), std::string::npos) << read_bytes(dir.file("err.txt"));
 }
 
+// Found by fuzz_image: a PNG header of 0xFFFFFFFF x 0xFFFFFFFF pixels overflowed the pixel-limit
+// product (undefined behaviour) before the check.
+TEST(Hardening, HugeImageHeadersAreRefusedWithoutOverflow) {
+  std::string png("\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR", 16);
+  png += std::string(8, '\xff') + std::string("\x08\x02\0\0\0", 5) + std::string(4, '\0');
+  const std::string m = message_of([&] { decode_image_bytes(png, "huge.png"); });
+  EXPECT_NE(m.find("exceeds the limit"), std::string::npos) << m;
+}
+
 TEST(Hardening, TruncatedOggSaysWhatHappened) {
   TempDir dir;
   const std::string ogg = read_bytes(fixture_dir("audio-decode") + "/leaves_44k1_stereo_vorbis.ogg");
