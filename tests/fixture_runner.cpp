@@ -73,6 +73,14 @@ at::Tensor Golden::tensor(const std::string& name) const {
   return t;
 }
 
+const Golden& open_golden(FixtureReport& report, const std::string& folder, const Json& cases) {
+  std::string file = "golden.safetensors";
+  if (cases.contains("golden") && cases["golden"].is_object() && cases["golden"].contains("file"))
+    file = cases["golden"]["file"].get<std::string>();
+  report.golden = std::make_shared<Golden>((std::filesystem::path(folder) / file).string());
+  return *report.golden;
+}
+
 std::vector<std::string> Golden::unused() const {
   std::vector<std::string> out;
   for (const auto& e : file_.entries())

@@ -67,6 +67,10 @@ std::string detect_kind(const std::string& folder, const Json& cases);
 
 // ---- helpers shared by the per-kind runners ----
 
+// Opens the fixture's golden file (cases.json "golden.file", else golden.safetensors) into
+// report.golden, so that run_fixture can check that every tensor in it was used.
+const Golden& open_golden(FixtureReport& report, const std::string& folder, const Json& cases);
+
 // "model.pt (a TorchScript archive)" -> "model.pt": file names in cases.json may carry a note.
 std::string first_word(const std::string& text);
 

@@ -53,8 +53,7 @@ std::string fmt(double v) {
 FixtureReport run_audio_decode_fixture(const std::string& folder, const Json& cases) {
   FixtureReport report;
   report.kind = "audio-decode";
-  report.golden = std::make_shared<Golden>((fs::path(folder) / "golden.safetensors").string());
-  const Golden& golden = *report.golden;
+  const Golden& golden = open_golden(report, folder, cases);
   int target_rate = 32000;
   std::smatch m;
   std::string target = cases.value("target", "");
@@ -127,8 +126,7 @@ FixtureReport run_mel_frontend_fixture(const std::string& folder, const Json& ca
   report.kind = "mel-frontend";
   const std::string config_path = (fs::path(folder) / cases.at("config").get<std::string>()).string();
   LogMelConfig config = LogMelConfig::from_json(read_json_file(config_path), config_path);
-  report.golden = std::make_shared<Golden>((fs::path(folder) / "golden.safetensors").string());
-  const Golden& golden = *report.golden;
+  const Golden& golden = open_golden(report, folder, cases);
   LogMelFrontEnd front_end(config);
   for (const Json& c : cases.at("cases")) {
     report.ran.insert(c.at("name").get<std::string>());
@@ -166,8 +164,7 @@ FixtureReport run_cnn14_fixture(const std::string& folder, const Json& cases) {
   const Json& files = cases.at("model_files");
   const std::string config_path = (fs::path(folder) / files.at("config").get<std::string>()).string();
   Cnn14Config config = Cnn14Config::from_file(config_path);
-  report.golden = std::make_shared<Golden>((fs::path(folder) / "golden.safetensors").string());
-  const Golden& golden = *report.golden;
+  const Golden& golden = open_golden(report, folder, cases);
   double default_atol = 1e-4, default_rtol = 1e-3;
   if (cases.contains("default_tolerance")) tolerance_of(cases["default_tolerance"], &default_atol, &default_rtol, 1e-4, 1e-3);
   for (auto f = files.begin(); f != files.end(); ++f) {

@@ -227,8 +227,7 @@ FixtureReport run_clipcap_fixture(const std::string& folder, const Json& cases) 
   FixtureReport report;
   report.kind = "clipcap";
   const Json& model = cases.at("model");
-  report.golden = std::make_shared<Golden>((fs::path(folder) / cases.at("golden").at("file").get<std::string>()).string());
-  const Golden& golden = *report.golden;
+  const Golden& golden = open_golden(report, folder, cases);
   ImportOptions options;
   options.tokenizer_dir = tokenizer_dir(folder, model);
   if (fs::exists(fs::path(options.tokenizer_dir) / "config.json"))
@@ -350,8 +349,7 @@ FixtureReport run_prefix_aac_fixture(const std::string& folder, const Json& case
   FixtureReport report;
   report.kind = "prefix-aac";
   const Json& model = cases.at("model");
-  report.golden = std::make_shared<Golden>((fs::path(folder) / cases.at("golden").at("file").get<std::string>()).string());
-  const Golden& golden = *report.golden;
+  const Golden& golden = open_golden(report, folder, cases);
   ImportOptions options;
   options.tokenizer_dir = tokenizer_dir(folder, model);
   options.model_config = (fs::path(folder) / model.at("config").get<std::string>()).string();

@@ -26,8 +26,7 @@ std::string expected_refusal(const std::string& description) {
 FixtureReport run_torch_checkpoint_fixture(const std::string& folder, const Json& cases) {
   FixtureReport report;
   report.kind = "torch-checkpoints";
-  report.golden = std::make_shared<Golden>((fs::path(folder) / cases.at("golden").at("file").get<std::string>()).string());
-  const Golden& golden = *report.golden;
+  const Golden& golden = open_golden(report, folder, cases);
   for (auto c = cases.at("cases").begin(); c != cases.at("cases").end(); ++c) {
     const Json& spec = c.value();
     const std::string path = (fs::path(folder) / spec.at("file").get<std::string>()).string();

@@ -248,8 +248,7 @@ FixtureReport run_gpt2_lm_fixture(const std::string& folder, const Json& cases) 
   report.kind = "gpt2-lm";
   const Json& model = cases.at("model");
   Gpt2Config config = Gpt2Config::from_file((fs::path(folder) / model.at("config").get<std::string>()).string());
-  report.golden = std::make_shared<Golden>((fs::path(folder) / cases.at("golden").at("file").get<std::string>()).string());
-  const Golden& golden = *report.golden;
+  const Golden& golden = open_golden(report, folder, cases);
   if (model.at("weights").empty()) throw std::runtime_error("cases.json: model.weights lists no weight file");
   for (auto w = model.at("weights").begin(); w != model.at("weights").end(); ++w) {
     const std::string weights_name = w.key();

@@ -87,8 +87,7 @@ FixtureReport run_clip_vision_fixture(const std::string& folder, const Json& cas
   const Json& model = cases.at("model");
   const std::string config_path = (fs::path(folder) / first_word(model.at("config").get<std::string>())).string();
   ClipVisionConfig config = ClipVisionConfig::from_file(config_path);
-  report.golden = std::make_shared<Golden>((fs::path(folder) / cases.at("golden").at("file").get<std::string>()).string());
-  const Golden& golden = *report.golden;
+  const Golden& golden = open_golden(report, folder, cases);
   const Json& all = cases.at("cases");
 
   if (all.contains("preprocess")) {
@@ -131,8 +130,7 @@ FixtureReport run_clip_resnet_fixture(const std::string& folder, const Json& cas
   const Json& model = cases.at("model");
   const std::string config_path = (fs::path(folder) / first_word(model.at("config").get<std::string>())).string();
   const ClipResNetConfig config = ClipResNetConfig::from_json(read_json_file(config_path), config_path);
-  report.golden = std::make_shared<Golden>((fs::path(folder) / cases.at("golden").at("file").get<std::string>()).string());
-  const Golden& golden = *report.golden;
+  const Golden& golden = open_golden(report, folder, cases);
   const Json& all = cases.at("cases");
 
   if (all.contains("preprocess")) {
