@@ -545,6 +545,65 @@ TensorMap load_legacy_checkpoint(const std::string& path) {
   return out;
 }
 
+// LibTorch's zip reader allocates each record at the size the archive's central directory
+// claims, before reading it: a 600-byte file claiming a 4 GB record would make it allocate 4 GB.
+// torch.save stores records uncompressed, so no honest record is larger than the file: check
+// every central-directory entry (ZIP64 included) against the file size first.
+void check_zip_sizes(const std::string& path) {
+  MappedFile file(path);
+  const uint8_t* d = file.data();
+  const uint64_t n = file.size();
+  auto fail = [&](const std::string& what) { throw FileError(path, "cannot read the zip archive: " + what); };
+  auto u16 = [&](uint64_t at) -> uint64_t {
+    if (at + 2 > n) fail("a header runs past the end of the file (truncated?)");
+    return d[at] | (d[at + 1] << 8);
+  };
+  auto u32 = [&](uint64_t at) -> uint64_t { return u16(at) | (u16(at + 2) << 16); };
+  auto u64 = [&](uint64_t at) -> uint64_t { return u32(at) | (u32(at + 4) << 32); };
+  // End of central directory: the last signature within the final 64 KiB + 22 bytes.
+  if (n < 22) fail("no end-of-central-directory record (truncated?)");
+  uint64_t eocd = n - 22;
+  const uint64_t lowest = n > 65557 ? n - 65557 : 0;
+  while (u32(eocd) != 0x06054b50) {
+    if (eocd == lowest) fail("no end-of-central-directory record (truncated?)");
+    --eocd;
+  }
+  uint64_t entries = u16(eocd + 10), cd_offset = u32(eocd + 16);
+  if (entries == 0xFFFF || cd_offset == 0xFFFFFFFF) {  // ZIP64
+    if (eocd < 20 || u32(eocd - 20) != 0x07064b50) fail("ZIP64 locator missing");
+    const uint64_t z = u64(eocd - 20 + 8);
+    if (z + 56 > n || u32(z) != 0x06064b50) fail("ZIP64 end-of-central-directory record missing");
+    entries = u64(z + 32);
+    cd_offset = u64(z + 48);
+  }
+  if (entries > n / 46) fail("the central directory claims " + std::to_string(entries) + " entries, more than fit in the file");
+  uint64_t at = cd_offset;
+  for (uint64_t i = 0; i < entries; ++i) {
+    if (at > n || u32(at) != 0x02014b50) fail("central directory entry " + std::to_string(i) + " is damaged");
+    const uint64_t method = u16(at + 10);
+    uint64_t compressed = u32(at + 20), uncompressed = u32(at + 24), offset = u32(at + 42);
+    const uint64_t name_len = u16(at + 28), extra_len = u16(at + 30), comment_len = u16(at + 32);
+    if (at + 46 + name_len > n) fail("central directory entry " + std::to_string(i) + " runs past the end of the file");
+    const std::string name(reinterpret_cast<const char*>(d + at + 46), name_len);
+    // ZIP64 extra field: the 64-bit values of the fields saturated above, in this order.
+    for (uint64_t e = at + 46 + name_len; e + 4 <= at + 46 + name_len + extra_len;) {
+      const uint64_t id = u16(e), len = u16(e + 2);
+      if (id == 0x0001) {
+        uint64_t f = e + 4;
+        if (uncompressed == 0xFFFFFFFF) uncompressed = u64(f), f += 8;
+        if (compressed == 0xFFFFFFFF) compressed = u64(f), f += 8;
+        if (offset == 0xFFFFFFFF) offset = u64(f);
+      }
+      e += 4 + len;
+    }
+    if (uncompressed > n || compressed > n || offset >= n)
+      fail("record '" + name + "' claims " + std::to_string(uncompressed) + " bytes, more than the " + std::to_string(n) +
+           "-byte file holds");
+    if (method == 0 && compressed != uncompressed) fail("stored record '" + name + "' has two different sizes");
+    at += 46 + name_len + extra_len + comment_len;
+  }
+}
+
 }  // namespace
 
 TensorMap load_torch_checkpoint(const std::string& path) {
@@ -562,6 +621,7 @@ TensorMap load_torch_checkpoint(const std::string& path) {
   at::DataPtr pickle;
   size_t pickle_size = 0;
   bool torchscript = false;
+  check_zip_sizes(path);
   try {
     reader = std::make_unique<caffe2::serialize::PyTorchStreamReader>(path);
     if (!reader->hasRecord("data.pkl"))

@@ -142,6 +142,20 @@ TEST(Hardening, OverflowingStridesAreRefused) {
   EXPECT_EQ(message.find('\n'), std::string::npos) << "one line, no backtrace: " << message;
 }
 
+// Found by fuzz_torch_checkpoint: LibTorch's zip reader allocates a record at the size the
+// central directory claims; a small file claiming a 4 GB record made it allocate 4 GB.
+TEST(Hardening, ZipRecordsLargerThanTheFileAreRefusedBeforeReading) {
+  TempDir dir;
+  write_checkpoint(dir.file("ok.pt"), "\x80\x02}.");
+  std::string bytes = read_bytes(dir.file("ok.pt"));
+  const size_t central = bytes.find("PK\x01\x02");
+  ASSERT_NE(central, std::string::npos);
+  for (int i = 0; i < 4; ++i) bytes[central + 24 + i] = static_cast<char>(i == 3 ? 0xF0 : 0x00);  // uncompressed size
+  write_bytes(dir.file("claims.pt"), bytes);
+  const std::string m = error_of([&] { load_torch_checkpoint(dir.file("claims.pt")); });
+  EXPECT_NE(m.find("claims 4026531840 bytes, more than the"), std::string::npos) << m;
+}
+
 // ---------------------------------------------------------------------------- configs
 
 TEST(Hardening, ConfigNumbersMustBeWholeAndInRange) {
