@@ -92,6 +92,9 @@ for rel in ["gpt2-tiny/config.json", "cnn14-tiny/config.json", "clip-vit-tiny/co
     copy_fixture("fuzz_json_configs", rel)
 put("fuzz_json_configs", "mapper.json", json.dumps({"type": "prefix_aac", "input_dim": 8, "embed_dim": 8, "num_heads": 2,
                                                      "temporal_prefix_length": 3, "global_prefix_length": 2}).encode())
+put("fuzz_json_configs", "captioner.json", json.dumps({"format": "prefixcap-captioner", "version": 1,
+    "encoder": {"kind": "none"}, "mapper": {"config": {"type": "mlp", "input_dim": 4, "embed_dim": 8}, "weights": "m.safetensors"},
+    "lm": {"path": "lm", "tokenizer": "lm"}, "prefix": {"normalize": True}, "decoding": {"beam_size": 2, "stop": ["."]}}).encode())
 put("fuzz_json_configs", "train.json", json.dumps({"epochs": 3, "batch_size": 8, "lr": 1e-4, "mapper": {"type": "mlp"}}).encode())
 
 # tokenizer text
