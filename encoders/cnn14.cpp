@@ -24,6 +24,8 @@ Cnn14Config Cnn14Config::from_json(const Json& j, const std::string& where) {
   for (int64_t ch : c.channels)
     if (ch <= 0) throw ConfigError(where + ": conv block widths must be positive");
   if (c.embedding_dim <= 0 || c.classes_num <= 0) throw ConfigError(where + ": embedding_dim and classes_num must be positive");
+  if (!(c.clip_seconds >= 0 && c.clip_seconds <= 24 * 3600))
+    throw ConfigError(where + ": clip_seconds must be between 0 (off) and 86400, got " + std::to_string(c.clip_seconds));
   if (c.front_end.mel_bins < 32)
     throw ConfigError(where + ": mel_bins must be at least 32 (five 2x2 poolings over frequency)");
   return c;

@@ -1,6 +1,7 @@
 #include "encoders/log_mel.h"
 
 #include <cmath>
+#include <cstdio>
 
 #include <ATen/ATen.h>
 
@@ -33,6 +34,8 @@ LogMelConfig LogMelConfig::from_json(const Json& j, const std::string& where) {
     throw ConfigError(where + ": expected sample_rate <= 768000, window_size and hop_size <= 65536, mel_bins <= 1024; got " +
                       std::to_string(c.sample_rate) + ", " + std::to_string(c.window_size) + ", " + std::to_string(c.hop_size) +
                       ", " + std::to_string(c.mel_bins));
+  if (!std::isfinite(c.fmin) || !std::isfinite(c.fmax) || !std::isfinite(c.amin) || !std::isfinite(c.ref) || !std::isfinite(c.top_db))
+    throw ConfigError(where + ": fmin, fmax, amin, ref and top_db must be finite numbers");
   if (!(c.fmin >= 0 && c.fmin < c.fmax && c.fmin < c.sample_rate / 2.0))
     throw ConfigError(where + ": expected 0 <= fmin < fmax and fmin < sample_rate/2, got fmin " + std::to_string(c.fmin) +
                       ", fmax " + std::to_string(c.fmax) + ", sample_rate " + std::to_string(c.sample_rate));
@@ -43,8 +46,10 @@ LogMelConfig LogMelConfig::from_json(const Json& j, const std::string& where) {
     const std::vector<int64_t> empty = empty_mel_filters(c);
     std::string which;
     if (!empty.empty()) which = "; mel filters " + std::to_string(empty.front()) + ".." + std::to_string(empty.back()) + " are empty";
-    log_warning(where + ": fmax " + std::to_string(static_cast<int64_t>(c.fmax)) + " Hz is above the Nyquist frequency " +
-                std::to_string(c.sample_rate / 2) + " Hz" + which + " (librosa's semantics)");
+    char fmax[32];
+    std::snprintf(fmax, sizeof fmax, "%g", c.fmax);
+    log_warning(where + ": fmax " + fmax + " Hz is above the Nyquist frequency " + std::to_string(c.sample_rate / 2) + " Hz" + which +
+                " (librosa's semantics)");
   }
   return c;
 }
