@@ -3,10 +3,7 @@
 // turns on the TorchScript object rules).
 #include <caffe2/serialize/inline_container.h>
 
-#include <ATen/ATen.h>
-
-#include "core/errors.h"
-#include "core/torch_checkpoint.h"
+#include "tests/fuzz/fuzz_checkpoint.h"
 #include "tests/fuzz/fuzz_util.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -21,11 +18,6 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (torchscript) writer.writeRecord("constants.pkl", "\x80\x02).", 4);
     writer.writeEndOfFile();
   }
-  try {
-    prefixcap::TensorMap tensors = prefixcap::load_torch_checkpoint(path);
-    for (const auto& [name, t] : tensors)
-      if (t.numel() > 0) (void)t.contiguous();
-  } catch (const prefixcap::FileError&) {
-  }
+  prefixcap::fuzz::read_checkpoint(path);
   return 0;
 }
