@@ -7,6 +7,7 @@
 
 #include "core/errors.h"
 #include "core/safetensors.h"
+#include "encoders/clip_image_encoder.h"
 #include "encoders/clip_vision.h"
 #include "encoders/image_preprocess.h"
 #include "pipeline/video_decode.h"
@@ -169,4 +170,19 @@ TEST(Video, FrameFeaturesEqualPerImageEncoding) {
     EXPECT_TRUE(at::allclose(features.frame_embeds[i], alone, 1e-5, 1e-5)) << i;
   }
   EXPECT_TRUE(at::allclose(features.mean_embed, features.frame_embeds.mean(0)));
+}
+
+// A weight file named on its own, with our names and a config.json beside it: that file is
+// loaded (not the folder's default file name), and the same model comes out as from the folder.
+TEST(ClipVision, WeightFileWithAConfigBesideItLoadsThatFile) {
+  TempDir dir;
+  std::filesystem::copy_file(fixture_dir("clip-vit-tiny") + "/config.json", dir.file("config.json"));
+  std::filesystem::copy_file(fixture_dir("clip-vit-tiny") + "/model.safetensors", dir.file("other-name.safetensors"));
+  ClipImageEncoder from_file = load_clip_image_encoder(dir.file("other-name.safetensors"));
+  ClipImageEncoder from_folder = load_clip_image_encoder(fixture_dir("clip-vit-tiny"));
+  EXPECT_EQ(from_file->architecture(), "vit");
+  SafetensorsFile golden(fixture_dir("clip-vit-tiny") + "/golden.safetensors");
+  torch::NoGradGuard no_grad;
+  at::Tensor pixels = golden.tensor("vision.pixel_values");
+  EXPECT_TRUE(at::equal(from_file->forward(pixels).image_embeds, from_folder->forward(pixels).image_embeds));
 }
