@@ -2,7 +2,6 @@
 
 #include <cstdint>
 #include <cstring>
-#include <fstream>
 #include <functional>
 #include <map>
 #include <memory>
@@ -469,8 +468,7 @@ namespace {
 // ref: torch/serialization.py _legacy_save / _legacy_load (torch 1.13): four pickles (magic
 // number, protocol version 1001, sys_info, the object), a pickle of the storage keys, then
 // per key an 8-byte little-endian element count and the raw little-endian bytes.
-TensorMap load_legacy_checkpoint(const std::string& path) {
-  MappedFile file(path);
+TensorMap load_legacy_checkpoint(const std::string& path, const MappedFile& file) {
   const uint8_t* data = file.data();
   const size_t size = file.size();
   auto fail = [&](const std::string& what) -> void { throw FileError(path, "cannot read legacy torch.save file: " + what); };
@@ -549,8 +547,7 @@ TensorMap load_legacy_checkpoint(const std::string& path) {
 // claims, before reading it: a 600-byte file claiming a 4 GB record would make it allocate 4 GB.
 // torch.save stores records uncompressed, so no honest record is larger than the file: check
 // every central-directory entry (ZIP64 included) against the file size first.
-void check_zip_sizes(const std::string& path) {
-  MappedFile file(path);
+void check_zip_sizes(const std::string& path, const MappedFile& file) {
   const uint8_t* d = file.data();
   const uint64_t n = file.size();
   auto fail = [&](const std::string& what) { throw FileError(path, "cannot read the zip archive: " + what); };
@@ -607,21 +604,18 @@ void check_zip_sizes(const std::string& path) {
 }  // namespace
 
 TensorMap load_torch_checkpoint(const std::string& path) {
-  {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw FileError(path, "cannot open");
-    char magic[4] = {0, 0, 0, 0};
-    in.read(magic, 4);
-    if (in.gcount() < 4) throw FileError(path, "file too short to be a checkpoint");
-    if (static_cast<uint8_t>(magic[0]) == 0x80 && magic[1] >= 2 && magic[1] <= 5) return load_legacy_checkpoint(path);
-    if (std::memcmp(magic, "PK\x03\x04", 4) != 0)
-      throw FileError(path, "not a PyTorch checkpoint (no zip archive header)");
-  }
+  // One mapping serves the format check, the legacy reader and the zip size check.
+  const MappedFile file(path);
+  const uint8_t* magic = file.data();
+  if (file.size() < 4) throw FileError(path, "file too short to be a checkpoint");
+  if (magic[0] == 0x80 && magic[1] >= 2 && magic[1] <= 5) return load_legacy_checkpoint(path, file);
+  if (std::memcmp(magic, "PK\x03\x04", 4) != 0) throw FileError(path, "not a PyTorch checkpoint (no zip archive header)");
+  check_zip_sizes(path, file);
+
   std::unique_ptr<caffe2::serialize::PyTorchStreamReader> reader;
   at::DataPtr pickle;
   size_t pickle_size = 0;
   bool torchscript = false;
-  check_zip_sizes(path);
   try {
     reader = std::make_unique<caffe2::serialize::PyTorchStreamReader>(path);
     if (!reader->hasRecord("data.pkl"))
