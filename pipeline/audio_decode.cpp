@@ -16,6 +16,7 @@ extern "C" {
 #include <fstream>
 
 #include "core/errors.h"
+#include "pipeline/ffmpeg_handles.h"
 
 namespace prefixcap {
 
@@ -134,38 +135,38 @@ class FfmpegSource : public AudioSource {
  public:
   explicit FfmpegSource(const std::string& path) : path_(path) {
     av_log_set_level(AV_LOG_QUIET);
-    int rc = avformat_open_input(&format_, path.c_str(), nullptr, nullptr);
+    int rc = avformat_open_input(&h_.format, path.c_str(), nullptr, nullptr);
     if (rc < 0) throw FileError(path, "not a readable audio or video file (" + av_error(rc) + ")");
-    rc = avformat_find_stream_info(format_, nullptr);
+    rc = avformat_find_stream_info(h_.format, nullptr);
     if (rc < 0) throw FileError(path, "cannot read stream information (" + av_error(rc) + ")");
     const AVCodec* codec = nullptr;
-    stream_ = av_find_best_stream(format_, AVMEDIA_TYPE_AUDIO, -1, -1, &codec, 0);
+    stream_ = av_find_best_stream(h_.format, AVMEDIA_TYPE_AUDIO, -1, -1, &codec, 0);
     if (stream_ < 0 || !codec) throw FileError(path, "no decodable audio track");
-    AVStream* st = format_->streams[stream_];
-    codec_ = avcodec_alloc_context3(codec);
-    if (!codec_ || avcodec_parameters_to_context(codec_, st->codecpar) < 0)
+    AVStream* st = h_.format->streams[stream_];
+    h_.codec = avcodec_alloc_context3(codec);
+    if (!h_.codec || avcodec_parameters_to_context(h_.codec, st->codecpar) < 0)
       throw FileError(path, "cannot set up the audio decoder");
-    rc = avcodec_open2(codec_, codec, nullptr);
+    rc = avcodec_open2(h_.codec, codec, nullptr);
     if (rc < 0) throw FileError(path, "cannot open the audio decoder (" + av_error(rc) + ")");
-    packet_ = av_packet_alloc();
-    frame_ = av_frame_alloc();
-    info_.sample_rate = codec_->sample_rate;
-    info_.channels = codec_->ch_layout.nb_channels;
+    h_.packet = av_packet_alloc();
+    h_.frame = av_frame_alloc();
+    info_.sample_rate = h_.codec->sample_rate;
+    info_.channels = h_.codec->ch_layout.nb_channels;
     if (info_.sample_rate <= 0 || info_.channels <= 0) throw FileError(path, "audio track without rate or channels");
     info_.decoder = "ffmpeg";
-    info_.format = std::string(format_->iformat->name) + "/" + codec->name;
+    info_.format = std::string(h_.format->iformat->name) + "/" + codec->name;
     if (st->duration != AV_NOPTS_VALUE && st->duration > 0)
       info_.duration_s = st->duration * av_q2d(st->time_base);
-    else if (format_->duration != AV_NOPTS_VALUE && format_->duration > 0)
-      info_.duration_s = double(format_->duration) / AV_TIME_BASE;
+    else if (h_.format->duration != AV_NOPTS_VALUE && h_.format->duration > 0)
+      info_.duration_s = double(h_.format->duration) / AV_TIME_BASE;
   }
 
   bool read(std::vector<float>& out) override {
     while (true) {
-      int rc = avcodec_receive_frame(codec_, frame_);
+      int rc = avcodec_receive_frame(h_.codec, h_.frame);
       if (rc == 0) {
         append(out);
-        av_frame_unref(frame_);
+        av_frame_unref(h_.frame);
         return true;
       }
       if (rc == AVERROR_EOF) return finish();
@@ -175,27 +176,27 @@ class FfmpegSource : public AudioSource {
       }
       if (rc != AVERROR(EAGAIN)) throw FileError(path_, "corrupt audio data (" + av_error(rc) + ")");
       if (draining_) return finish();
-      rc = av_read_frame(format_, packet_);
+      rc = av_read_frame(h_.format, h_.packet);
       if (rc == AVERROR_EOF) {
         draining_ = true;
-        avcodec_send_packet(codec_, nullptr);
+        avcodec_send_packet(h_.codec, nullptr);
         continue;
       }
       if (rc < 0) throw FileError(path_, "cannot read the file (" + av_error(rc) + "; truncated?)");
-      if (packet_->stream_index == stream_) {
+      if (h_.packet->stream_index == stream_) {
         ++packets_;
-        rc = avcodec_send_packet(codec_, packet_);
+        rc = avcodec_send_packet(h_.codec, h_.packet);
         if (rc == AVERROR_INVALIDDATA) {
-          av_packet_unref(packet_);
+          av_packet_unref(h_.packet);
           skip_bad_packet(rc);
           continue;
         }
         if (rc < 0 && rc != AVERROR(EAGAIN)) {
-          av_packet_unref(packet_);
+          av_packet_unref(h_.packet);
           throw FileError(path_, "corrupt audio data (" + av_error(rc) + ")");
         }
       }
-      av_packet_unref(packet_);
+      av_packet_unref(h_.packet);
     }
   }
 
@@ -215,16 +216,16 @@ class FfmpegSource : public AudioSource {
   }
   void append(std::vector<float>& out) {
     ++frames_;
-    const int channels = frame_->ch_layout.nb_channels;
-    const int n = frame_->nb_samples;
+    const int channels = h_.frame->ch_layout.nb_channels;
+    const int n = h_.frame->nb_samples;
     if (channels != info_.channels) throw FileError(path_, "channel count changes inside the stream");
     const size_t old = out.size();
     out.resize(old + size_t(n) * channels);
     float* dst = out.data() + old;
-    const auto fmt = static_cast<AVSampleFormat>(frame_->format);
+    const auto fmt = static_cast<AVSampleFormat>(h_.frame->format);
     const bool planar = av_sample_fmt_is_planar(fmt);
     for (int c = 0; c < channels; ++c) {
-      const uint8_t* plane = planar ? frame_->extended_data[c] : frame_->extended_data[0];
+      const uint8_t* plane = planar ? h_.frame->extended_data[c] : h_.frame->extended_data[0];
       for (int i = 0; i < n; ++i) {
         const int idx = planar ? i : i * channels + c;
         float v;
@@ -243,23 +244,7 @@ class FfmpegSource : public AudioSource {
   }
 
   std::string path_;
-  // A member with its own destructor: freed even when the constructor throws half-way.
-  struct Handles {
-    AVFormatContext* format = nullptr;
-    AVCodecContext* codec = nullptr;
-    AVPacket* packet = nullptr;
-    AVFrame* frame = nullptr;
-    ~Handles() {
-      av_frame_free(&frame);
-      av_packet_free(&packet);
-      avcodec_free_context(&codec);
-      avformat_close_input(&format);
-    }
-  } h_;
-  AVFormatContext*& format_ = h_.format;
-  AVCodecContext*& codec_ = h_.codec;
-  AVPacket*& packet_ = h_.packet;
-  AVFrame*& frame_ = h_.frame;
+  FfmpegHandles h_;  // freed even when the constructor throws
   int stream_ = -1;
   bool draining_ = false;
   int64_t packets_ = 0, bad_packets_ = 0, frames_ = 0;

@@ -13,23 +13,14 @@ extern "C" {
 #include <ATen/ATen.h>
 
 #include "core/errors.h"
+#include "pipeline/ffmpeg_handles.h"
 
 namespace prefixcap {
 
 namespace {
-struct FfmpegVideo {
-  AVFormatContext* format = nullptr;
-  AVCodecContext* codec = nullptr;
-  AVPacket* packet = nullptr;
-  AVFrame* frame = nullptr;
+struct FfmpegVideo : FfmpegHandles {
   SwsContext* sws = nullptr;
-  ~FfmpegVideo() {
-    sws_freeContext(sws);
-    av_frame_free(&frame);
-    av_packet_free(&packet);
-    avcodec_free_context(&codec);
-    avformat_close_input(&format);
-  }
+  ~FfmpegVideo() { sws_freeContext(sws); }
 };
 }  // namespace
 
