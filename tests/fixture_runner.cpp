@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <regex>
 #include <sstream>
 
 #include <ATen/ATen.h>
@@ -272,6 +273,19 @@ std::string Checks::result() const {
   };
   if (!failures.empty()) return "FAIL:" + join(failures);
   return join(notes);
+}
+
+std::string expect_refusal(const std::string& path, const std::string& reason, const std::function<std::string()>& read) {
+  if (!std::filesystem::is_regular_file(path)) return "FAIL:fixture file " + path + " is missing";
+  if (reason.empty()) return "FAIL:the case's description names no refusal reason this kind knows";
+  try {
+    return "FAIL:" + read() + " instead of refusing the file";
+  } catch (const FileError& e) {
+    const std::string message = e.what();
+    if (!std::regex_search(message, std::regex(reason, std::regex::icase)))
+      return "FAIL:refused for another reason than /" + reason + "/: " + message;
+    return "refused: " + message;
+  }
 }
 
 CaseResult run_case(const std::string& name, const std::function<std::string()>& body) {

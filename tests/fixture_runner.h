@@ -96,6 +96,12 @@ struct Checks {
   std::string result() const;  // "FAIL:..." when any comparison failed
 };
 
+// A case whose file must be refused: the file must exist (an error from a wrong path proves
+// nothing), `read` must throw FileError, and its message must match `reason`, a regex the kind
+// runner derives from the case's description. `read` returns what it read instead, for the
+// failure message. Returns a run_case result ("FAIL:..." or "refused: <message>").
+std::string expect_refusal(const std::string& path, const std::string& reason, const std::function<std::string()>& read);
+
 // Runs `body`, turning exceptions into a failed result; a body result starting "FAIL:" fails,
 // one starting "SKIP:" is skipped.
 CaseResult run_case(const std::string& name, const std::function<std::string()>& body);
