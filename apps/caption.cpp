@@ -1,11 +1,15 @@
 // caption: media files in, captions out.
 //   caption --model BUNDLE [options] INPUT...
+//   caption --model BUNDLE --stream [options] SOURCE      (live: stdin "-", a URL, a device)
 // INPUT: files, folders (recursive; media extensions only), globs, @list.txt, - (paths on stdin).
-// Exit code: 0 = every input captioned, 2 = some failed (one line each on stderr), 1 = usage or
-// model error.
+// Exit code: 0 = every input captioned (a stream: ended or interrupted by SIGINT/SIGTERM),
+// 2 = some failed (one line each on stderr; a stream: broke off), 1 = usage or model error.
 #include <glob.h>
+#include <pthread.h>
+#include <signal.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -13,6 +17,7 @@
 #include <iostream>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <CLI/CLI.hpp>
@@ -23,6 +28,7 @@
 #include "core/threads.h"
 #include "pipeline/audio_decode.h"
 #include "pipeline/captioner.h"
+#include "pipeline/stream_captioner.h"
 
 using namespace prefixcap;
 namespace fs = std::filesystem;
@@ -112,6 +118,66 @@ double ms_since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count();
 }
 
+// --stream's signals: SIGINT/SIGTERM are blocked in every thread and taken by one waiting
+// thread, which sets the stop flag the reader checks and pokes the reading thread with SIGUSR1
+// (whose handler does nothing) so that a blocking read returns. A second signal exits at once.
+std::atomic<bool> g_stop{false};
+void on_poke(int) {}
+
+void start_signal_thread(pthread_t reader) {
+  std::thread([reader] {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    int sig = 0;
+    sigwait(&set, &sig);
+    g_stop = true;
+    std::fprintf(stderr, "caption: %s: finishing the current window\n", sig == SIGINT ? "interrupted" : "terminated");
+    for (int i = 0; i < 100000; ++i) {  // until the process exits; a poke may land before the read blocks
+      pthread_kill(reader, SIGUSR1);
+      timespec wait{0, 50'000'000};
+      sigset_t again = set;
+      siginfo_t info;
+      if (sigtimedwait(&again, &info, &wait) > 0) _exit(130);
+    }
+  }).detach();
+}
+
+void block_stop_signals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  struct sigaction poke {};
+  poke.sa_handler = on_poke;  // no SA_RESTART: the read returns EINTR
+  sigaction(SIGUSR1, &poke, nullptr);
+}
+
+void print_caption(std::ostream& out, const std::string& format, const Json& fields) {
+  const std::string path = fields.value("path", fields.value("stream", ""));
+  const bool windowed = fields.contains("start");
+  if (format == "text") {
+    out << path;
+    if (windowed) out << " [" << fields["start"].get<double>() << "-" << fields["end"].get<double>() << "]";
+    out << "\t" << fields["caption"].get<std::string>() << "\n";
+  } else if (format == "csv") {
+    out << csv_field(path) << "," << fields["modality"].get<std::string>() << ","
+        << (windowed ? std::to_string(fields["start"].get<double>()) : "") << ","
+        << (windowed ? std::to_string(fields["end"].get<double>()) : "") << "," << csv_field(fields["caption"].get<std::string>())
+        << "," << fields["score"].get<double>() << "\n";
+  } else {
+    out << json_dump(fields) << "\n";
+  }
+}
+
+Json alternatives_of(const std::vector<Caption>& captions) {
+  Json alternatives = Json::array();
+  for (size_t k = 1; k < captions.size(); ++k) alternatives.push_back({{"caption", captions[k].text}, {"score", captions[k].score}});
+  return alternatives;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -121,7 +187,10 @@ int main(int argc, char** argv) {
   int batch_size = 8, threads = 0, beam = -1, top_k = 0, max_tokens = -1, num_captions = 1, frames = 8;
   double top_p = 1.0, temperature = 1.0, window = 0, hop = 0;
   uint64_t seed = 0;
-  bool greedy = false, sample = false, no_progress = false;
+  bool greedy = false, sample = false, no_progress = false, stream = false;
+  std::string raw_format, input_format, overrun;
+  int raw_rate = 0, raw_channels = 0, max_pending = 4;
+  double io_timeout = 30;
   app.add_option("-m,--model", model, "captioner bundle folder (captioner.json)")->required()->check(CLI::ExistingDirectory);
   app.add_option("inputs", inputs, "files, folders, globs, @list.txt, or - for paths on stdin")->required();
   app.add_option("-b,--batch-size", batch_size, "inputs captioned together")->capture_default_str()->check(CLI::PositiveNumber);
@@ -143,11 +212,31 @@ int main(int argc, char** argv) {
   app.add_option("-f,--format", format, "text, jsonl or csv")->capture_default_str()->check(CLI::IsMember({"text", "jsonl", "csv"}));
   app.add_option("-o,--output", output, "write here instead of stdout");
   app.add_flag("--no-progress", no_progress, "no progress bar on stderr");
+  auto* stream_group = app.add_option_group("streaming", "caption --stream SOURCE: live input, captioned window by window");
+  stream_group->add_flag("--stream", stream, "SOURCE is a stream: - (stdin), a URL (http, rtsp, udp, ...), or a capture device");
+  stream_group->add_option("--raw", raw_format, "raw PCM on the stream: s16le, f32le, ... (with --rate and --channels)");
+  stream_group->add_option("--rate", raw_rate, "raw PCM sample rate (Hz)")->check(CLI::PositiveNumber);
+  stream_group->add_option("--channels", raw_channels, "raw PCM channel count")->check(CLI::Range(1, 64));
+  stream_group->add_option("--input-format", input_format, "FFmpeg input format or capture device (mpegts, alsa, pulse, ...)");
+  stream_group->add_option("--max-pending", max_pending, "complete windows waiting for the captioner, at most")->capture_default_str()->check(CLI::PositiveNumber);
+  stream_group->add_option("--overrun", overrun, "when captioning falls behind: block (wait; default for stdin and files) or drop (the oldest waiting window; default for URLs and devices)")
+      ->check(CLI::IsMember({"block", "drop"}));
+  stream_group->add_option("--io-timeout", io_timeout, "seconds a network read may stall before the stream fails (0 = forever)")->capture_default_str();
   try {
     app.parse(argc, argv);
+    if (!stream && (!raw_format.empty() || !input_format.empty() || raw_rate || raw_channels || !overrun.empty()))
+      throw CLI::ValidationError("--raw, --input-format, --rate, --channels and --overrun are for --stream");
+    if (stream && inputs.size() != 1) throw CLI::ValidationError("--stream takes one SOURCE (-, a URL or a device)");
+    if (!raw_format.empty() && !input_format.empty()) throw CLI::ValidationError("--raw and --input-format: give one");
+    if (!raw_format.empty() && !is_raw_pcm_format(raw_format))
+      throw CLI::ValidationError("--raw: not a raw PCM format: " + raw_format + " (s16le, s16be, s32le, f32le, f64le, u8, alaw, mulaw, ...)");
+    if (!raw_format.empty() && (raw_rate <= 0 || raw_channels <= 0))
+      throw CLI::ValidationError("--raw needs --rate and --channels");
+    if (raw_format.empty() && (raw_rate || raw_channels)) throw CLI::ValidationError("--rate and --channels are for --raw");
   } catch (const CLI::ParseError& e) {
     return app.exit(e) == 0 ? 0 : 1;  // --help: 0; any usage error: 1
   }
+  if (stream) block_stop_signals();  // before any thread starts, so every thread inherits it
 
   std::unique_ptr<Captioner> captioner;
   DecodingOptions options;
@@ -176,7 +265,7 @@ int main(int argc, char** argv) {
     if (options.beam_size > 1 && options.num_return > options.beam_size) options.beam_size = options.num_return;
     validate(options);
     if (hop <= 0) hop = window;
-    paths = expand_inputs(inputs);
+    if (!stream) paths = expand_inputs(inputs);
     if (!output.empty()) {
       file_out.open(output, std::ios::trunc);
       if (!file_out) throw std::runtime_error("cannot write " + output);
@@ -186,7 +275,51 @@ int main(int argc, char** argv) {
     return 1;
   }
   std::ostream& out = output.empty() ? std::cout : file_out;
+  if (stream && app.get_option("--format")->count() == 0) format = "jsonl";  // one line per window
   if (format == "csv") out << "path,modality,start,end,caption,score\n";
+
+  if (stream) {
+    if (captioner->encoder_kind() != "cnn14") {
+      std::fprintf(stderr, "caption: --stream captions audio; this bundle's encoder is '%s'\n", captioner->encoder_kind().c_str());
+      return 1;
+    }
+    StreamInput source;
+    source.url = inputs[0];
+    source.format = raw_format.empty() ? input_format : raw_format;
+    source.sample_rate = raw_rate;
+    source.channels = raw_channels;
+    source.io_timeout_s = io_timeout;
+    source.stop = &g_stop;
+    StreamOptions so;
+    so.window_s = window > 0 ? window : 10.0;
+    so.hop_s = hop > 0 ? hop : so.window_s;
+    so.max_pending = max_pending;
+    so.batch_size = batch_size;
+    const bool pipe_or_file = source.url == "-" || source.url.rfind("file:", 0) == 0 ||
+                              (source.url.find("://") == std::string::npos && fs::exists(source.url) && input_format.empty());
+    so.overrun = overrun.empty() ? (pipe_or_file ? OverrunPolicy::Block : OverrunPolicy::Drop) : parse_overrun_policy(overrun);
+    start_signal_thread(pthread_self());
+    const std::string name = source.url;
+    try {
+      AudioReader reader(source, {captioner->sample_rate()});
+      StreamSummary summary = caption_stream(*captioner, reader, options, so, [&](const StreamWindow& w) {
+        const Caption& best = w.captions[0];
+        Json j = {{"stream", name},        {"modality", "audio"},          {"start", w.start_s},
+                  {"end", w.end_s},        {"caption", best.text},         {"score", best.score},
+                  {"alternatives", alternatives_of(w.captions)},           {"latency_ms", w.latency_ms},
+                  {"dropped", w.dropped_so_far}};
+        print_caption(out, format, j);
+        out.flush();
+      });
+      std::fprintf(stderr, "caption: stream %s: %lld windows captioned, %lld dropped, %.1f s of audio in %.1f s\n",
+                   g_stop ? "interrupted" : "ended", static_cast<long long>(summary.windows),
+                   static_cast<long long>(summary.dropped), summary.audio_s, summary.wall_s);
+      return 0;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "caption: %s\n", e.what());
+      return 2;
+    }
+  }
   const bool progress = !no_progress && isatty(STDERR_FILENO);
   int failures = 0;
   size_t done = 0;
@@ -211,18 +344,16 @@ int main(int argc, char** argv) {
     for (auto& it : batch)
       if (it.error.empty()) good.push_back(&it);
     try {
-      MapperInput features;
       if (good.empty()) {
       } else if (captioner->encoder_kind() == "cnn14") {
         std::vector<std::vector<float>> waves;
         for (auto* it : good) waves.push_back(std::move(it->waveform));
-        features = captioner->encode_waveforms(waves);
+        results = captioner->caption_waveforms(waves, options);
       } else {
         std::vector<Captioner::VisualInput> visuals;
         for (auto* it : good) visuals.push_back(std::move(it->visual));
-        features = captioner->encode_visual(visuals);
+        results = captioner->caption(captioner->encode_visual(visuals), options);
       }
-      if (!good.empty()) results = captioner->caption(features, options);
     } catch (const std::exception& e) {
       for (auto* it : good) {
         ++failures;
@@ -241,26 +372,14 @@ int main(int argc, char** argv) {
       }
       const size_t i = next_result++;
       const Caption& best = results[i][0];
-      if (format == "text") {
-        out << it.path;
-        if (it.start >= 0) out << " [" << it.start << "-" << it.end << "]";
-        out << "\t" << best.text << "\n";
-      } else if (format == "csv") {
-        out << csv_field(it.path) << "," << modality_name(it.modality) << "," << (it.start >= 0 ? std::to_string(it.start) : "")
-            << "," << (it.end >= 0 ? std::to_string(it.end) : "") << "," << csv_field(best.text) << "," << best.score << "\n";
-      } else {
-        Json j = {{"path", it.path}, {"modality", modality_name(it.modality)}, {"caption", best.text}, {"score", best.score}};
-        if (it.start >= 0) {
-          j["start"] = it.start;
-          j["end"] = it.end;
-        }
-        Json alternatives = Json::array();
-        for (size_t k = 1; k < results[i].size(); ++k)
-          alternatives.push_back({{"caption", results[i][k].text}, {"score", results[i][k].score}});
-        j["alternatives"] = alternatives;
-        j["timings"] = {{"decode_ms", it.decode_ms}, {"caption_ms", batch_ms}};
-        out << json_dump(j) << "\n";
+      Json j = {{"path", it.path}, {"modality", modality_name(it.modality)}, {"caption", best.text}, {"score", best.score}};
+      if (it.start >= 0) {
+        j["start"] = it.start;
+        j["end"] = it.end;
       }
+      j["alternatives"] = alternatives_of(results[i]);
+      j["timings"] = {{"decode_ms", it.decode_ms}, {"caption_ms", batch_ms}};
+      print_caption(out, format, j);
     }
     out.flush();
     batch.clear();

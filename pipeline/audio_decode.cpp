@@ -5,15 +5,19 @@
 
 extern "C" {
 #include <libavcodec/avcodec.h>
+#include <libavdevice/avdevice.h>
 #include <libavformat/avformat.h>
 #include <libavutil/avutil.h>
+#include <libavutil/opt.h>
 }
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <limits>
 #include <fstream>
+#include <limits>
+#include <mutex>
+#include <regex>
 
 #include "core/errors.h"
 #include "pipeline/ffmpeg_handles.h"
@@ -131,13 +135,64 @@ std::string av_error(int code) {
   return buf;
 }
 
+// FFmpeg asks this between blocking reads; a set flag ends the stream (AVERROR_EXIT).
+int stop_requested(void* flag) { return static_cast<const std::atomic<bool>*>(flag)->load() ? 1 : 0; }
+
 class FfmpegSource : public AudioSource {
  public:
   explicit FfmpegSource(const std::string& path) : path_(path) {
     av_log_set_level(AV_LOG_QUIET);
     int rc = avformat_open_input(&h_.format, path.c_str(), nullptr, nullptr);
     if (rc < 0) throw FileError(path, "not a readable audio or video file (" + av_error(rc) + ")");
-    rc = avformat_find_stream_info(h_.format, nullptr);
+    open_decoder();
+  }
+
+  // A stream: standard input ("-"), a URL, or a capture device of libavdevice.
+  explicit FfmpegSource(const StreamInput& in) : path_(in.url == "-" ? "stdin" : in.url), stop_(in.stop) {
+    av_log_set_level(AV_LOG_QUIET);
+    static std::once_flag registered;
+    std::call_once(registered, [] {
+      avdevice_register_all();
+      avformat_network_init();
+    });
+    const AVInputFormat* format = nullptr;
+    if (!in.format.empty()) {
+      format = av_find_input_format(in.format.c_str());
+      if (!format) throw FileError(path_, "FFmpeg has no input format or capture device named '" + in.format + "'");
+    }
+    const bool raw = is_raw_pcm_format(in.format);
+    if (raw && (in.sample_rate <= 0 || in.channels <= 0))
+      throw FileError(path_, "raw PCM (" + in.format + ") needs its sample rate and channel count");
+    if (!raw && (in.sample_rate > 0 || in.channels > 0) && format == nullptr)
+      throw FileError(path_, "a sample rate and channel count are only for raw PCM formats (s16le, f32le, ...)");
+    AVDictionary* options = nullptr;
+    if (in.sample_rate > 0) av_dict_set_int(&options, "sample_rate", in.sample_rate, 0);
+    if (in.channels > 0) av_dict_set(&options, "ch_layout", (std::to_string(in.channels) + "C").c_str(), 0);
+    if (in.io_timeout_s > 0)
+      av_dict_set_int(&options, "rw_timeout", static_cast<int64_t>(in.io_timeout_s * 1e6), 0);
+    h_.format = avformat_alloc_context();
+    if (!h_.format) throw std::bad_alloc();
+    if (stop_) h_.format->interrupt_callback = {stop_requested, const_cast<std::atomic<bool>*>(stop_)};
+    const std::string url = in.url == "-" ? "pipe:0" : in.url;
+    int rc = avformat_open_input(&h_.format, url.c_str(), format, &options);
+    av_dict_free(&options);
+    if (rc < 0) throw FileError(path_, "cannot open the stream (" + av_error(rc) + ")");
+    open_decoder();
+  }
+
+  bool read(std::vector<float>& out) override {
+    try {
+      return read_frame(out);
+    } catch (const FileError&) {
+      if (stop_ && stop_->load()) return false;  // interrupted: the stream ends here
+      throw;
+    }
+  }
+
+ private:
+  void open_decoder() {
+    const std::string& path = path_;
+    int rc = avformat_find_stream_info(h_.format, nullptr);
     if (rc < 0) throw FileError(path, "cannot read stream information (" + av_error(rc) + ")");
     const AVCodec* codec = nullptr;
     stream_ = av_find_best_stream(h_.format, AVMEDIA_TYPE_AUDIO, -1, -1, &codec, 0);
@@ -161,7 +216,7 @@ class FfmpegSource : public AudioSource {
       info_.duration_s = double(h_.format->duration) / AV_TIME_BASE;
   }
 
-  bool read(std::vector<float>& out) override {
+  bool read_frame(std::vector<float>& out) {
     while (true) {
       int rc = avcodec_receive_frame(h_.codec, h_.frame);
       if (rc == 0) {
@@ -200,7 +255,6 @@ class FfmpegSource : public AudioSource {
     }
   }
 
- private:
   // Like FFmpeg's own tools, a packet the decoder rejects is skipped (broadcast captures and
   // old AVI files often have a damaged one); a stream that is mostly damaged is an error.
   void skip_bad_packet(int rc) {
@@ -244,6 +298,7 @@ class FfmpegSource : public AudioSource {
   }
 
   std::string path_;
+  const std::atomic<bool>* stop_ = nullptr;
   FfmpegHandles h_;  // freed even when the constructor throws
   int stream_ = -1;
   bool draining_ = false;
@@ -271,8 +326,28 @@ AudioReader::AudioReader(const std::string& path, const AudioDecodeOptions& opti
   if (!options.mono && options.target_rate != 0)
     throw std::invalid_argument("multi-channel output is only available at the native rate (target_rate 0)");
   validate_riff(path);
-  source_ = SndfileSource::open(path);
-  if (!source_) source_ = std::make_unique<FfmpegSource>(path);
+  std::unique_ptr<AudioSource> source = SndfileSource::open(path);
+  if (!source) source = std::make_unique<FfmpegSource>(path);
+  start(std::move(source));
+}
+
+AudioReader::AudioReader(const StreamInput& input, const AudioDecodeOptions& options)
+    : path_(input.url == "-" ? "stdin" : input.url), options_(options), live_(true) {
+  if (input.url.empty()) throw FileError("(stream)", "no input named");
+  if (options.target_rate < 0) throw std::invalid_argument("target_rate must be >= 0");
+  if (!options.mono && options.target_rate != 0)
+    throw std::invalid_argument("multi-channel output is only available at the native rate (target_rate 0)");
+  start(std::make_unique<FfmpegSource>(input));
+}
+
+bool is_raw_pcm_format(const std::string& format) {
+  static const std::regex pcm("([suf](8|16|24|32|64)(le|be)?|alaw|mulaw)");
+  return std::regex_match(format, pcm);
+}
+
+void AudioReader::start(std::unique_ptr<AudioSource> source) {
+  const AudioDecodeOptions& options = options_;
+  source_ = std::move(source);
   info_ = source_->info();
   output_rate_ = options.target_rate > 0 ? options.target_rate : info_.sample_rate;
   output_channels_ = options.mono ? 1 : info_.channels;
@@ -342,7 +417,7 @@ bool AudioReader::pull_native() {
 // A stream that ends well before the length its container announced is a cut-off file
 // (lossy streams decode frame by frame and would otherwise return partial audio silently).
 void AudioReader::check_complete() const {
-  if (native_left_ >= 0 || info_.duration_s <= 0) return;  // a window, or no announced length
+  if (live_ || native_left_ >= 0 || info_.duration_s <= 0) return;  // a window, or no announced length
   const double decoded_s = double(native_decoded_) / info_.sample_rate;
   if (decoded_s < info_.duration_s * 0.98 - 0.05)
     throw FileError(path_, "truncated: decoded " + std::to_string(decoded_s) + " s of the " +
@@ -411,7 +486,9 @@ void stream_windows(AudioReader& reader, double window_s, double hop_s,
     }
     while (!ended && total < b_full) {
       chunk.clear();
-      const size_t n = reader.read(chunk, 1 << 15);
+      // Never read past the window's last sample: a live stream's window is emitted the moment
+      // it is complete, not when a larger read fills.
+      const size_t n = reader.read(chunk, static_cast<size_t>(std::min<int64_t>(1 << 15, b_full - total)));
       if (n == 0) {
         ended = true;
         break;

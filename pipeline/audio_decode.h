@@ -5,6 +5,7 @@
 // high quality windowed-sinc resampler. Long files stream in chunks with bounded memory.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -32,11 +33,29 @@ struct AudioDecodeOptions {
 
 class AudioSource;  // one decoder backend
 
+// A live or piped input (caption --stream): read once, front to back, as it arrives.
+struct StreamInput {
+  std::string url;            // "-" = standard input; a file; any URL FFmpeg opens (http, rtsp,
+                              // udp, ...); with a capture device format, the device ("default")
+  std::string format;         // FFmpeg input format or device: "s16le" (raw PCM), "mpegts",
+                              // "alsa", "pulse", ...; "" = detect from the content
+  int sample_rate = 0;        // raw PCM: its rate and channel count (required for raw formats)
+  int channels = 0;
+  double io_timeout_s = 30;   // a network read that stalls this long fails (0 = wait forever)
+  const std::atomic<bool>* stop = nullptr;  // once set, the stream ends at the next read (SIGINT)
+};
+
+// Raw PCM formats (s16le, f32le, u8, ...): the ones that need a rate and a channel count.
+bool is_raw_pcm_format(const std::string& format);
+
 // Streaming reader: read() returns the next output samples until the file ends.
 class AudioReader {
  public:
   // Opens and probes the file; throws FileError naming the file and the reason.
   AudioReader(const std::string& path, const AudioDecodeOptions& options = {});
+  // Opens a stream through FFmpeg; a stream has no announced length to check, and ends at its
+  // EOF or when input.stop is set. Throws FileError naming the URL and the reason.
+  AudioReader(const StreamInput& input, const AudioDecodeOptions& options = {});
   ~AudioReader();
   AudioReader(const AudioReader&) = delete;
   AudioReader& operator=(const AudioReader&) = delete;
@@ -52,6 +71,7 @@ class AudioReader {
   int64_t position() const { return position_; }
 
  private:
+  void start(std::unique_ptr<AudioSource> source);  // the shared part of the constructors
   bool pull_native();  // decodes one native chunk into the resampler; false at end
   void check_complete() const;
 
@@ -70,6 +90,7 @@ class AudioReader {
   int64_t native_decoded_ = 0;   // native frames decoded so far
   bool source_done_ = false;
   bool flushed_ = false;
+  bool live_ = false;            // a stream: no announced length to hold it to
   int64_t position_ = 0;
 };
 

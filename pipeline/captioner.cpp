@@ -1,7 +1,9 @@
 #include "pipeline/captioner.h"
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <map>
 
 #include <ATen/ATen.h>
 #include <torch/types.h>
@@ -304,12 +306,32 @@ std::vector<std::vector<Caption>> Captioner::caption(const MapperInput& features
   return out;
 }
 
+std::vector<std::vector<Caption>> Captioner::caption_waveforms(const std::vector<std::vector<float>>& waveforms,
+                                                                const DecodingOptions& options) {
+  if (encoder_kind_ != "cnn14") throw std::invalid_argument("this captioner has no audio encoder (encoder kind " + encoder_kind_ + ")");
+  const auto& cfg = cnn14->config();
+  std::map<size_t, std::vector<size_t>> by_length;  // fitted length -> input rows, in order
+  for (size_t i = 0; i < waveforms.size(); ++i) {
+    size_t n = waveforms[i].size();
+    if (cfg.clip_seconds > 0) n = static_cast<size_t>(std::llround(cfg.clip_seconds * cfg.front_end.sample_rate));  // fit_clip_length's
+    by_length[n].push_back(i);
+  }
+  std::vector<std::vector<Caption>> out(waveforms.size());
+  for (const auto& [length, rows] : by_length) {
+    std::vector<std::vector<float>> group;
+    for (size_t i : rows) group.push_back(waveforms[i]);
+    auto captions = caption(encode_waveforms(group), options);
+    for (size_t k = 0; k < rows.size(); ++k) out[rows[k]] = std::move(captions[k]);
+  }
+  return out;
+}
+
 std::vector<std::vector<Caption>> Captioner::caption_files(const std::vector<std::string>& paths, const DecodingOptions& options) {
   if (paths.empty()) return {};
   if (encoder_kind_ == "cnn14") {
     std::vector<std::vector<float>> waves;
     for (const auto& p : paths) waves.push_back(decode_audio(p, {sample_rate()}).samples);
-    return caption(encode_waveforms(waves), options);
+    return caption_waveforms(waves, options);
   }
   if (encoder_kind_ == "clip") {
     std::vector<VisualInput> inputs;

@@ -68,6 +68,11 @@ class Captioner {
   MapperInput encode_visual(const std::vector<VisualInput>& inputs);
   // Captions (best first, options.num_return of them) per input row.
   std::vector<std::vector<Caption>> caption(const MapperInput& features, const DecodingOptions& options);
+  // Captions of mono waveforms (CNN14 bundles). Clips are encoded and decoded together only
+  // with clips of the same length (after the bundle's clip_seconds): zero padding would change
+  // a shorter clip's features, so a caption never depends on what it was batched with.
+  std::vector<std::vector<Caption>> caption_waveforms(const std::vector<std::vector<float>>& waveforms,
+                                                      const DecodingOptions& options);
   // Media files in, captions out (batched); throws for the first unreadable file.
   std::vector<std::vector<Caption>> caption_files(const std::vector<std::string>& paths, const DecodingOptions& options);
 
