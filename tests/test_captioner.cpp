@@ -12,6 +12,7 @@
 #include "encoders/image_preprocess.h"
 #include "mapper/mappers.h"
 #include "pipeline/checkpoint_import.h"
+#include "tests/test_bundles.h"
 #include "tests/test_helpers.h"
 
 using namespace prefixcap;
@@ -299,4 +300,35 @@ TEST(Captioner, PrefixAacPresetsNeedNoHandWrittenConfig) {
   EXPECT_THROW(import_prefix_aac(checkpoint, o), ConfigError);
   o.preset.clear();
   EXPECT_THROW(import_prefix_aac(checkpoint, o), std::invalid_argument);  // neither preset nor config
+}
+
+// Clips of different lengths batched together must caption as they do alone: zero padding to
+// the longest clip would change the shorter clips' CNN14 features (bundle without clip_seconds).
+TEST(Captioner, AudioCaptionsDoNotDependOnWhatTheyAreBatchedWith) {
+  TempDir dir;
+  const std::string bundle = dir.file("aac");
+  std::filesystem::copy(prefixcap::testing::aac_bundle(), bundle, std::filesystem::copy_options::recursive);
+  Json cfg = read_json_file(bundle + "/encoder/config.json");
+  ASSERT_TRUE(cfg.contains("clip_seconds"));
+  cfg["clip_seconds"] = 0.0;
+  write_bytes(bundle + "/encoder/config.json", cfg.dump());
+  Captioner c = Captioner::load(bundle);
+  std::vector<std::vector<float>> clips;
+  for (double seconds : {3.0, 5.5, 3.0, 1.25}) {
+    std::vector<float> w(static_cast<size_t>(seconds * c.sample_rate()));
+    for (size_t i = 0; i < w.size(); ++i) w[i] = 0.3f * std::sin(0.01f * i * (1 + clips.size())) * std::cos(0.0003f * i);
+    clips.push_back(w);
+  }
+  DecodingOptions o = c.default_decoding();
+  auto together = c.caption_waveforms(clips, o);
+  ASSERT_EQ(together.size(), clips.size());
+  for (size_t i = 0; i < clips.size(); ++i) {
+    auto alone = c.caption_waveforms({clips[i]}, o);
+    EXPECT_EQ(together[i][0].ids, alone[0][0].ids) << "clip " << i;
+    EXPECT_NEAR(together[i][0].score, alone[0][0].score, 1e-5) << "clip " << i;
+  }
+  // What padding would have done: the 3 s clip inside a batch padded to 5.5 s has other features.
+  MapperInput padded = c.encode_waveforms({clips[0], clips[1]});
+  MapperInput alone = c.encode_waveforms({clips[0]});
+  EXPECT_GT((padded.embedding[0] - alone.embedding[0]).abs().max().item<float>(), 1e-4);
 }

@@ -1,0 +1,230 @@
+// caption --stream end to end: a piped file gives the captions of caption --window on that file,
+// raw PCM too; SIGINT finishes the current window; the drop policy bounds the queue; an hour of
+// stream keeps memory flat; bad streams and options are refused with a message.
+#include <gtest/gtest.h>
+
+#include <signal.h>
+#include <sndfile.h>
+
+#include <cmath>
+#include <fstream>
+#include <random>
+
+#include <nlohmann/json.hpp>
+
+#include "tests/test_bundles.h"
+#include "tests/test_helpers.h"
+#include "tests/test_process.h"
+
+using namespace prefixcap;
+using prefixcap::testing::aac_bundle;
+using prefixcap::testing::Child;
+using prefixcap::testing::clipcap_bundle;
+using prefixcap::testing::read_bytes;
+using prefixcap::testing::TempDir;
+using Json = nlohmann::json;
+
+namespace {
+
+const std::string kCaption = PREFIXCAP_CAPTION_BIN;
+
+// Deterministic noise with a slow tone, as interleaved 16-bit samples.
+std::vector<int16_t> noise(int rate, int channels, double seconds, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n(0.0f, 0.15f);
+  std::vector<int16_t> out(static_cast<size_t>(rate * seconds) * channels);
+  for (size_t i = 0; i < out.size(); ++i) {
+    const double t = double(i / channels) / rate;
+    const double v = n(rng) + 0.3 * std::sin(2 * M_PI * (200 + 40 * (i % channels)) * t) * std::sin(t);
+    out[i] = static_cast<int16_t>(std::lround(std::max(-1.0, std::min(1.0, v)) * 32767));
+  }
+  return out;
+}
+
+void write_wav(const std::string& path, const std::vector<int16_t>& samples, int rate, int channels) {
+  SF_INFO info{};
+  info.samplerate = rate;
+  info.channels = channels;
+  info.format = SF_FORMAT_WAV | SF_FORMAT_PCM_16;
+  SNDFILE* f = sf_open(path.c_str(), SFM_WRITE, &info);
+  ASSERT_NE(f, nullptr);
+  sf_writef_short(f, samples.data(), static_cast<sf_count_t>(samples.size() / channels));
+  sf_close(f);
+}
+
+void write_raw(const std::string& path, const std::vector<int16_t>& samples) {
+  std::ofstream out(path, std::ios::binary);
+  out.write(reinterpret_cast<const char*>(samples.data()), static_cast<std::streamsize>(samples.size() * 2));
+}
+
+std::vector<Json> jsonl(const std::string& path) {
+  std::vector<Json> out;
+  std::ifstream in(path);
+  std::string line;
+  while (std::getline(in, line))
+    if (!line.empty()) out.push_back(Json::parse(line));
+  return out;
+}
+
+int run(const std::string& command) {
+  int status = std::system(command.c_str());
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+std::string q(const std::string& s) { return "'" + s + "'"; }
+
+// caption --window on the file, as JSON lines.
+std::vector<Json> windows_of_file(const TempDir& dir, const std::string& wav, const std::string& extra) {
+  const std::string out = dir.file("file.jsonl");
+  EXPECT_EQ(run(kCaption + " -m " + q(aac_bundle()) + " " + q(wav) + " -f jsonl -o " + q(out) + " " + extra + " 2>/dev/null"), 0);
+  return jsonl(out);
+}
+
+void expect_same_windows(const std::vector<Json>& file, const std::vector<Json>& stream, bool exact_scores) {
+  ASSERT_EQ(file.size(), stream.size());
+  ASSERT_GT(file.size(), 3u);
+  for (size_t i = 0; i < file.size(); ++i) {
+    SCOPED_TRACE("window " + std::to_string(i));
+    EXPECT_DOUBLE_EQ(file[i]["start"].get<double>(), stream[i]["start"].get<double>());
+    EXPECT_DOUBLE_EQ(file[i]["end"].get<double>(), stream[i]["end"].get<double>());
+    EXPECT_EQ(file[i]["caption"], stream[i]["caption"]);
+    if (exact_scores)
+      EXPECT_EQ(file[i]["score"].get<double>(), stream[i]["score"].get<double>());
+    else  // batches of other sizes: the same math in another BLAS blocking
+      EXPECT_NEAR(file[i]["score"].get<double>(), stream[i]["score"].get<double>(), 1e-4);
+    EXPECT_TRUE(stream[i].contains("latency_ms"));
+    EXPECT_EQ(stream[i]["dropped"].get<int>(), 0);
+  }
+}
+
+}  // namespace
+
+class CaptionStream : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() { signal(SIGPIPE, SIG_IGN); }
+};
+
+TEST_F(CaptionStream, PipedWavGivesTheCaptionsOfWindowedFileCaptioning) {
+  TempDir dir;
+  const std::string wav = dir.file("a.wav");
+  write_wav(wav, noise(16000, 1, 21.3, 1), 16000, 1);
+  for (const std::string batch : {"1", "8"}) {
+    SCOPED_TRACE("batch " + batch);
+    const std::string args = "--window 4 --hop 3 -b " + batch;
+    auto file = windows_of_file(dir, wav, args);
+    const std::string out = dir.file("stream.jsonl");
+    ASSERT_EQ(run("cat " + q(wav) + " | " + kCaption + " -m " + q(aac_bundle()) + " --stream - " + args + " > " + q(out) +
+                  " 2>" + q(dir.file("err"))),
+              0)
+        << read_bytes(dir.file("err"));
+    // batch 1: one window at a time on both sides, bit-identical; batch 8: the file path
+    // batches 8 windows, the stream those waiting, so scores may differ in the last bits.
+    expect_same_windows(file, jsonl(out), batch == "1");
+    EXPECT_NE(read_bytes(dir.file("err")).find("stream ended: 7 windows captioned, 0 dropped"), std::string::npos)
+        << read_bytes(dir.file("err"));
+  }
+}
+
+TEST_F(CaptionStream, RawPcmStereoAt44kGivesTheSameCaptions) {
+  TempDir dir;
+  auto samples = noise(44100, 2, 13.7, 2);
+  write_wav(dir.file("b.wav"), samples, 44100, 2);
+  write_raw(dir.file("b.raw"), samples);
+  auto file = windows_of_file(dir, dir.file("b.wav"), "--window 3 -b 1");
+  const std::string out = dir.file("stream.jsonl");
+  ASSERT_EQ(run(kCaption + " -m " + q(aac_bundle()) + " --stream - --raw s16le --rate 44100 --channels 2 --window 3 -b 1 < " +
+                q(dir.file("b.raw")) + " > " + q(out) + " 2>/dev/null"),
+            0);
+  expect_same_windows(file, jsonl(out), true);
+}
+
+TEST_F(CaptionStream, SigintFinishesTheCurrentWindowAndExitsZero) {
+  TempDir dir;
+  auto samples = noise(16000, 1, 6.5, 3);
+  Child child({kCaption, "-m", aac_bundle(), "--stream", "-", "--raw", "s16le", "--rate", "16000", "--channels", "1",
+               "--window", "4"},
+              dir.file("out"), dir.file("err"), /*pipe_stdin=*/true);
+  ASSERT_TRUE(child.write_stdin(samples.data(), samples.size() * 2));  // 6.5 s, then the writer stays silent
+  // The first window is complete: its line comes while the stream is still open.
+  for (int i = 0; i < 600 && jsonl(dir.file("out")).empty(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  ASSERT_EQ(jsonl(dir.file("out")).size(), 1u) << read_bytes(dir.file("err"));
+  child.signal(SIGINT);
+  ASSERT_EQ(child.wait(60), 0) << read_bytes(dir.file("err"));
+  auto lines = jsonl(dir.file("out"));
+  ASSERT_EQ(lines.size(), 2u);
+  EXPECT_DOUBLE_EQ(lines[1]["start"].get<double>(), 4.0);
+  EXPECT_DOUBLE_EQ(lines[1]["end"].get<double>(), 6.5);  // the window read so far, cut there
+  EXPECT_NE(read_bytes(dir.file("err")).find("stream interrupted: 2 windows captioned"), std::string::npos);
+}
+
+TEST_F(CaptionStream, DropPolicyBoundsTheQueueAndCountsWhatItDrops) {
+  TempDir dir;
+  write_raw(dir.file("c.raw"), noise(16000, 1, 40, 4));
+  const std::string out = dir.file("out"), err = dir.file("err");
+  // 80 windows of 0.5 s arrive at once from a file: far faster than captioning.
+  ASSERT_EQ(run(kCaption + " -m " + q(aac_bundle()) + " --stream - --raw s16le --rate 16000 --channels 1 --window 0.5 "
+                           "--overrun drop --max-pending 2 -b 1 < " +
+                q(dir.file("c.raw")) + " > " + q(out) + " 2>" + q(err)),
+            0);
+  auto lines = jsonl(out);
+  ASSERT_FALSE(lines.empty());
+  const int64_t dropped = lines.back()["dropped"].get<int64_t>();
+  const std::string summary = read_bytes(err);
+  EXPECT_GT(dropped, 0);
+  // Every window is either captioned or counted as dropped; the newest always survives.
+  EXPECT_NE(summary.find("stream ended: " + std::to_string(lines.size()) + " windows captioned"), std::string::npos) << summary;
+  int64_t total_dropped = std::stoll(summary.substr(summary.find("captioned, ") + 11));
+  EXPECT_EQ(static_cast<int64_t>(lines.size()) + total_dropped, 80);
+  EXPECT_DOUBLE_EQ(lines.back()["end"].get<double>(), 40.0);
+  for (size_t i = 1; i < lines.size(); ++i) EXPECT_LT(lines[i - 1]["start"].get<double>(), lines[i]["start"].get<double>());
+}
+
+TEST_F(CaptionStream, AnHourOfStreamKeepsMemoryFlat) {
+  TempDir dir;
+  Child child({kCaption, "-m", aac_bundle(), "--stream", "-", "--raw", "s16le", "--rate", "16000", "--channels", "1",
+               "--window", "10", "-b", "4"},
+              dir.file("out"), dir.file("err"), /*pipe_stdin=*/true);
+  const auto second = noise(16000, 1, 60, 5);  // one minute, written 60 times
+  long rss_at_10min = -1;
+  for (int minute = 0; minute < 60; ++minute) {
+    ASSERT_TRUE(child.write_stdin(second.data(), second.size() * 2)) << read_bytes(dir.file("err"));
+    if (minute == 10) rss_at_10min = child.status_kib("VmRSS");
+  }
+  const long rss_at_60min = child.status_kib("VmRSS");
+  child.close_stdin();
+  ASSERT_EQ(child.wait(600), 0) << read_bytes(dir.file("err"));
+  auto lines = jsonl(dir.file("out"));
+  ASSERT_EQ(lines.size(), 360u);
+  EXPECT_DOUBLE_EQ(lines.back()["end"].get<double>(), 3600.0);
+  std::printf("VmRSS after 10 min of stream: %ld KiB, after 60 min: %ld KiB\n", rss_at_10min, rss_at_60min);
+  ASSERT_GT(rss_at_10min, 0);
+  // The writer blocks while the reader holds a window or two (Block policy), so both readings
+  // are taken mid-stream; growth of more than 8 MiB over 50 minutes would be a leak.
+  EXPECT_LT(rss_at_60min - rss_at_10min, 8 * 1024);
+}
+
+TEST_F(CaptionStream, BadStreamsAndOptionsAreRefusedWithAMessage) {
+  TempDir dir;
+  const std::string err = dir.file("err");
+  auto expect = [&](const std::string& args, int code, const std::string& message, const std::string& stdin_from = "/dev/null") {
+    SCOPED_TRACE(args);
+    EXPECT_EQ(run(kCaption + " -m " + q(aac_bundle()) + " " + args + " < " + q(stdin_from) + " > /dev/null 2>" + q(err)), code);
+    EXPECT_NE(read_bytes(err).find(message), std::string::npos) << read_bytes(err);
+  };
+  expect("--stream - --raw s16le", 1, "--raw needs --rate and --channels");
+  expect("--stream - --raw mp3 --rate 16000 --channels 1", 1, "not a raw PCM format");
+  expect("--stream - --raw s16le --input-format mpegts --rate 1 --channels 1", 1, "give one");
+  expect("--stream a b", 1, "--stream takes one SOURCE");
+  expect("--raw s16le --rate 16000 --channels 1 x.wav", 1, "are for --stream");
+  expect("--stream - --input-format no-such-format", 2, "no input format or capture device named 'no-such-format'");
+  expect("--stream " + q(dir.file("missing.wav")), 2, "cannot open the stream");
+  expect("--stream http://127.0.0.1:9/none --io-timeout 2", 2, "cannot open the stream");
+  {
+    std::ofstream junk(dir.file("junk"));
+    junk << "this is not audio at all, just text\n";
+  }
+  expect("--stream -", 2, "stdin: cannot open the stream", dir.file("junk"));
+  expect("--stream -", 2, "stdin", "/dev/null");  // empty stdin: nothing to caption
+  EXPECT_EQ(run(kCaption + " -m " + q(clipcap_bundle()) + " --stream - < /dev/null > /dev/null 2>" + q(err)), 1);
+  EXPECT_NE(read_bytes(err).find("--stream captions audio"), std::string::npos);
+}
