@@ -306,16 +306,18 @@ std::vector<std::vector<Caption>> Captioner::caption(const MapperInput& features
   return out;
 }
 
+size_t Captioner::fitted_length(size_t samples) const {
+  if (encoder_kind_ != "cnn14") return samples;
+  const auto& cfg = cnn14->config();
+  if (cfg.clip_seconds <= 0) return samples;
+  return static_cast<size_t>(std::llround(cfg.clip_seconds * cfg.front_end.sample_rate));  // as fit_clip_length
+}
+
 std::vector<std::vector<Caption>> Captioner::caption_waveforms(const std::vector<std::vector<float>>& waveforms,
                                                                 const DecodingOptions& options) {
   if (encoder_kind_ != "cnn14") throw std::invalid_argument("this captioner has no audio encoder (encoder kind " + encoder_kind_ + ")");
-  const auto& cfg = cnn14->config();
   std::map<size_t, std::vector<size_t>> by_length;  // fitted length -> input rows, in order
-  for (size_t i = 0; i < waveforms.size(); ++i) {
-    size_t n = waveforms[i].size();
-    if (cfg.clip_seconds > 0) n = static_cast<size_t>(std::llround(cfg.clip_seconds * cfg.front_end.sample_rate));  // fit_clip_length's
-    by_length[n].push_back(i);
-  }
+  for (size_t i = 0; i < waveforms.size(); ++i) by_length[fitted_length(waveforms[i].size())].push_back(i);
   std::vector<std::vector<Caption>> out(waveforms.size());
   for (const auto& [length, rows] : by_length) {
     std::vector<std::vector<float>> group;

@@ -71,6 +71,8 @@ class Captioner {
   // Captions of mono waveforms (CNN14 bundles). Clips are encoded and decoded together only
   // with clips of the same length (after the bundle's clip_seconds): zero padding would change
   // a shorter clip's features, so a caption never depends on what it was batched with.
+  // The length a clip of `samples` samples has inside the encoder (clip_seconds pads or cuts).
+  size_t fitted_length(size_t samples) const;
   std::vector<std::vector<Caption>> caption_waveforms(const std::vector<std::vector<float>>& waveforms,
                                                       const DecodingOptions& options);
   // Media files in, captions out (batched); throws for the first unreadable file.

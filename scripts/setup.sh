@@ -22,6 +22,8 @@ packages=(
   libgtest-dev libgmock-dev
   libsndfile1-dev libsoxr-dev
   libavformat-dev libavcodec-dev libavutil-dev libswresample-dev libswscale-dev
+  libavdevice-dev                 # caption --stream from capture devices (ALSA, PulseAudio)
+  libcpp-httplib-dev              # caption-server (HTTP)
   libopencv-dev
   libspdlog-dev libfmt-dev
   clang libclang-rt-14-dev libomp-14-dev   # scripts/fuzz.sh: libFuzzer + sanitizers
