@@ -208,7 +208,7 @@ int main(int argc, char** argv) {
   app.add_option("-k,--num-captions", num_captions, "captions per input (k-best)")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--window", window, "caption windows of this many seconds (long audio)")->capture_default_str();
   app.add_option("--hop", hop, "seconds between windows (default: --window)")->capture_default_str();
-  app.add_option("--frames", frames, "video frames sampled per clip (image bundles)")->capture_default_str();
+  app.add_option("--frames", frames, "video frames sampled per clip or stream window (image bundles)")->capture_default_str()->check(CLI::Range(1, 256));
   app.add_option("-f,--format", format, "text, jsonl or csv")->capture_default_str()->check(CLI::IsMember({"text", "jsonl", "csv"}));
   app.add_option("-o,--output", output, "write here instead of stdout");
   app.add_flag("--no-progress", no_progress, "no progress bar on stderr");
@@ -279,8 +279,13 @@ int main(int argc, char** argv) {
   if (format == "csv") out << "path,modality,start,end,caption,score\n";
 
   if (stream) {
-    if (captioner->encoder_kind() != "cnn14") {
-      std::fprintf(stderr, "caption: --stream captions audio; this bundle's encoder is '%s'\n", captioner->encoder_kind().c_str());
+    const bool audio = captioner->encoder_kind() == "cnn14";
+    if (!audio && captioner->encoder_kind() != "clip") {
+      std::fprintf(stderr, "caption: --stream needs a bundle with an encoder (this one has '%s')\n", captioner->encoder_kind().c_str());
+      return 1;
+    }
+    if (!audio && !raw_format.empty()) {
+      std::fprintf(stderr, "caption: --raw is audio; an image bundle captions a stream's video frames\n");
       return 1;
     }
     StreamInput source;
@@ -301,19 +306,35 @@ int main(int argc, char** argv) {
     start_signal_thread(pthread_self());
     const std::string name = source.url;
     try {
-      AudioReader reader(source, {captioner->sample_rate()});
-      StreamSummary summary = caption_stream(*captioner, reader, options, so, [&](const StreamWindow& w) {
+      auto print_window = [&](const StreamWindow& w) {
         const Caption& best = w.captions[0];
-        Json j = {{"stream", name},        {"modality", "audio"},          {"start", w.start_s},
+        Json j = {{"stream", name},        {"modality", audio ? "audio" : "video"}, {"start", w.start_s},
                   {"end", w.end_s},        {"caption", best.text},         {"score", best.score},
                   {"alternatives", alternatives_of(w.captions)},           {"latency_ms", w.latency_ms},
                   {"dropped", w.dropped_so_far}};
         print_caption(out, format, j);
         out.flush();
-      });
-      std::fprintf(stderr, "caption: stream %s: %lld windows captioned, %lld dropped, %.1f s of audio in %.1f s\n",
+      };
+      StreamSummary summary;
+      if (audio) {
+        AudioReader reader(source, {captioner->sample_rate()});
+        summary = caption_stream(*captioner, reader, options, so, print_window);
+      } else {
+        // Image bundles: --frames frames of each window, as a video file's are sampled.
+        auto produce = [&](const std::function<void(StreamChunk&&)>& emit) {
+          stream_video_windows(source, so.window_s, so.hop_s, frames, [&](double start, double end, std::vector<VideoFrame>&& f) {
+            StreamChunk c;
+            c.start_s = start;
+            c.end_s = end;
+            c.frames = std::move(f);
+            emit(std::move(c));
+          });
+        };
+        summary = caption_stream(*captioner, produce, options, so, print_window);
+      }
+      std::fprintf(stderr, "caption: stream %s: %lld windows captioned, %lld dropped, %.1f s of %s in %.1f s\n",
                    g_stop ? "interrupted" : "ended", static_cast<long long>(summary.windows),
-                   static_cast<long long>(summary.dropped), summary.audio_s, summary.wall_s);
+                   static_cast<long long>(summary.dropped), summary.stream_s, audio ? "audio" : "video", summary.wall_s);
       return 0;
     } catch (const std::exception& e) {
       std::fprintf(stderr, "caption: %s\n", e.what());

@@ -138,6 +138,44 @@ std::string av_error(int code) {
 // FFmpeg asks this between blocking reads; a set flag ends the stream (AVERROR_EXIT).
 int stop_requested(void* flag) { return static_cast<const std::atomic<bool>*>(flag)->load() ? 1 : 0; }
 
+}  // namespace
+
+std::string stream_name(const StreamInput& in) { return in.url == "-" ? "stdin" : in.url; }
+
+void open_stream_input(AVFormatContext** context, const StreamInput& in) {
+  const std::string name = stream_name(in);
+  if (in.url.empty()) throw FileError("(stream)", "no input named");
+  av_log_set_level(AV_LOG_QUIET);
+  static std::once_flag registered;
+  std::call_once(registered, [] {
+    avdevice_register_all();
+    avformat_network_init();
+  });
+  const AVInputFormat* format = nullptr;
+  if (!in.format.empty()) {
+    format = av_find_input_format(in.format.c_str());
+    if (!format) throw FileError(name, "FFmpeg has no input format or capture device named '" + in.format + "'");
+  }
+  const bool raw = is_raw_pcm_format(in.format);
+  if (raw && (in.sample_rate <= 0 || in.channels <= 0))
+    throw FileError(name, "raw PCM (" + in.format + ") needs its sample rate and channel count");
+  if (!raw && (in.sample_rate > 0 || in.channels > 0))
+    throw FileError(name, "a sample rate and channel count are only for raw PCM formats (s16le, f32le, ...)");
+  AVDictionary* options = nullptr;
+  if (in.sample_rate > 0) av_dict_set_int(&options, "sample_rate", in.sample_rate, 0);
+  if (in.channels > 0) av_dict_set(&options, "ch_layout", (std::to_string(in.channels) + "C").c_str(), 0);
+  if (in.io_timeout_s > 0) av_dict_set_int(&options, "rw_timeout", static_cast<int64_t>(in.io_timeout_s * 1e6), 0);
+  *context = avformat_alloc_context();
+  if (!*context) throw std::bad_alloc();
+  if (in.stop) (*context)->interrupt_callback = {stop_requested, const_cast<std::atomic<bool>*>(in.stop)};
+  const std::string url = in.url == "-" ? "pipe:0" : in.url;
+  const int rc = avformat_open_input(context, url.c_str(), format, &options);  // frees *context on failure
+  av_dict_free(&options);
+  if (rc < 0) throw FileError(name, "cannot open the stream (" + av_error(rc) + ")");
+}
+
+namespace {
+
 class FfmpegSource : public AudioSource {
  public:
   explicit FfmpegSource(const std::string& path) : path_(path) {
@@ -148,35 +186,8 @@ class FfmpegSource : public AudioSource {
   }
 
   // A stream: standard input ("-"), a URL, or a capture device of libavdevice.
-  explicit FfmpegSource(const StreamInput& in) : path_(in.url == "-" ? "stdin" : in.url), stop_(in.stop) {
-    av_log_set_level(AV_LOG_QUIET);
-    static std::once_flag registered;
-    std::call_once(registered, [] {
-      avdevice_register_all();
-      avformat_network_init();
-    });
-    const AVInputFormat* format = nullptr;
-    if (!in.format.empty()) {
-      format = av_find_input_format(in.format.c_str());
-      if (!format) throw FileError(path_, "FFmpeg has no input format or capture device named '" + in.format + "'");
-    }
-    const bool raw = is_raw_pcm_format(in.format);
-    if (raw && (in.sample_rate <= 0 || in.channels <= 0))
-      throw FileError(path_, "raw PCM (" + in.format + ") needs its sample rate and channel count");
-    if (!raw && (in.sample_rate > 0 || in.channels > 0) && format == nullptr)
-      throw FileError(path_, "a sample rate and channel count are only for raw PCM formats (s16le, f32le, ...)");
-    AVDictionary* options = nullptr;
-    if (in.sample_rate > 0) av_dict_set_int(&options, "sample_rate", in.sample_rate, 0);
-    if (in.channels > 0) av_dict_set(&options, "ch_layout", (std::to_string(in.channels) + "C").c_str(), 0);
-    if (in.io_timeout_s > 0)
-      av_dict_set_int(&options, "rw_timeout", static_cast<int64_t>(in.io_timeout_s * 1e6), 0);
-    h_.format = avformat_alloc_context();
-    if (!h_.format) throw std::bad_alloc();
-    if (stop_) h_.format->interrupt_callback = {stop_requested, const_cast<std::atomic<bool>*>(stop_)};
-    const std::string url = in.url == "-" ? "pipe:0" : in.url;
-    int rc = avformat_open_input(&h_.format, url.c_str(), format, &options);
-    av_dict_free(&options);
-    if (rc < 0) throw FileError(path_, "cannot open the stream (" + av_error(rc) + ")");
+  explicit FfmpegSource(const StreamInput& in) : path_(stream_name(in)), stop_(in.stop) {
+    open_stream_input(&h_.format, in);
     open_decoder();
   }
 
@@ -332,8 +343,7 @@ AudioReader::AudioReader(const std::string& path, const AudioDecodeOptions& opti
 }
 
 AudioReader::AudioReader(const StreamInput& input, const AudioDecodeOptions& options)
-    : path_(input.url == "-" ? "stdin" : input.url), options_(options), live_(true) {
-  if (input.url.empty()) throw FileError("(stream)", "no input named");
+    : path_(stream_name(input)), options_(options), live_(true) {
   if (options.target_rate < 0) throw std::invalid_argument("target_rate must be >= 0");
   if (!options.mono && options.target_rate != 0)
     throw std::invalid_argument("multi-channel output is only available at the native rate (target_rate 0)");

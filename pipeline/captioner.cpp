@@ -248,16 +248,22 @@ Captioner::VisualInput Captioner::load_visual(const std::string& path, Modality 
     case Modality::Image:
       in.image = decode_image(path);
       break;
-    case Modality::Video: {
-      torch::NoGradGuard no_grad;
-      VideoFeatures v = encode_video_frames(sample_video_frames(path, video_frames), *clip, clip_preprocess);
-      in.embedding = v.mean_embed;
-      in.tokens = v.frame_tokens.mean(0);
+    case Modality::Video:
+      in = visual_from_frames(sample_video_frames(path, video_frames));
       break;
-    }
     case Modality::Audio:
       throw FileError(path, "is audio; this captioner is for images and video");
   }
+  return in;
+}
+
+Captioner::VisualInput Captioner::visual_from_frames(const std::vector<VideoFrame>& frames) {
+  if (encoder_kind_ != "clip") throw std::invalid_argument("this captioner has no image encoder (encoder kind " + encoder_kind_ + ")");
+  torch::NoGradGuard no_grad;
+  VideoFeatures v = encode_video_frames(frames, *clip, clip_preprocess);
+  VisualInput in;
+  in.embedding = v.mean_embed;
+  in.tokens = v.frame_tokens.mean(0);
   return in;
 }
 

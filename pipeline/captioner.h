@@ -23,6 +23,7 @@
 #include "lm/gpt2.h"
 #include "lm/tokenizer.h"
 #include "mapper/mappers.h"
+#include "pipeline/video_decode.h"
 
 namespace prefixcap {
 
@@ -64,6 +65,8 @@ class Captioner {
   // Decodes an image, or samples and encodes `video_frames` frames of a video, as
   // `modality` (from detect_modality) says; throws FileError for audio or unreadable files.
   VisualInput load_visual(const std::string& path, Modality modality, int video_frames = 8);
+  // A video's visual input from its sampled frames: the mean of their CLIP features.
+  VisualInput visual_from_frames(const std::vector<VideoFrame>& frames);
   // Features of a batch of visual inputs: every image goes through CLIP in one batch.
   MapperInput encode_visual(const std::vector<VisualInput>& inputs);
   // Captions (best first, options.num_return of them) per input row.

@@ -2,12 +2,22 @@
 // freed even when the owner's constructor throws half-way (pipeline-internal).
 #pragma once
 
+#include <string>
+
 extern "C" {
 #include <libavcodec/avcodec.h>
 #include <libavformat/avformat.h>
 }
 
 namespace prefixcap {
+
+struct StreamInput;  // audio_decode.h
+
+// Opens a stream (stdin, a URL, a capture device) into *context with the input's format,
+// raw-PCM options, I/O timeout and stop flag; throws FileError (audio_decode.cpp).
+void open_stream_input(AVFormatContext** context, const StreamInput& input);
+// How a stream is named in messages: "stdin" for "-", else its URL.
+std::string stream_name(const StreamInput& input);
 
 struct FfmpegHandles {
   AVFormatContext* format = nullptr;

@@ -23,19 +23,17 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 struct Pending {
-  double start_s, end_s;
-  std::vector<float> samples;
+  StreamChunk chunk;
   Clock::time_point ready;
   int64_t dropped_before;
 };
 
 }  // namespace
 
-StreamSummary caption_stream(Captioner& captioner, AudioReader& reader, const DecodingOptions& decoding,
+StreamSummary caption_stream(Captioner& captioner, const StreamProducer& produce, const DecodingOptions& decoding,
                              const StreamOptions& options, const std::function<void(const StreamWindow&)>& on_window) {
   if (options.max_pending < 1) throw std::invalid_argument("max_pending must be at least 1");
   if (options.batch_size < 1) throw std::invalid_argument("batch_size must be at least 1");
-  const double hop = options.hop_s > 0 ? options.hop_s : options.window_s;
   const auto t0 = Clock::now();
 
   std::mutex mu;
@@ -61,13 +59,20 @@ StreamSummary caption_stream(Captioner& captioner, AudioReader& reader, const De
           }
         }
         changed.notify_all();  // room for the reader
-        std::vector<std::vector<float>> waves;
-        for (auto& p : batch) waves.push_back(std::move(p.samples));
-        auto captions = captioner.caption_waveforms(waves, decoding);
+        std::vector<std::vector<Caption>> captions;
+        if (batch.front().chunk.frames.empty()) {
+          std::vector<std::vector<float>> waves;
+          for (auto& p : batch) waves.push_back(std::move(p.chunk.samples));
+          captions = captioner.caption_waveforms(waves, decoding);
+        } else {
+          std::vector<Captioner::VisualInput> visuals;
+          for (auto& p : batch) visuals.push_back(captioner.visual_from_frames(p.chunk.frames));
+          captions = captioner.caption(captioner.encode_visual(visuals), decoding);
+        }
         for (size_t i = 0; i < batch.size(); ++i) {
           StreamWindow w;
-          w.start_s = batch[i].start_s;
-          w.end_s = batch[i].end_s;
+          w.start_s = batch[i].chunk.start_s;
+          w.end_s = batch[i].chunk.end_s;
           w.captions = std::move(captions[i]);
           w.latency_ms = std::chrono::duration<double, std::milli>(Clock::now() - batch[i].ready).count();
           w.dropped_so_far = batch[i].dropped_before;
@@ -88,7 +93,7 @@ StreamSummary caption_stream(Captioner& captioner, AudioReader& reader, const De
 
   std::exception_ptr read_error;
   try {
-    stream_windows(reader, options.window_s, hop, [&](double start, double end, std::vector<float>&& samples) {
+    produce([&](StreamChunk&& chunk) {
       std::unique_lock<std::mutex> lock(mu);
       if (options.overrun == OverrunPolicy::Block)
         changed.wait(lock, [&] { return captioner_failed || static_cast<int>(queue.size()) < options.max_pending; });
@@ -97,8 +102,8 @@ StreamSummary caption_stream(Captioner& captioner, AudioReader& reader, const De
         queue.pop_front();
         ++summary.dropped;
       }
-      queue.push_back({start, end, std::move(samples), Clock::now(), summary.dropped});
-      summary.audio_s = end;
+      summary.stream_s = chunk.end_s;
+      queue.push_back({std::move(chunk), Clock::now(), summary.dropped});
       lock.unlock();
       changed.notify_all();
     });
@@ -108,13 +113,31 @@ StreamSummary caption_stream(Captioner& captioner, AudioReader& reader, const De
   {
     std::lock_guard<std::mutex> lock(mu);
     reading_done = true;
-    summary.audio_s = std::max(summary.audio_s, static_cast<double>(reader.position()) / reader.output_rate());
   }
   changed.notify_all();
   worker.join();
   summary.wall_s = std::chrono::duration<double>(Clock::now() - t0).count();
   if (captioner_error) std::rethrow_exception(captioner_error);
   if (read_error) std::rethrow_exception(read_error);
+  return summary;
+}
+
+StreamSummary caption_stream(Captioner& captioner, AudioReader& reader, const DecodingOptions& decoding,
+                             const StreamOptions& options, const std::function<void(const StreamWindow&)>& on_window) {
+  const double hop = options.hop_s > 0 ? options.hop_s : options.window_s;
+  double read_s = 0;
+  auto produce = [&](const std::function<void(StreamChunk&&)>& emit) {
+    stream_windows(reader, options.window_s, hop, [&](double start, double end, std::vector<float>&& samples) {
+      StreamChunk c;
+      c.start_s = start;
+      c.end_s = end;
+      c.samples = std::move(samples);
+      emit(std::move(c));
+    });
+    read_s = static_cast<double>(reader.position()) / reader.output_rate();
+  };
+  StreamSummary summary = caption_stream(captioner, produce, decoding, options, on_window);
+  summary.stream_s = std::max(summary.stream_s, read_s);
   return summary;
 }
 

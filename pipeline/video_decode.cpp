@@ -8,7 +8,9 @@ extern "C" {
 }
 
 #include <cmath>
+#include <deque>
 #include <memory>
+#include <optional>
 
 #include <ATen/ATen.h>
 
@@ -22,14 +24,9 @@ struct FfmpegVideo : FfmpegHandles {
   SwsContext* sws = nullptr;
   ~FfmpegVideo() { sws_freeContext(sws); }
 };
-}  // namespace
 
-std::vector<VideoFrame> sample_video_frames(const std::string& path, int count, VideoInfo* info_out, const VideoLimits& limits) {
-  if (count <= 0) throw std::invalid_argument("frame count must be positive");
-  av_log_set_level(AV_LOG_QUIET);
-  FfmpegVideo v;
-  if (avformat_open_input(&v.format, path.c_str(), nullptr, nullptr) < 0)
-    throw FileError(path, "not a readable video file");
+// After avformat_open_input: finds the video track and opens its decoder; returns the track.
+int open_video_decoder(FfmpegVideo& v, const std::string& path) {
   if (avformat_find_stream_info(v.format, nullptr) < 0) throw FileError(path, "cannot read stream information");
   const AVCodec* codec = nullptr;
   int stream = av_find_best_stream(v.format, AVMEDIA_TYPE_VIDEO, -1, -1, &codec, 0);
@@ -40,16 +37,49 @@ std::vector<VideoFrame> sample_video_frames(const std::string& path, int count, 
     throw FileError(path, "cannot open the video decoder");
   v.packet = av_packet_alloc();
   v.frame = av_frame_alloc();
+  return stream;
+}
+
+void check_frame_size(const std::string& path, int64_t width, int64_t height, const VideoLimits& limits) {
+  if (width < 0 || height < 0 || (height > 0 && width > limits.max_frame_pixels / height))
+    throw FileError(path, "video frames of " + std::to_string(width) + "x" + std::to_string(height) +
+                              " pixels exceed the limit of " + std::to_string(limits.max_frame_pixels));
+}
+
+// The decoded frame in v.frame as 8-bit RGB.
+VideoFrame frame_to_rgb(FfmpegVideo& v, const std::string& path, double time_s, const VideoLimits& limits) {
+  check_frame_size(path, v.frame->width, v.frame->height, limits);
+  VideoFrame f;
+  f.time_s = time_s;
+  f.image.width = v.frame->width;
+  f.image.height = v.frame->height;
+  f.image.channels = 3;
+  f.image.pixels.resize(static_cast<size_t>(f.image.width) * f.image.height * 3);
+  v.sws = sws_getCachedContext(v.sws, v.frame->width, v.frame->height, static_cast<AVPixelFormat>(v.frame->format),
+                               v.frame->width, v.frame->height, AV_PIX_FMT_RGB24, SWS_BICUBIC | SWS_ACCURATE_RND,
+                               nullptr, nullptr, nullptr);
+  if (!v.sws) throw FileError(path, "cannot convert the video's pixel format");
+  uint8_t* dst[4] = {f.image.pixels.data(), nullptr, nullptr, nullptr};
+  int dst_stride[4] = {f.image.width * 3, 0, 0, 0};
+  sws_scale(v.sws, v.frame->data, v.frame->linesize, 0, v.frame->height, dst, dst_stride);
+  return f;
+}
+
+}  // namespace
+
+std::vector<VideoFrame> sample_video_frames(const std::string& path, int count, VideoInfo* info_out, const VideoLimits& limits) {
+  if (count <= 0) throw std::invalid_argument("frame count must be positive");
+  av_log_set_level(AV_LOG_QUIET);
+  FfmpegVideo v;
+  if (avformat_open_input(&v.format, path.c_str(), nullptr, nullptr) < 0)
+    throw FileError(path, "not a readable video file");
+  const int stream = open_video_decoder(v, path);
+  AVStream* st = v.format->streams[stream];
 
   VideoInfo info;
   info.width = v.codec->width;
   info.height = v.codec->height;
-  auto check_size = [&](int64_t width, int64_t height) {
-    if (width < 0 || height < 0 || (height > 0 && width > limits.max_frame_pixels / height))
-      throw FileError(path, "video frames of " + std::to_string(width) + "x" + std::to_string(height) +
-                                " pixels exceed the limit of " + std::to_string(limits.max_frame_pixels));
-  };
-  check_size(info.width, info.height);
+  check_frame_size(path, info.width, info.height, limits);
   info.has_audio = av_find_best_stream(v.format, AVMEDIA_TYPE_AUDIO, -1, -1, nullptr, 0) >= 0;
   const double time_base = av_q2d(st->time_base);
   if (st->duration != AV_NOPTS_VALUE && st->duration > 0) info.duration_s = st->duration * time_base;
@@ -63,23 +93,7 @@ std::vector<VideoFrame> sample_video_frames(const std::string& path, int count, 
   std::vector<VideoFrame> all, picked;
   size_t next = 0;
 
-  auto convert = [&](double t) {
-    check_size(v.frame->width, v.frame->height);
-    VideoFrame f;
-    f.time_s = t - start;
-    f.image.width = v.frame->width;
-    f.image.height = v.frame->height;
-    f.image.channels = 3;
-    f.image.pixels.resize(static_cast<size_t>(f.image.width) * f.image.height * 3);
-    v.sws = sws_getCachedContext(v.sws, v.frame->width, v.frame->height, static_cast<AVPixelFormat>(v.frame->format),
-                                 v.frame->width, v.frame->height, AV_PIX_FMT_RGB24, SWS_BICUBIC | SWS_ACCURATE_RND,
-                                 nullptr, nullptr, nullptr);
-    if (!v.sws) throw FileError(path, "cannot convert the video's pixel format");
-    uint8_t* dst[4] = {f.image.pixels.data(), nullptr, nullptr, nullptr};
-    int dst_stride[4] = {f.image.width * 3, 0, 0, 0};
-    sws_scale(v.sws, v.frame->data, v.frame->linesize, 0, v.frame->height, dst, dst_stride);
-    return f;
-  };
+  auto convert = [&](double t) { return frame_to_rgb(v, path, t - start, limits); };
   int64_t decoded = 0;
   int64_t stride = 1;  // unknown duration: frames 0, stride, 2 * stride, ... are held
   auto take = [&]() {
@@ -135,6 +149,114 @@ std::vector<VideoFrame> sample_video_frames(const std::string& path, int count, 
   }
   if (info_out) *info_out = info;
   return picked;
+}
+
+void stream_video_windows(const StreamInput& input, double window_s, double hop_s, int count,
+                          const std::function<void(double, double, std::vector<VideoFrame>&&)>& emit,
+                          const VideoLimits& limits) {
+  if (!(window_s > 0) || !(hop_s > 0)) throw std::invalid_argument("window and hop must be positive seconds");
+  if (count <= 0) throw std::invalid_argument("frame count must be positive");
+  const std::string path = stream_name(input);
+  FfmpegVideo v;
+  open_stream_input(&v.format, input);
+  const int stream = open_video_decoder(v, path);
+  AVStream* st = v.format->streams[stream];
+  check_frame_size(path, v.codec->width, v.codec->height, limits);
+  const double time_base = av_q2d(st->time_base);
+  const double frame_s = st->avg_frame_rate.num > 0 ? 1.0 / av_q2d(st->avg_frame_rate) : 0.0;
+
+  struct Open {
+    double start;
+    std::vector<double> targets;  // stream-relative times
+    std::vector<VideoFrame> picked;
+    // For a window the stream ends inside: its frames thinned as sample_video_frames thins a
+    // video of unknown length (every stride-th kept; at 2 * count, every other one dropped).
+    std::vector<VideoFrame> kept;
+    int64_t seen = 0, stride = 1;
+  };
+  std::deque<Open> open;
+  double origin = st->start_time != AV_NOPTS_VALUE ? st->start_time * time_base : NAN;  // stream time 0
+  double next_start = 0, last_t = -1;
+  auto take = [&](double t) {  // t: stream-relative time of the frame in v.frame
+    while (next_start <= t + 1e-9) {
+      Open w{next_start, {}, {}};
+      for (int i = 0; i < count; ++i) w.targets.push_back(next_start + (i + 0.5) * window_s / count);
+      open.push_back(std::move(w));
+      next_start += hop_s;
+    }
+    std::optional<VideoFrame> rgb;  // converted once, for every target this frame serves
+    for (auto& w : open) {
+      while (w.picked.size() < w.targets.size() && t + 1e-9 >= w.targets[w.picked.size()]) {
+        if (!rgb) rgb = frame_to_rgb(v, path, t, limits);
+        w.picked.push_back(*rgb);
+      }
+      if (t < w.start + window_s && (w.seen++ % w.stride) == 0) {
+        if (!rgb) rgb = frame_to_rgb(v, path, t, limits);
+        w.kept.push_back(*rgb);
+        if (w.kept.size() >= 2 * static_cast<size_t>(count)) {
+          std::vector<VideoFrame> thinned;
+          for (size_t i = 0; i < w.kept.size(); i += 2) thinned.push_back(std::move(w.kept[i]));
+          w.kept = std::move(thinned);
+          w.stride *= 2;
+        }
+      }
+    }
+    while (!open.empty() && t + 1e-9 >= open.front().start + window_s) {
+      emit(open.front().start, open.front().start + window_s, std::move(open.front().picked));
+      open.pop_front();
+    }
+    last_t = t;
+  };
+
+  bool draining = false;
+  int64_t decoded = 0;
+  while (true) {
+    int rc = avcodec_receive_frame(v.codec, v.frame);
+    if (rc == 0) {
+      ++decoded;
+      const int64_t pts = v.frame->best_effort_timestamp;
+      double t = pts == AV_NOPTS_VALUE ? (last_t < 0 ? 0.0 : last_t + frame_s) : pts * time_base;
+      if (std::isnan(origin)) origin = t;
+      if (pts != AV_NOPTS_VALUE) t -= origin;
+      take(std::max(t, last_t));  // never back in time (B-frame reordering is already undone)
+      av_frame_unref(v.frame);
+      continue;
+    }
+    if (rc == AVERROR_EOF || (rc == AVERROR(EAGAIN) && draining)) break;
+    if (rc != AVERROR(EAGAIN)) throw FileError(path, "corrupt video data");
+    rc = av_read_frame(v.format, v.packet);
+    if (rc < 0) {
+      const bool interrupted = input.stop && input.stop->load();
+      if (!interrupted && rc != AVERROR_EOF) {
+        char message[AV_ERROR_MAX_STRING_SIZE] = {0};
+        av_strerror(rc, message, sizeof message);
+        throw FileError(path, std::string("cannot read the stream (") + message + ")");
+      }
+      draining = true;
+      avcodec_send_packet(v.codec, nullptr);
+      continue;
+    }
+    if (v.packet->stream_index == stream) avcodec_send_packet(v.codec, v.packet);
+    av_packet_unref(v.packet);
+  }
+  if (decoded == 0) throw FileError(path, "no video frame could be decoded");
+  // The end: a window whose every target was reached is complete; one the stream ends inside is
+  // cut at the last frame and sampled evenly from the frames it kept.
+  const double stream_end = last_t + frame_s;
+  for (auto& w : open) {
+    if (!w.picked.empty() && stream_end + 1e-6 >= w.start + window_s) {
+      // The stream covers the window (its last frame lasts to the window's end): targets after the
+      // last frame take that frame, as sample_video_frames does at the end of a file.
+      while (w.picked.size() < w.targets.size()) w.picked.push_back(w.picked.back());
+      emit(w.start, w.start + window_s, std::move(w.picked));
+      continue;
+    }
+    if (w.kept.empty()) continue;
+    std::vector<VideoFrame> picked;
+    for (int i = 0; i < count; ++i)
+      picked.push_back(w.kept[std::min(w.kept.size() - 1, static_cast<size_t>((i + 0.5) * w.kept.size() / count))]);
+    emit(w.start, std::min(w.start + window_s, last_t + frame_s), std::move(picked));
+  }
 }
 
 VideoFeatures encode_video_frames(const std::vector<VideoFrame>& frames, ClipImageEncoderImpl& vit,

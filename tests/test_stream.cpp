@@ -225,6 +225,39 @@ TEST_F(CaptionStream, BadStreamsAndOptionsAreRefusedWithAMessage) {
   }
   expect("--stream -", 2, "stdin: cannot open the stream", dir.file("junk"));
   expect("--stream -", 2, "stdin", "/dev/null");  // empty stdin: nothing to caption
-  EXPECT_EQ(run(kCaption + " -m " + q(clipcap_bundle()) + " --stream - < /dev/null > /dev/null 2>" + q(err)), 1);
-  EXPECT_NE(read_bytes(err).find("--stream captions audio"), std::string::npos);
+  EXPECT_EQ(run(kCaption + " -m " + q(clipcap_bundle()) + " --stream - --raw s16le --rate 8000 --channels 1 < /dev/null > /dev/null 2>" + q(err)), 1);
+  EXPECT_NE(read_bytes(err).find("--raw is audio"), std::string::npos);
+}
+
+TEST_F(CaptionStream, VideoThroughAnImageBundleSamplesFramesPerWindow) {
+  TempDir dir;
+  const std::string video = prefixcap::testing::fixture_dir("audio-decode") + "/leaves_video_h264_aac.mp4";  // 12 frames at 4 fps
+  const std::string file_out = dir.file("file.jsonl"), out = dir.file("stream.jsonl");
+  ASSERT_EQ(run(kCaption + " -m " + q(clipcap_bundle()) + " " + q(video) + " -f jsonl --max-tokens 12 -o " + q(file_out) + " 2>/dev/null"), 0);
+  auto file = jsonl(file_out);
+  ASSERT_EQ(file.size(), 1u);
+  // One window the length of the video: the frames the file path samples, so the same numbers.
+  ASSERT_EQ(run("cat " + q(video) + " | " + kCaption + " -m " + q(clipcap_bundle()) + " --stream - --window 3 --max-tokens 12 > " +
+                q(out) + " 2>/dev/null"),
+            0);
+  auto one = jsonl(out);
+  ASSERT_EQ(one.size(), 1u);
+  EXPECT_EQ(one[0]["modality"], "video");
+  EXPECT_EQ(one[0]["caption"], file[0]["caption"]);
+  EXPECT_EQ(one[0]["score"].get<double>(), file[0]["score"].get<double>());
+  // Rolling windows: 1 s every 0.5 s over 3 s of video.
+  ASSERT_EQ(run(kCaption + " -m " + q(clipcap_bundle()) + " --stream " + q(video) + " --window 1 --hop 0.5 --frames 2 > " + q(out) +
+                " 2>/dev/null"),
+            0);
+  auto rolling = jsonl(out);
+  ASSERT_EQ(rolling.size(), 6u);
+  for (size_t i = 0; i < rolling.size(); ++i) {
+    EXPECT_DOUBLE_EQ(rolling[i]["start"].get<double>(), 0.5 * i);
+    EXPECT_DOUBLE_EQ(rolling[i]["end"].get<double>(), std::min(3.0, 0.5 * i + 1));
+  }
+  // A window longer than the stream: cut at its end.
+  ASSERT_EQ(run(kCaption + " -m " + q(clipcap_bundle()) + " --stream " + q(video) + " --window 60 > " + q(out) + " 2>/dev/null"), 0);
+  auto cut = jsonl(out);
+  ASSERT_EQ(cut.size(), 1u);
+  EXPECT_DOUBLE_EQ(cut[0]["end"].get<double>(), 3.0);
 }
