@@ -3,8 +3,11 @@
 // one, every malformed request gets its 4xx JSON error, SIGTERM drains what is in flight.
 #include <gtest/gtest.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <sndfile.h>
+#include <sys/socket.h>
 
 #include <cmath>
 #include <fstream>
@@ -423,4 +426,40 @@ TEST_F(CaptionServer, SigtermFinishesTheRequestsInFlight) {
   httplib::Client late("127.0.0.1", server.port());
   late.set_connection_timeout(1, 0);
   EXPECT_FALSE(late.Get("/health"));  // nobody listens any more
+}
+
+TEST_F(CaptionServer, ConnectionsBeyondTheLimitGet503) {
+  Server server(aac_bundle(), {"--max-connections", "1", "--read-timeout", "5"});
+  // Two connections that send half a request: one holds the only worker, one waits for it.
+  auto half_open = [&] {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(static_cast<uint16_t>(server.port()));
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    EXPECT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+    const std::string partial = "GET /health HTTP/1.1\r\nHost: x\r\n";
+    EXPECT_EQ(send(fd, partial.data(), partial.size(), 0), static_cast<ssize_t>(partial.size()));
+    return fd;
+  };
+  const int a = half_open();
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  const int b = half_open();
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  auto c = server.client();
+  auto res = c.Get("/health");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 503);
+  EXPECT_NE(res->body.find("too many connections"), std::string::npos);
+  EXPECT_FALSE(res->get_header_value("Retry-After").empty());
+  close(a);
+  close(b);
+  // Once they are gone, the server answers again.
+  int status = -1;
+  for (int i = 0; i < 100 && status != 200; ++i) {
+    auto again = server.client().Get("/health");
+    status = again ? again->status : -1;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_EQ(status, 200);
 }
