@@ -16,7 +16,7 @@ if [[ "${PREFIXCAP_ASAN_ALL:-0}" == 1 ]]; then
   cmake --build "$build" -j "$(nproc)"
 else
   # the executables of the tests labelled fast (tests/CMakeLists.txt)
-  cmake --build "$build" -j "$(nproc)" --target test_core test_lm test_audio test_image test_data test_fixtures fixture_check
+  cmake --build "$build" -j "$(nproc)" --target test_core test_lm test_audio test_image test_data test_service test_fixtures fixture_check
 fi
 # LibTorch is not built with the sanitizers: its own allocations are not checked, ours are. Leak
 # checking stays on; ODR checks are off (the same inline functions come from two libraries).

@@ -10,6 +10,7 @@
 #include <fstream>
 #include <random>
 
+#include <httplib.h>
 #include <nlohmann/json.hpp>
 
 #include "tests/test_bundles.h"
@@ -260,4 +261,35 @@ TEST_F(CaptionStream, VideoThroughAnImageBundleSamplesFramesPerWindow) {
   auto cut = jsonl(out);
   ASSERT_EQ(cut.size(), 1u);
   EXPECT_DOUBLE_EQ(cut[0]["end"].get<double>(), 3.0);
+}
+
+TEST_F(CaptionStream, UrlsAndCaptureDevicesOpenThroughFfmpeg) {
+  TempDir dir;
+  const std::string wav = dir.file("u.wav");
+  write_wav(wav, noise(16000, 1, 9.5, 6), 16000, 1);
+  auto file = windows_of_file(dir, wav, "--window 3 -b 1");
+  // An http URL, served on loopback.
+  httplib::Server http;
+  const std::string body = read_bytes(wav);
+  http.Get("/live.wav", [&](const httplib::Request&, httplib::Response& res) { res.set_content(body, "audio/wav"); });
+  const int port = http.bind_to_any_port("127.0.0.1");
+  std::thread serving([&] { http.listen_after_bind(); });
+  const std::string out = dir.file("url.jsonl");
+  const int rc = run(kCaption + " -m " + q(aac_bundle()) + " --stream http://127.0.0.1:" + std::to_string(port) +
+                     "/live.wav --window 3 -b 1 > " + q(out) + " 2>" + q(dir.file("err")));
+  http.stop();
+  serving.join();
+  ASSERT_EQ(rc, 0) << read_bytes(dir.file("err"));
+  expect_same_windows(file, jsonl(out), true);
+  // A libavdevice input: lavfi's sine source stands in for a microphone (alsa, pulse).
+  ASSERT_EQ(run(kCaption + " -m " + q(aac_bundle()) + " --stream 'sine=frequency=440:duration=7' --input-format lavfi "
+                           "--window 3 > " + q(out) + " 2>" + q(dir.file("err"))),
+            0)
+      << read_bytes(dir.file("err"));
+  auto device = jsonl(out);
+  ASSERT_EQ(device.size(), 3u);
+  EXPECT_DOUBLE_EQ(device.back()["end"].get<double>(), 7.0);
+  // Devices that FFmpeg knows but this machine lacks fail with the device's reason.
+  EXPECT_EQ(run(kCaption + " -m " + q(aac_bundle()) + " --stream no-such-card --input-format alsa > /dev/null 2>" + q(dir.file("err"))), 2);
+  EXPECT_NE(read_bytes(dir.file("err")).find("no-such-card: cannot open the stream"), std::string::npos) << read_bytes(dir.file("err"));
 }
