@@ -463,3 +463,21 @@ TEST_F(CaptionServer, ConnectionsBeyondTheLimitGet503) {
   }
   EXPECT_EQ(status, 200);
 }
+
+TEST_F(CaptionServer, ARequestPastItsTimeoutGets504AndLeavesTheQueue) {
+  TempDir dir;
+  const std::string wav = wav_bytes(dir, "t.wav", 20, 8);
+  Server server(aac_bundle(), {"--allow-path", dir.path(), "--timeout", "0.05", "--max-batch", "1"});
+  auto c = server.client();
+  Json err = post_json(c, {{"path", wav}, {"window", 0.5}, {"beam_size", 4}}, 504);  // 40 windows, one per batch
+  EXPECT_NE(err["error"]["message"].get<std::string>().find("--timeout"), std::string::npos);
+  // Its windows were withdrawn: the queue empties at once instead of captioning 40 windows.
+  int depth = -1;
+  for (int i = 0; i < 100 && depth != 0; ++i) {
+    depth = Json::parse(c.Get("/health")->body)["queue_depth"].get<int>();
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(depth, 0);
+  const std::string metrics = c.Get("/metrics")->body;
+  EXPECT_LT(metric(metrics, "prefixcap_batch_size_sum"), 10) << metrics;
+}
