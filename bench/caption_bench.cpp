@@ -13,11 +13,11 @@
 #include <nlohmann/json.hpp>
 #include <torch/types.h>
 
+#include "bench/bench_bundle.h"
 #include "bench/bench_util.h"
 #include "core/threads.h"
 #include "metrics/evaluate.h"
 #include "pipeline/audio_decode.h"
-#include "pipeline/checkpoint_import.h"
 
 using namespace prefixcap;
 using namespace prefixcap::bench;
@@ -43,11 +43,7 @@ int main(int argc, char** argv) {
   out["benchmark"] = "caption_bench";
   try {
     if (model.empty()) {
-      ImportOptions o;
-      o.tokenizer_dir = fixtures + "/gpt2-tiny";
-      o.model_config = fixtures + "/prefix-aac-tiny/config.json";
-      model = (dir / "bundle").string();
-      import_prefix_aac(fixtures + "/prefix-aac-tiny/prefix_aac_tiny.pt", o).save(model);
+      model = import_fixture_aac_bundle(fixtures, (dir / "bundle").string());
       out["bundle"] = "prefix-aac-tiny (imported)";
     } else {
       out["bundle"] = model;

@@ -23,8 +23,8 @@
 #include <httplib.h>
 #include <nlohmann/json.hpp>
 
+#include "bench/bench_bundle.h"
 #include "bench/bench_util.h"
-#include "pipeline/checkpoint_import.h"
 #include "tests/test_process.h"
 
 using namespace prefixcap;
@@ -220,11 +220,7 @@ int main(int argc, char** argv) {
   int rc = 0;
   try {
     if (model.empty()) {
-      ImportOptions o;
-      o.tokenizer_dir = fixtures + "/gpt2-tiny";
-      o.model_config = fixtures + "/prefix-aac-tiny/config.json";
-      model = (dir / "bundle").string();
-      import_prefix_aac(fixtures + "/prefix-aac-tiny/prefix_aac_tiny.pt", o).save(model);
+      model = import_fixture_aac_bundle(fixtures, (dir / "bundle").string());
       out["bundle"] = "prefix-aac-tiny (imported)";
     } else {
       out["bundle"] = model;

@@ -7,6 +7,7 @@ extern "C" {
 #include <libswscale/swscale.h>
 }
 
+#include <atomic>
 #include <cmath>
 #include <deque>
 #include <memory>
@@ -65,6 +66,38 @@ VideoFrame frame_to_rgb(FfmpegVideo& v, const std::string& path, double time_s, 
   return f;
 }
 
+// Decodes the video track, calling on_frame() with each frame in v.frame until it returns false
+// or the stream ends (the decoder drained). A failed read ends the stream when read_errors_end
+// (files: like FFmpeg's tools, a damaged tail is the end) or when *stop is set; else it throws.
+void decode_frames(FfmpegVideo& v, int stream, const std::string& path, bool read_errors_end,
+                   const std::atomic<bool>* stop, const std::function<bool()>& on_frame) {
+  bool draining = false;
+  while (true) {
+    int rc = avcodec_receive_frame(v.codec, v.frame);
+    if (rc == 0) {
+      const bool more = on_frame();
+      av_frame_unref(v.frame);
+      if (!more) return;
+      continue;
+    }
+    if (rc == AVERROR_EOF || (rc == AVERROR(EAGAIN) && draining)) return;
+    if (rc != AVERROR(EAGAIN)) throw FileError(path, "corrupt video data");
+    rc = av_read_frame(v.format, v.packet);
+    if (rc < 0) {
+      if (!read_errors_end && rc != AVERROR_EOF && !(stop && stop->load())) {
+        char message[AV_ERROR_MAX_STRING_SIZE] = {0};
+        av_strerror(rc, message, sizeof message);
+        throw FileError(path, std::string("cannot read the stream (") + message + ")");
+      }
+      draining = true;
+      avcodec_send_packet(v.codec, nullptr);
+      continue;
+    }
+    if (v.packet->stream_index == stream) avcodec_send_packet(v.codec, v.packet);
+    av_packet_unref(v.packet);
+  }
+}
+
 }  // namespace
 
 std::vector<VideoFrame> sample_video_frames(const std::string& path, int count, VideoInfo* info_out, const VideoLimits& limits) {
@@ -119,25 +152,10 @@ std::vector<VideoFrame> sample_video_frames(const std::string& path, int count, 
     }
   };
 
-  bool draining = false;
-  while (targets.empty() || next < targets.size()) {
-    int rc = avcodec_receive_frame(v.codec, v.frame);
-    if (rc == 0) {
-      take();
-      av_frame_unref(v.frame);
-      continue;
-    }
-    if (rc == AVERROR_EOF || (rc == AVERROR(EAGAIN) && draining)) break;
-    if (rc != AVERROR(EAGAIN)) throw FileError(path, "corrupt video data");
-    rc = av_read_frame(v.format, v.packet);
-    if (rc < 0) {
-      draining = true;
-      avcodec_send_packet(v.codec, nullptr);
-      continue;
-    }
-    if (v.packet->stream_index == stream) avcodec_send_packet(v.codec, v.packet);
-    av_packet_unref(v.packet);
-  }
+  decode_frames(v, stream, path, /*read_errors_end=*/true, nullptr, [&] {
+    take();
+    return targets.empty() || next < targets.size();
+  });
   if (decoded == 0) throw FileError(path, "no video frame could be decoded");
   if (targets.empty()) {
     for (int i = 0; i < count; ++i) picked.push_back(all[std::min(all.size() - 1, static_cast<size_t>((i + 0.5) * all.size() / count))]);
@@ -208,37 +226,16 @@ void stream_video_windows(const StreamInput& input, double window_s, double hop_
     last_t = t;
   };
 
-  bool draining = false;
   int64_t decoded = 0;
-  while (true) {
-    int rc = avcodec_receive_frame(v.codec, v.frame);
-    if (rc == 0) {
-      ++decoded;
-      const int64_t pts = v.frame->best_effort_timestamp;
-      double t = pts == AV_NOPTS_VALUE ? (last_t < 0 ? 0.0 : last_t + frame_s) : pts * time_base;
-      if (std::isnan(origin)) origin = t;
-      if (pts != AV_NOPTS_VALUE) t -= origin;
-      take(std::max(t, last_t));  // never back in time (B-frame reordering is already undone)
-      av_frame_unref(v.frame);
-      continue;
-    }
-    if (rc == AVERROR_EOF || (rc == AVERROR(EAGAIN) && draining)) break;
-    if (rc != AVERROR(EAGAIN)) throw FileError(path, "corrupt video data");
-    rc = av_read_frame(v.format, v.packet);
-    if (rc < 0) {
-      const bool interrupted = input.stop && input.stop->load();
-      if (!interrupted && rc != AVERROR_EOF) {
-        char message[AV_ERROR_MAX_STRING_SIZE] = {0};
-        av_strerror(rc, message, sizeof message);
-        throw FileError(path, std::string("cannot read the stream (") + message + ")");
-      }
-      draining = true;
-      avcodec_send_packet(v.codec, nullptr);
-      continue;
-    }
-    if (v.packet->stream_index == stream) avcodec_send_packet(v.codec, v.packet);
-    av_packet_unref(v.packet);
-  }
+  decode_frames(v, stream, path, /*read_errors_end=*/false, input.stop, [&] {
+    ++decoded;
+    const int64_t pts = v.frame->best_effort_timestamp;
+    double t = pts == AV_NOPTS_VALUE ? (last_t < 0 ? 0.0 : last_t + frame_s) : pts * time_base;
+    if (std::isnan(origin)) origin = t;
+    if (pts != AV_NOPTS_VALUE) t -= origin;
+    take(std::max(t, last_t));  // never back in time (B-frame reordering is already undone)
+    return true;
+  });
   if (decoded == 0) throw FileError(path, "no video frame could be decoded");
   // The end: a window whose every target was reached is complete; one the stream ends inside is
   // cut at the last frame and sampled evenly from the frames it kept.

@@ -130,11 +130,36 @@ Json post_json(httplib::Client& c, const Json& body, int expected_status, const 
   return Json::parse(res->body);
 }
 
+// The queue depth /health reports (-1 without an answer).
+int queue_depth(httplib::Client& c) {
+  auto h = c.Get("/health");
+  return h ? Json::parse(h->body)["queue_depth"].get<int>() : -1;
+}
+
+// Polls /health until `ok(queue depth)` or about 5 s pass; returns the last depth.
+template <typename Ok>
+int wait_for_queue(httplib::Client& c, Ok ok) {
+  int depth = queue_depth(c);
+  for (int i = 0; i < 500 && !ok(depth); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    depth = queue_depth(c);
+  }
+  return depth;
+}
+
 httplib::MultipartFormDataItems upload(const std::string& bytes, const std::string& name,
                                        const std::vector<std::pair<std::string, std::string>>& fields = {}) {
   httplib::MultipartFormDataItems items = {{"file", bytes, name, "application/octet-stream"}};
   for (const auto& [k, v] : fields) items.push_back({k, v, "", ""});
   return items;
+}
+
+Json post_upload(httplib::Client& c, const httplib::MultipartFormDataItems& items, int expected_status) {
+  auto res = c.Post("/v1/captions", items);
+  EXPECT_TRUE(res) << "no response";
+  if (!res) return Json();
+  EXPECT_EQ(res->status, expected_status) << res->body;
+  return Json::parse(res->body);
 }
 
 void expect_same(const std::vector<Json>& cli, const Json& server_results, double score_tolerance) {
@@ -186,10 +211,7 @@ TEST_F(CaptionServer, UploadsBase64AndPathsGiveTheCaptionsOfTheCli) {
 
   // Whole clip, k-best: one request alone in its batch gives the CLI's numbers exactly.
   auto cli = cli_captions(dir, aac_bundle(), wav, "-k 2");
-  auto res = c.Post("/v1/captions", upload(read_bytes(wav), "clip.wav", {{"num_captions", "2"}}));
-  ASSERT_TRUE(res);
-  ASSERT_EQ(res->status, 200) << res->body;
-  Json body = Json::parse(res->body);
+  Json body = post_upload(c, upload(read_bytes(wav), "clip.wav", {{"num_captions", "2"}}), 200);
   expect_same(cli, body["results"], 1e-9);
   EXPECT_EQ(body["results"][0]["path"], "clip.wav");
   EXPECT_EQ(body["results"][0]["modality"], "audio");
@@ -219,18 +241,13 @@ TEST_F(CaptionServer, ImagesThroughAClipBundle) {
   Server server(clipcap_bundle());
   auto c = server.client();
   auto cli = cli_captions(dir, clipcap_bundle(), png, "--max-tokens 20");
-  auto res = c.Post("/v1/captions", upload(read_bytes(png), "astronaut.png", {{"max_tokens", "20"}}));
-  ASSERT_TRUE(res);
-  ASSERT_EQ(res->status, 200) << res->body;
-  Json body = Json::parse(res->body);
+  Json body = post_upload(c, upload(read_bytes(png), "astronaut.png", {{"max_tokens", "20"}}), 200);
   expect_same(cli, body["results"], 1e-9);
   EXPECT_EQ(body["results"][0]["modality"], "image");
   // An audio file to an image captioner: 415.
   const std::string wav = wav_bytes(dir, "a.wav", 1, 2);
-  auto wrong = c.Post("/v1/captions", upload(read_bytes(wav), "a.wav"));
-  ASSERT_TRUE(wrong);
-  EXPECT_EQ(wrong->status, 415);
-  EXPECT_NE(wrong->body.find("is audio"), std::string::npos);
+  Json wrong = post_upload(c, upload(read_bytes(wav), "a.wav"), 415);
+  EXPECT_NE(wrong["error"]["message"].get<std::string>().find("is audio"), std::string::npos);
 }
 
 TEST_F(CaptionServer, ConcurrentRequestsShareBatchesAndKeepTheirCaptions) {
@@ -284,10 +301,7 @@ TEST_F(CaptionServer, AShortRequestOvertakesALongOne) {
   });
   // Once the long request's windows are queued, the short one is sent.
   auto c = server.client();
-  for (int i = 0; i < 500; ++i) {
-    if (Json::parse(c.Get("/health")->body)["queue_depth"].get<int>() > 0) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
+  wait_for_queue(c, [](int depth) { return depth > 0; });
   Json r = post_json(c, {{"path", short_wav}}, 200);
   short_done = order++;
   long_client.join();
@@ -381,10 +395,7 @@ TEST_F(CaptionServer, MalformedRequestsGetTheir4xxAndTheServerStaysUp) {
     auto res = h.Post("/v1/captions", Json{{"path", wav}, {"window", 0.5}, {"beam_size", 8}}.dump(), "application/json");
     EXPECT_EQ(status_of(res), 200);
   });
-  for (int i = 0; i < 1000; ++i) {  // until the holder's windows wait in the queue
-    if (Json::parse(c.Get("/health")->body)["queue_depth"].get<int>() >= 4) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
-  }
+  wait_for_queue(c, [](int depth) { return depth >= 4; });  // the holder's windows wait in the queue
   auto full = json(Json{{"path", wav}, {"window", 1.5}}.dump(), auth);
   const int full_status = status_of(full);
   const std::string retry_after = full ? full->get_header_value("Retry-After") : "";
@@ -413,11 +424,7 @@ TEST_F(CaptionServer, SigtermFinishesTheRequestsInFlight) {
     status.set_value(res ? res->status : -1);
   });
   auto c = server.client();
-  for (int i = 0; i < 500; ++i) {
-    auto h = c.Get("/health");
-    if (h && Json::parse(h->body)["queue_depth"].get<int>() > 0) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
+  wait_for_queue(c, [](int depth) { return depth > 0; });
   server.process().signal(SIGTERM);
   client.join();
   EXPECT_EQ(status.get_future().get(), 200);  // the request in flight was finished
@@ -472,12 +479,7 @@ TEST_F(CaptionServer, ARequestPastItsTimeoutGets504AndLeavesTheQueue) {
   Json err = post_json(c, {{"path", wav}, {"window", 0.5}, {"beam_size", 4}}, 504);  // 40 windows, one per batch
   EXPECT_NE(err["error"]["message"].get<std::string>().find("--timeout"), std::string::npos);
   // Its windows were withdrawn: the queue empties at once instead of captioning 40 windows.
-  int depth = -1;
-  for (int i = 0; i < 100 && depth != 0; ++i) {
-    depth = Json::parse(c.Get("/health")->body)["queue_depth"].get<int>();
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  EXPECT_EQ(depth, 0);
+  EXPECT_EQ(wait_for_queue(c, [](int depth) { return depth == 0; }), 0);
   const std::string metrics = c.Get("/metrics")->body;
   EXPECT_LT(metric(metrics, "prefixcap_batch_size_sum"), 10) << metrics;
 }
