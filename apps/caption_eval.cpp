@@ -35,6 +35,7 @@ int main(int argc, char** argv) {
   EvalOptions options;
   options.meteor_jar = env_or("PREFIXCAP_METEOR_JAR", "");
   options.spice_jar = env_or("PREFIXCAP_SPICE_JAR", "");
+  options.ptb_jar = env_or("PREFIXCAP_PTB_JAR", "");
   bool no_tokenize = false;
   app.add_option("-p,--predictions", predictions, "caption's jsonl or csv output")->required()->check(CLI::ExistingFile);
   app.add_option("-r,--references", references, "Clotho csv, AudioCaps csv, COCO Karpathy json or JSONL manifest")
@@ -46,6 +47,9 @@ int main(int argc, char** argv) {
   app.add_option("--per-item", per_item, "also write per-item scores (csv) to this file");
   app.add_option("--meteor-jar", options.meteor_jar, "meteor-1.5.jar (or $PREFIXCAP_METEOR_JAR)");
   app.add_option("--spice-jar", options.spice_jar, "spice-1.0.jar (or $PREFIXCAP_SPICE_JAR)");
+  app.add_option("--ptb-jar", options.ptb_jar,
+                 "stanford-corenlp-3.4.1.jar (or $PREFIXCAP_PTB_JAR): tokenize with the official PTB tokenizer, as "
+                 "pycocoevalcap does (default: the native tokenizer)");
   app.add_option("--java", options.java, "Java executable for the jars")->capture_default_str();
   app.add_flag("--no-tokenize", no_tokenize, "captions are already tokenized (skip pycocoevalcap's PTB tokenization)");
   try {

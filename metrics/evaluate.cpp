@@ -3,6 +3,7 @@
 #include <sys/wait.h>
 #include <pthread.h>
 #include <csignal>
+#include <cctype>
 #include <cerrno>
 #include <ctime>
 #include <unistd.h>
@@ -12,6 +13,7 @@
 #include <filesystem>
 #include <fstream>
 #include <regex>
+#include <set>
 #include <sstream>
 #include <stdexcept>
 
@@ -107,9 +109,70 @@ std::string run_capture(const std::string& command) {
 
 std::string one_line(std::string s) {
   for (auto& c : s)
-    if (c == '\n' || c == '\r' || c == '|') c = ' ';
+    if (c == '\n' || c == '\r') c = ' ';
   return s;
 }
+
+// Python's str.replace(old, new): every non-overlapping occurrence, left to right.
+std::string replace_all(std::string s, const std::string& from, const std::string& to) {
+  for (size_t at = s.find(from); at != std::string::npos; at = s.find(from, at + to.size())) s.replace(at, from.size(), to);
+  return s;
+}
+
+}  // namespace
+
+std::vector<std::string> coco_tokenize_with_jar(const std::vector<std::string>& captions, const std::string& jar,
+                                                const std::string& java) {
+  if (!fs::exists(jar)) throw std::runtime_error("the PTB tokenizer jar " + jar + " does not exist");
+  // The input goes through a file, as pycocoevalcap passes it.
+  std::string tmpl = (fs::temp_directory_path() / "prefixcap-ptb-XXXXXX").string();
+  const int fd = mkstemp(tmpl.data());
+  if (fd < 0) throw std::runtime_error("cannot create a temporary file for the PTB tokenizer");
+  close(fd);
+  struct Remove {
+    std::string path;
+    ~Remove() { std::remove(path.c_str()); }
+  } remove{tmpl};
+  {
+    std::ofstream out(tmpl, std::ios::binary);
+    for (size_t i = 0; i < captions.size(); ++i) out << (i ? "\n" : "") << one_line(captions[i]);
+    if (!out) throw std::runtime_error("cannot write the PTB tokenizer's input");
+  }
+  Child tokenizer({java, "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase", tmpl});
+  static const std::set<std::string> punctuations = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".",
+                                                     "?", "!", ",", ":", "-", "--", "...", ";"};
+  std::vector<std::string> out;
+  for (size_t i = 0; i < captions.size(); ++i) {
+    std::string line;
+    try {
+      line = tokenizer.read_line();
+    } catch (const std::runtime_error&) {
+      break;  // fewer lines than captions (trailing empty captions): the rest are empty
+    }
+    while (!line.empty() && std::isspace(static_cast<unsigned char>(line.back()))) line.pop_back();
+    // ' '.join(w for w in line.rstrip().split(' ') if w not in PUNCTUATIONS)
+    std::string kept;
+    bool first = true;
+    size_t start = 0;
+    while (true) {
+      const size_t end = line.find(' ', start);
+      const std::string word = line.substr(start, end == std::string::npos ? std::string::npos : end - start);
+      if (!punctuations.count(word)) {
+        kept += (first ? "" : " ") + word;
+        first = false;
+      }
+      if (end == std::string::npos) break;
+      start = end + 1;
+    }
+    out.push_back(kept);
+  }
+  out.resize(captions.size());
+  if (const int status = tokenizer.finish(); status != 0)
+    throw std::runtime_error("the PTB tokenizer (" + java + " -cp " + jar + ") exited with status " + std::to_string(status));
+  return out;
+}
+
+namespace {
 
 // pycocoevalcap meteor.py's protocol with `java -jar meteor-1.5.jar - - -stdio -l en -norm`.
 void run_meteor(const std::vector<CaptionItem>& items, const EvalOptions& o, EvalReport& r) {
@@ -118,7 +181,8 @@ void run_meteor(const std::vector<CaptionItem>& items, const EvalOptions& o, Eva
   for (const auto& it : items) {
     std::string line = "SCORE";
     for (const auto& ref : it.references) line += " ||| " + one_line(ref);
-    line += " ||| " + one_line(it.candidate) + "\n";
+    // meteor.py's _stat: hypothesis_str.replace('|||', '').replace('  ', ' '); references as they are
+    line += " ||| " + one_line(replace_all(replace_all(it.candidate, "|||", ""), "  ", " ")) + "\n";
     meteor.write_all(line);
     eval += " ||| " + meteor.read_line();
   }
@@ -177,11 +241,24 @@ std::string java_version(const std::string& java) {
 EvalReport evaluate(const std::vector<CaptionItem>& raw, const EvalOptions& o) {
   EvalReport r;
   std::vector<CaptionItem> items = raw;
-  if (o.tokenize)
+  if (o.tokenize && !o.ptb_jar.empty()) {
+    std::vector<std::string> all;
+    for (const auto& it : items) {
+      all.insert(all.end(), it.references.begin(), it.references.end());
+      all.push_back(it.candidate);
+    }
+    const std::vector<std::string> tokenized = coco_tokenize_with_jar(all, o.ptb_jar, o.java);
+    size_t k = 0;
+    for (auto& it : items) {
+      for (auto& ref : it.references) ref = tokenized[k++];
+      it.candidate = tokenized[k++];
+    }
+  } else if (o.tokenize) {
     for (auto& it : items) {
       it.candidate = coco_tokenize(it.candidate);
       for (auto& ref : it.references) ref = coco_tokenize(ref);
     }
+  }
   for (const auto& it : items) r.ids.push_back(it.id);
   for (const auto& part : {bleu(items), rouge_l(items), cider_d(items)}) {
     r.corpus.insert(part.corpus.begin(), part.corpus.end());

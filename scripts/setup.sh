@@ -29,6 +29,8 @@ packages=(
   clang libclang-rt-14-dev libomp-14-dev   # scripts/fuzz.sh: libFuzzer + sanitizers
   python3-matplotlib python3-pil  # scripts/plot_training; fuzz seeds (tests/fuzz/make_seeds.py)
   unzip                           # scripts/demo.sh: sound effects out of 0ad-data's zip
+  openjdk-17-jre-headless         # METEOR 1.5 and the Stanford PTB tokenizer (official jars)
+  python3-venv                    # .venv-ref below
 )
 
 sudo_cmd=()
@@ -67,6 +69,23 @@ if [[ "${PREFIXCAP_KEEP_BLAS:-0}" != 1 ]]; then
     fi
   done
 fi
+
+# The reference environment of tests/test_reference.cpp, and the official jars for caption-eval:
+# pycocoevalcap from PyPI, pinned (its meteor-1.5.jar with paraphrase data, stanford-corenlp-3.4.1.jar
+# and its own Python wrappers around them). Test helpers only: prefixcap never runs Python.
+ref_env="$root/.venv-ref"
+pycocoevalcap_version=1.2
+if ! "$ref_env/bin/python" -c "import pycocoevalcap.meteor.meteor" >/dev/null 2>&1; then
+  echo "setup: installing pycocoevalcap $pycocoevalcap_version into .venv-ref (PyPI)"
+  rm -rf "$ref_env"
+  if ! { python3 -m venv "$ref_env" && "$ref_env/bin/pip" install -q --disable-pip-version-check "pycocoevalcap==$pycocoevalcap_version"; }; then
+    echo "setup: could not install pycocoevalcap from PyPI (no network?); tests/test_reference.cpp needs it" >&2
+    exit 1
+  fi
+fi
+jar_dir=$("$ref_env/bin/python" -c "import os, pycocoevalcap.meteor.meteor as m; print(os.path.dirname(os.path.dirname(m.__file__)))")
+echo "setup: official jars for caption-eval:"
+echo "  export PREFIXCAP_METEOR_JAR=$jar_dir/meteor/meteor-1.5.jar PREFIXCAP_PTB_JAR=$jar_dir/tokenizer/stanford-corenlp-3.4.1.jar"
 
 ((do_build)) || exit 0
 
