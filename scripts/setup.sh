@@ -30,6 +30,7 @@ packages=(
   python3-matplotlib python3-pil  # scripts/plot_training; fuzz seeds (tests/fuzz/make_seeds.py)
   unzip                           # scripts/demo.sh: sound effects out of 0ad-data's zip
   openjdk-17-jre-headless         # METEOR 1.5 and the Stanford PTB tokenizer (official jars)
+  curl p7zip-full ffmpeg yt-dlp   # scripts/get_dataset.sh (downloads, Clotho's 7z, AudioCaps clips)
   python3-venv                    # .venv-ref below
 )
 
