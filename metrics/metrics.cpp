@@ -68,6 +68,20 @@ std::vector<std::string> ptb_tokenize(const std::string& raw) {
       after_space = false;
       continue;
     }
+    if (c == '`') {  // backquotes open a quote: `` or `
+      size_t j = i;
+      while (j < n && text[j] == '`') ++j;
+      out.push_back(j - i >= 2 ? "``" : "`");
+      i = j;
+      after_space = false;
+      continue;
+    }
+    if (c == '$' || c == '#' || c == '%') {  // currency, number sign, percent: tokens of their own
+      out.push_back(std::string(1, c));
+      ++i;
+      after_space = false;
+      continue;
+    }
     if (c == '(' || c == '[' || c == '{') {
       out.push_back(c == '(' ? "-lrb-" : c == '[' ? "-lsb-" : "-lcb-");
       ++i;
@@ -110,28 +124,48 @@ std::vector<std::string> ptb_tokenize(const std::string& raw) {
       after_space = false;
       continue;
     }
-    // A word: letters, digits, inner hyphens, apostrophes, inner periods of numbers.
+    // A word: letters, digits, inner hyphens, apostrophes; inside numbers also periods, commas
+    // and colons between digits (3.5, 1,000, 5:30); inside acronyms periods between letters (u.s.).
+    auto digit = [&](size_t k) { return k < n && std::isdigit(static_cast<unsigned char>(text[k])); };
+    auto letter = [&](size_t k) { return k < n && std::isalpha(static_cast<unsigned char>(text[k])); };
     size_t j = i;
+    bool number = true;  // the word so far is digits and separators only
     while (j < n) {
       char d = text[j];
-      if (is_space(d) || d == '"' || d == '(' || d == ')' || d == '[' || d == ']' || d == '{' || d == '}' || d == ',' ||
-          d == ';' || d == ':' || d == '!' || d == '?')
+      if (is_space(d) || d == '"' || d == '(' || d == ')' || d == '[' || d == ']' || d == '{' || d == '}' || d == ';' ||
+          d == '!' || d == '?' || d == '`' || d == '%')
         break;
-      if (d == '.' && !(j + 1 < n && std::isdigit(static_cast<unsigned char>(text[j + 1])) && j > i &&
-                        std::isdigit(static_cast<unsigned char>(text[j - 1]))))
-        break;
+      const bool between_digits = j > i && digit(j - 1) && digit(j + 1);
+      if ((d == ',' || d == ':') && !(number && between_digits)) break;
+      if (d == '.' && !between_digits) {
+        // u.s.a: a single letter, a period, a letter; the closing period is taken below
+        const bool acronym = letter(j - 1) && (j - 1 == i || text[j - 2] == '.') && letter(j + 1) &&
+                             (j + 2 >= n || !letter(j + 2));
+        if (!acronym) break;
+      }
       if (d == '-' && (j + 1 >= n || text[j + 1] == '-' || is_space(text[j + 1]))) break;
+      if (!digit(j) && d != '.' && d != ',' && d != ':') number = false;
       ++j;
     }
     std::string word = text.substr(i, j - i);
-    // A leading or trailing single quote is a quote, not part of the word.
+    // An abbreviation or acronym keeps its period (mr., etc., u.s.).
+    static const std::set<std::string> abbreviations = {"mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr",
+                                                       "etc", "vs", "inc", "ltd", "corp", "mt", "messrs"};
+    if (j < n && text[j] == '.' && (abbreviations.count(word) || (word.size() >= 3 && word[1] == '.'))) {
+      word.push_back('.');
+      ++j;
+    }
+    // A leading or trailing single quote is a quote, not part of the word ('90s keeps its own).
     if (word.size() > 1 && word.front() == '\'' && word != "'s" && word != "'re" && word != "'ve" && word != "'ll" &&
-        word != "'d" && word != "'m") {
+        word != "'d" && word != "'m" && !(word.size() > 2 && std::isdigit(static_cast<unsigned char>(word[1])))) {
       out.push_back("`");
       word.erase(0, 1);
     }
     std::string trailing;
-    if (word.size() > 1 && word.back() == '\'') {
+    if (word.size() > 2 && word.compare(word.size() - 2, 2, "''") == 0) {
+      word.resize(word.size() - 2);
+      trailing = "''";
+    } else if (word.size() > 1 && word.back() == '\'') {
       word.pop_back();
       trailing = "'";
     }

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <random>
 #include <set>
@@ -143,9 +144,14 @@ TEST(Reference, PtbTokenizationEqualsTheStanfordJar) {
   EXPECT_EQ(count_differences(captions, expected_captions,
                               std::vector<std::string>(native.begin(), native.begin() + static_cast<std::ptrdiff_t>(captions.size())), 10),
             0u);
+  // PREFIXCAP_SHOW_PTB_DIFFS=N prints the first N adversarial differences (for work on the lexer).
+  const char* show = std::getenv("PREFIXCAP_SHOW_PTB_DIFFS");
   size_t adversarial_differ = 0;
-  for (size_t i = captions.size(); i < all.size(); ++i) adversarial_differ += native[i] != expected[i].get<std::string>();
-  std::printf("PTB tokenization: jar runner 0 differences expected over %zu captions; native: %zu dataset-style captions "
+  for (size_t i = captions.size(); i < all.size(); ++i)
+    if (native[i] != expected[i].get<std::string>() && ++adversarial_differ <= (show ? std::strtoul(show, nullptr, 10) : 0))
+      std::printf("input:     [%s]\n  jar:       [%s]\n  prefixcap: [%s]\n", all[i].c_str(),
+                  expected[i].get<std::string>().c_str(), native[i].c_str());
+  std::printf("PTB tokenization over %zu captions: the jar runner as pycocoevalcap; native: the %zu dataset-style ones "
               "checked, %zu of %zu adversarial ones differ\n",
               all.size(), captions.size(), adversarial_differ, adversarial.size());
 }
