@@ -184,7 +184,7 @@ void stream_video_windows(const StreamInput& input, double window_s, double hop_
   const double frame_s = st->avg_frame_rate.num > 0 ? 1.0 / av_q2d(st->avg_frame_rate) : 0.0;
 
   struct Open {
-    double start;
+    double start = 0;
     std::vector<double> targets;  // stream-relative times
     std::vector<VideoFrame> picked;
     // For a window the stream ends inside: its frames thinned as sample_video_frames thins a
@@ -197,7 +197,8 @@ void stream_video_windows(const StreamInput& input, double window_s, double hop_
   double next_start = 0, last_t = -1;
   auto take = [&](double t) {  // t: stream-relative time of the frame in v.frame
     while (next_start <= t + 1e-9) {
-      Open w{next_start, {}, {}};
+      Open w;
+      w.start = next_start;
       for (int i = 0; i < count; ++i) w.targets.push_back(next_start + (i + 0.5) * window_s / count);
       open.push_back(std::move(w));
       next_start += hop_s;

@@ -32,6 +32,7 @@ packages=(
   openjdk-17-jre-headless         # METEOR 1.5 and the Stanford PTB tokenizer (official jars)
   curl p7zip-full ffmpeg yt-dlp   # scripts/get_dataset.sh (downloads, Clotho's 7z, AudioCaps clips)
   python3-venv                    # .venv-ref below
+  libutf8proc-dev                 # Unicode for BERT's WordPiece tokenizer (FENSE)
 )
 
 sudo_cmd=()
@@ -72,15 +73,17 @@ if [[ "${PREFIXCAP_KEEP_BLAS:-0}" != 1 ]]; then
 fi
 
 # The reference environment of tests/test_reference.cpp, and the official jars for caption-eval:
-# pycocoevalcap from PyPI, pinned (its meteor-1.5.jar with paraphrase data, stanford-corenlp-3.4.1.jar
-# and its own Python wrappers around them). Test helpers only: prefixcap never runs Python.
+# from PyPI, pinned: pycocoevalcap (its meteor-1.5.jar with paraphrase data, stanford-corenlp-3.4.1.jar
+# and its own Python wrappers around them) and transformers (BertTokenizer, for WordPiece; no torch).
+# Test helpers only: prefixcap never runs Python.
 ref_env="$root/.venv-ref"
-pycocoevalcap_version=1.2
-if ! "$ref_env/bin/python" -c "import pycocoevalcap.meteor.meteor" >/dev/null 2>&1; then
-  echo "setup: installing pycocoevalcap $pycocoevalcap_version into .venv-ref (PyPI)"
-  rm -rf "$ref_env"
-  if ! { python3 -m venv "$ref_env" && "$ref_env/bin/pip" install -q --disable-pip-version-check "pycocoevalcap==$pycocoevalcap_version"; }; then
-    echo "setup: could not install pycocoevalcap from PyPI (no network?); tests/test_reference.cpp needs it" >&2
+reference_packages=(pycocoevalcap==1.2 transformers==4.46.3)
+if ! "$ref_env/bin/python" -c "import pycocoevalcap.meteor.meteor, transformers, tokenizers" >/dev/null 2>&1 ||
+   ! "$ref_env/bin/pip" freeze 2>/dev/null | grep -qx "transformers==4.46.3"; then
+  echo "setup: installing ${reference_packages[*]} into .venv-ref (PyPI)"
+  [[ -x "$ref_env/bin/pip" ]] || python3 -m venv "$ref_env" || { echo "setup: python3 -m venv failed" >&2; exit 1; }
+  if ! "$ref_env/bin/pip" install -q --disable-pip-version-check "${reference_packages[@]}"; then
+    echo "setup: could not install ${reference_packages[*]} from PyPI (no network?); tests/test_reference.cpp needs them" >&2
     exit 1
   fi
 fi

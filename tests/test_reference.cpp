@@ -15,6 +15,7 @@
 #include "core/json_config.h"
 #include "metrics/evaluate.h"
 #include "metrics/metrics.h"
+#include "metrics/wordpiece.h"
 #include "tests/test_helpers.h"
 
 using namespace prefixcap;
@@ -215,4 +216,40 @@ TEST(Reference, EvaluateWithThePtbJarScoresTheJarsTokens) {
   ASSERT_EQ(a.corpus.size(), b.corpus.size());
   for (const auto& [metric, value] : b.corpus) EXPECT_EQ(a.corpus[metric], value) << metric;
   EXPECT_GT(b.corpus["CIDEr"], 0.0);
+}
+
+// FENSE's tokenizer: WordPiece as transformers' BertTokenizer does it, on the caption corpus plus
+// captions with accents, CJK, Unicode punctuation, control characters and very long words.
+TEST(Reference, WordPieceEqualsTransformersBertTokenizer) {
+  TempDir dir;
+  std::vector<std::string> captions = caption_corpus();
+  const std::vector<std::string> adversarial = adversarial_corpus();
+  captions.insert(captions.end(), adversarial.begin(), adversarial.begin() + 1000);
+  for (const std::string extra :
+       {"Café naïve résumé Ångström", "ÉCOLE über straße", "日本語のテキスト mixed with English", "em—dash “quotes” «guillemets» ¿qué?",
+        "tab\tnew\nline\rcarriage", "zero\u200bwidth soft\u00adhyphen", "nbsp\u00a0space and\u2028line sep",
+        "supercalifragilisticexpialidocious-and-then-some-more-words-glued-together-until-it-is-over-one-hundred-characters-long-for-sure",
+        "  leading and trailing  ", "",
+        "dogbarksdogbarksdogbarksdogbarksdogbarksdogbarksdogbarksdogbarksdogbarksdogbarksdogbarksdogbarksdogbarks loudly", "ünïcödé ãccents ñ ç ø æ œ ß", "emoji 🎵 music 🐕 dog", "fullwidth ｆｕｌｌｗｉｄｔｈ"})
+    captions.push_back(extra);
+  const std::string vocab = dir.file("vocab.txt");
+  Json expected = reference(dir, "wordpiece", Json{{"vocab", vocab}, {"captions", captions}});
+  ASSERT_TRUE(expected.contains("tokens"));
+  WordPieceTokenizer tok = WordPieceTokenizer::from_vocab(vocab);
+  ASSERT_GT(tok.vocab_size(), 100u);
+  size_t differ = 0;
+  for (size_t i = 0; i < captions.size(); ++i) {
+    const auto pieces = tok.tokenize(captions[i]);
+    const auto want = expected["tokens"][i].get<std::vector<std::string>>();
+    const auto ids = tok.encode(captions[i], 64);
+    const auto want_ids = expected["ids"][i].get<std::vector<int64_t>>();
+    if ((pieces != want || ids != want_ids) && ++differ <= 10) {
+      std::string a, b;
+      for (const auto& p : want) a += p + " ";
+      for (const auto& p : pieces) b += p + " ";
+      ADD_FAILURE() << "input:        [" << captions[i] << "]\n  transformers: [" << a << "]\n  prefixcap:    [" << b << "]";
+    }
+  }
+  std::printf("WordPiece: %zu of %zu captions differ from BertTokenizer\n", differ, captions.size());
+  EXPECT_EQ(differ, 0u);
 }

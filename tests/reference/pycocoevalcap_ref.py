@@ -8,6 +8,10 @@ for tests/test_reference.cpp. Test helper only: never on the run-time path of pr
   pycocoevalcap_ref.py meteor IN.json OUT.json  IN: [{"id", "references": [...], "candidate"}, ...]
       OUT: {"corpus": METEOR, "per_item": [...]} from Meteor().compute_score (meteor-1.5.jar)
   pycocoevalcap_ref.py jars                     prints the folder of each jar, one per line
+  pycocoevalcap_ref.py wordpiece IN.json OUT.json  IN: {"vocab": vocab.txt to write, "captions": [...]}
+      learns a WordPiece vocabulary from the captions (Hugging Face tokenizers), then OUT:
+      {"tokens": [...], "ids": [...]} from transformers' BertTokenizer (the slow, Python one;
+      lower-casing, accents stripped; ids with [CLS]/[SEP], truncated at 64 as FENSE does)
 """
 import json
 import os
@@ -31,6 +35,18 @@ def main():
         captions = {i: [{"caption": s}] for i, s in enumerate(data)}
         out = PTBTokenizer().tokenize(captions)
         result = [out[i][0] for i in range(len(data))]
+    elif mode == "wordpiece":
+        from tokenizers import BertWordPieceTokenizer
+        from transformers import BertTokenizer
+        trainer = BertWordPieceTokenizer(lowercase=True, strip_accents=True)
+        trainer.train_from_iterator(data["captions"], vocab_size=600, min_frequency=1)
+        vocab = trainer.get_vocab()
+        with open(data["vocab"], "w", encoding="utf-8") as f:
+            for token, _ in sorted(vocab.items(), key=lambda kv: kv[1]):
+                f.write(token + "\n")
+        bert = BertTokenizer(data["vocab"], do_lower_case=True)
+        result = {"tokens": [bert.tokenize(c) for c in data["captions"]],
+                  "ids": [bert(c, truncation=True, max_length=64)["input_ids"] for c in data["captions"]]}
     elif mode == "meteor":
         gts = {it["id"]: it["references"] for it in data}
         res = {it["id"]: [it["candidate"]] for it in data}
