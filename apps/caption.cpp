@@ -206,7 +206,7 @@ int main(int argc, char** argv) {
   app.add_option("--max-tokens", max_tokens, "most tokens per caption (default: the bundle's)")->check(CLI::PositiveNumber);
   app.add_option("--stop", stops, "stop strings (default: the bundle's, e.g. '.')");
   app.add_option("-k,--num-captions", num_captions, "captions per input (k-best)")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--window", window, "caption windows of this many seconds (long audio)")->capture_default_str();
+  app.add_option("--window", window, "caption windows of this many seconds (long audio; video with an image bundle)")->capture_default_str();
   app.add_option("--hop", hop, "seconds between windows (default: --window)")->capture_default_str();
   app.add_option("--frames", frames, "video frames sampled per clip or stream window (image bundles)")->capture_default_str()->check(CLI::Range(1, 256));
   app.add_option("-f,--format", format, "text, jsonl or csv")->capture_default_str()->check(CLI::IsMember({"text", "jsonl", "csv"}));
@@ -433,7 +433,20 @@ int main(int argc, char** argv) {
           it.decode_ms = ms_since(t0);
           batch.push_back(std::move(it));
         }
+      } else if (captioner->encoder_kind() == "clip" && window > 0 && m == Modality::Video) {
+        // Windows of a video: --frames frames each, picked as a stream's windows are.
+        StreamInput file;
+        file.url = path;
+        stream_video_windows(file, window, hop, frames, [&](double start, double end, std::vector<VideoFrame>&& f) {
+          Item it{path, m, start, end};
+          it.visual = captioner->visual_from_frames(f);
+          it.decode_ms = ms_since(t0);
+          batch.push_back(std::move(it));
+          if (static_cast<int>(batch.size()) >= batch_size) flush();
+          t0 = std::chrono::steady_clock::now();
+        });
       } else if (captioner->encoder_kind() == "clip") {
+        if (window > 0 && m == Modality::Image) throw FileError(path, "is an image; --window is for audio and video");
         Item it{path, m};
         it.visual = captioner->load_visual(path, m, frames);
         it.decode_ms = ms_since(t0);

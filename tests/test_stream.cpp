@@ -256,6 +256,23 @@ TEST_F(CaptionStream, VideoThroughAnImageBundleSamplesFramesPerWindow) {
     EXPECT_DOUBLE_EQ(rolling[i]["start"].get<double>(), 0.5 * i);
     EXPECT_DOUBLE_EQ(rolling[i]["end"].get<double>(), std::min(3.0, 0.5 * i + 1));
   }
+  // The file path's --window for a video cuts the same windows with the same frames.
+  ASSERT_EQ(run(kCaption + " -m " + q(clipcap_bundle()) + " " + q(video) + " --window 1 --hop 0.5 --frames 2 -b 1 -f jsonl -o " +
+                q(file_out) + " 2>/dev/null"),
+            0);
+  auto file_windows = jsonl(file_out);
+  ASSERT_EQ(file_windows.size(), rolling.size());
+  for (size_t i = 0; i < rolling.size(); ++i) {
+    EXPECT_DOUBLE_EQ(file_windows[i]["start"].get<double>(), rolling[i]["start"].get<double>());
+    EXPECT_DOUBLE_EQ(file_windows[i]["end"].get<double>(), rolling[i]["end"].get<double>());
+    EXPECT_EQ(file_windows[i]["caption"], rolling[i]["caption"]);
+    EXPECT_NEAR(file_windows[i]["score"].get<double>(), rolling[i]["score"].get<double>(), 1e-4);
+  }
+  // An image has no windows.
+  EXPECT_EQ(run(kCaption + " -m " + q(clipcap_bundle()) + " " + q(prefixcap::testing::fixture_dir("clip-vit-tiny") + "/rocket.jpg") +
+                " --window 1 > /dev/null 2>" + q(dir.file("err"))),
+            2);
+  EXPECT_NE(read_bytes(dir.file("err")).find("--window is for audio and video"), std::string::npos);
   // A window longer than the stream: cut at its end.
   ASSERT_EQ(run(kCaption + " -m " + q(clipcap_bundle()) + " --stream " + q(video) + " --window 60 > " + q(out) + " 2>/dev/null"), 0);
   auto cut = jsonl(out);
