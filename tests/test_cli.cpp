@@ -21,13 +21,11 @@ using prefixcap::testing::fixture_dir;
 using prefixcap::testing::read_bytes;
 using prefixcap::testing::TempDir;
 using prefixcap::testing::write_bytes;
+using prefixcap::testing::run;
+using prefixcap::testing::q;
 
 namespace {
 
-int run(const std::string& command) {
-  int status = std::system(command.c_str());
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
 
 std::vector<nlohmann::json> read_jsonl(const std::string& path) {
   std::vector<nlohmann::json> out;
@@ -39,7 +37,6 @@ std::vector<nlohmann::json> read_jsonl(const std::string& path) {
 }
 
 
-std::string q(const std::string& s) { return "'" + s + "'"; }
 
 }  // namespace
 

@@ -24,18 +24,15 @@ using prefixcap::testing::fixture_dir;
 using prefixcap::testing::read_bytes;
 using prefixcap::testing::TempDir;
 using prefixcap::testing::write_bytes;
+using prefixcap::testing::run;
+using prefixcap::testing::q;
 namespace fs = std::filesystem;
 
 namespace {
 
 const std::string kScript = std::string(PREFIXCAP_SOURCE_DIR) + "/scripts/get_dataset.sh";
 
-std::string q(const std::string& s) { return "'" + s + "'"; }
 
-int run(const std::string& command) {
-  int status = std::system(command.c_str());
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
 
 void write_wav(const std::string& path, double seconds, int rate, float f) {
   std::vector<float> x(static_cast<size_t>(seconds * rate));

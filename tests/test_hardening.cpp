@@ -35,15 +35,12 @@ using prefixcap::testing::message_of;
 using prefixcap::testing::read_bytes;
 using prefixcap::testing::TempDir;
 using prefixcap::testing::write_bytes;
+using prefixcap::testing::run;
+using prefixcap::testing::q;
 namespace fs = std::filesystem;
 
 namespace {
 
-int run(const std::string& command) {
-  int status = std::system(command.c_str());
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-}
-std::string q(const std::string& s) { return "'" + s + "'"; }
 
 
 

@@ -1,7 +1,10 @@
 // Small helpers for the GoogleTest suites.
 #pragma once
 
+#include <sys/wait.h>
+
 #include <cstdint>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -34,6 +37,15 @@ class TempDir {
  private:
   std::string path_;
 };
+
+// A shell command's exit code, or 128 + the signal that killed it.
+inline int run(const std::string& command) {
+  const int status = std::system(command.c_str());
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+// `s` single-quoted for the shell (test paths hold no single quotes).
+inline std::string q(const std::string& s) { return "'" + s + "'"; }
 
 inline void write_bytes(const std::string& path, const std::string& bytes) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);

@@ -21,6 +21,7 @@
 using namespace prefixcap;
 using prefixcap::testing::fixture_dir;
 using prefixcap::testing::TempDir;
+using prefixcap::testing::q;
 using Json = nlohmann::json;
 
 namespace {
@@ -28,7 +29,6 @@ namespace {
 const std::string kPython = PREFIXCAP_REFERENCE_PYTHON;
 const std::string kScript = std::string(PREFIXCAP_SOURCE_DIR) + "/tests/reference/pycocoevalcap_ref.py";
 
-std::string q(const std::string& s) { return "'" + s + "'"; }
 
 // Runs the reference script; fails the test (not a skip) when the environment is missing.
 Json reference(const TempDir& dir, const std::string& mode, const Json& input) {

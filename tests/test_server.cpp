@@ -30,6 +30,7 @@ using prefixcap::testing::clipcap_bundle;
 using prefixcap::testing::fixture_dir;
 using prefixcap::testing::read_bytes;
 using prefixcap::testing::TempDir;
+using prefixcap::testing::q;
 using Json = nlohmann::json;
 
 namespace {
@@ -76,7 +77,6 @@ std::string base64(const std::string& in) {
   return out;
 }
 
-std::string q(const std::string& s) { return "'" + s + "'"; }
 
 // caption's JSON lines for one file.
 std::vector<Json> cli_captions(const TempDir& dir, const std::string& bundle, const std::string& file, const std::string& args) {

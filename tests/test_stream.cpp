@@ -23,6 +23,8 @@ using prefixcap::testing::Child;
 using prefixcap::testing::clipcap_bundle;
 using prefixcap::testing::read_bytes;
 using prefixcap::testing::TempDir;
+using prefixcap::testing::run;
+using prefixcap::testing::q;
 using Json = nlohmann::json;
 
 namespace {
@@ -67,12 +69,7 @@ std::vector<Json> jsonl(const std::string& path) {
   return out;
 }
 
-int run(const std::string& command) {
-  int status = std::system(command.c_str());
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
 
-std::string q(const std::string& s) { return "'" + s + "'"; }
 
 // caption --window on the file, as JSON lines.
 std::vector<Json> windows_of_file(const TempDir& dir, const std::string& wav, const std::string& extra) {
