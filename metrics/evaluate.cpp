@@ -3,7 +3,6 @@
 #include <sys/wait.h>
 #include <pthread.h>
 #include <csignal>
-#include <cctype>
 #include <cerrno>
 #include <ctime>
 #include <unistd.h>
@@ -13,7 +12,6 @@
 #include <filesystem>
 #include <fstream>
 #include <regex>
-#include <set>
 #include <sstream>
 #include <stdexcept>
 
@@ -139,8 +137,6 @@ std::vector<std::string> coco_tokenize_with_jar(const std::vector<std::string>& 
     if (!out) throw std::runtime_error("cannot write the PTB tokenizer's input");
   }
   Child tokenizer({java, "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase", tmpl});
-  static const std::set<std::string> punctuations = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".",
-                                                     "?", "!", ",", ":", "-", "--", "...", ";"};
   std::vector<std::string> out;
   for (size_t i = 0; i < captions.size(); ++i) {
     std::string line;
@@ -149,22 +145,7 @@ std::vector<std::string> coco_tokenize_with_jar(const std::vector<std::string>& 
     } catch (const std::runtime_error&) {
       break;  // fewer lines than captions (trailing empty captions): the rest are empty
     }
-    while (!line.empty() && std::isspace(static_cast<unsigned char>(line.back()))) line.pop_back();
-    // ' '.join(w for w in line.rstrip().split(' ') if w not in PUNCTUATIONS)
-    std::string kept;
-    bool first = true;
-    size_t start = 0;
-    while (true) {
-      const size_t end = line.find(' ', start);
-      const std::string word = line.substr(start, end == std::string::npos ? std::string::npos : end - start);
-      if (!punctuations.count(word)) {
-        kept += (first ? "" : " ") + word;
-        first = false;
-      }
-      if (end == std::string::npos) break;
-      start = end + 1;
-    }
-    out.push_back(kept);
+    out.push_back(coco_tokenize_ptb_line(line));
   }
   out.resize(captions.size());
   if (const int status = tokenizer.finish(); status != 0)

@@ -178,11 +178,26 @@ std::vector<std::string> ptb_tokenize(const std::string& raw) {
 }
 
 std::string coco_tokenize(const std::string& raw) {
+  std::string line;
+  for (const auto& t : ptb_tokenize(raw)) line += (line.empty() ? "" : " ") + t;
+  return coco_tokenize_ptb_line(line);
+}
+
+std::string coco_tokenize_ptb_line(const std::string& line) {
+  size_t end = line.size();
+  while (end > 0 && is_space(line[end - 1])) --end;  // rstrip()
   std::string out;
-  for (const auto& t : ptb_tokenize(raw)) {
-    if (kCocoPunctuation.count(t)) continue;
-    if (!out.empty()) out.push_back(' ');
-    out += t;
+  bool first = true;
+  for (size_t start = 0;;) {  // split(' '): empty words between double spaces are kept
+    const size_t space = line.find(' ', start);
+    const size_t stop = space == std::string::npos || space > end ? end : space;
+    const std::string word = line.substr(start, stop - start);
+    if (!kCocoPunctuation.count(word)) {
+      out += (first ? "" : " ") + word;
+      first = false;
+    }
+    if (stop >= end) break;
+    start = stop + 1;
   }
   return out;
 }

@@ -23,6 +23,10 @@ std::vector<std::string> ptb_tokenize(const std::string& raw);
 // pycocoevalcap's PTBTokenizer.tokenize for one caption: the tokens above minus its
 // PUNCTUATIONS, joined by single spaces.
 std::string coco_tokenize(const std::string& raw);
+// pycocoevalcap's post-processing of one line the PTB tokenizer printed:
+// ' '.join(w for w in line.rstrip().split(' ') if w not in PUNCTUATIONS). coco_tokenize applies it
+// to the native tokens, coco_tokenize_with_jar (evaluate.h) to the jar's output.
+std::string coco_tokenize_ptb_line(const std::string& line);
 
 struct MetricResult {
   std::map<std::string, double> corpus;                 // "Bleu_1".."Bleu_4", "ROUGE_L", "CIDEr"
