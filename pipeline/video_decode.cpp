@@ -98,6 +98,37 @@ void decode_frames(FfmpegVideo& v, int stream, const std::string& path, bool rea
   }
 }
 
+// Frames of a video of unknown length, held in bounded memory: frames 0, stride, 2·stride, ...
+// are kept; at 2·count kept, every other one is dropped and the stride doubles. pick() then
+// takes `count` spread evenly over what was kept.
+class ThinnedFrames {
+ public:
+  explicit ThinnedFrames(int count) : count_(count) {}
+  // Whether the next frame is one to keep (counts it either way).
+  bool keeps_next() { return seen_++ % stride_ == 0; }
+  void keep(VideoFrame frame) {
+    kept_.push_back(std::move(frame));
+    if (kept_.size() >= 2 * static_cast<size_t>(count_)) {
+      std::vector<VideoFrame> thinned;
+      for (size_t i = 0; i < kept_.size(); i += 2) thinned.push_back(std::move(kept_[i]));
+      kept_ = std::move(thinned);
+      stride_ *= 2;
+    }
+  }
+  bool empty() const { return kept_.empty(); }
+  std::vector<VideoFrame> pick() const {
+    std::vector<VideoFrame> picked;
+    for (int i = 0; i < count_; ++i)
+      picked.push_back(kept_[std::min(kept_.size() - 1, static_cast<size_t>((i + 0.5) * kept_.size() / count_))]);
+    return picked;
+  }
+
+ private:
+  int count_;
+  std::vector<VideoFrame> kept_;
+  int64_t seen_ = 0, stride_ = 1;
+};
+
 }  // namespace
 
 std::vector<VideoFrame> sample_video_frames(const std::string& path, int count, VideoInfo* info_out, const VideoLimits& limits) {
@@ -123,26 +154,19 @@ std::vector<VideoFrame> sample_video_frames(const std::string& path, int count, 
   std::vector<double> targets;
   if (info.duration_s > 0)
     for (int i = 0; i < count; ++i) targets.push_back(start + (i + 0.5) * info.duration_s / count);
-  std::vector<VideoFrame> all, picked;
+  std::vector<VideoFrame> picked;
+  ThinnedFrames all(count);  // unknown duration
   size_t next = 0;
 
   auto convert = [&](double t) { return frame_to_rgb(v, path, t - start, limits); };
   int64_t decoded = 0;
-  int64_t stride = 1;  // unknown duration: frames 0, stride, 2 * stride, ... are held
   auto take = [&]() {
     if (++decoded > limits.max_decoded_frames)
       throw FileError(path, "more than " + std::to_string(limits.max_decoded_frames) + " video frames decoded without reaching the sampled times");
     int64_t pts = v.frame->best_effort_timestamp;
     double t = pts == AV_NOPTS_VALUE ? 0.0 : pts * time_base;
     if (targets.empty()) {
-      if ((decoded - 1) % stride != 0) return;
-      all.push_back(convert(t));
-      if (all.size() >= 2 * static_cast<size_t>(count)) {  // thin: keep every other frame, double the stride
-        std::vector<VideoFrame> thinned;
-        for (size_t i = 0; i < all.size(); i += 2) thinned.push_back(std::move(all[i]));
-        all = std::move(thinned);
-        stride *= 2;
-      }
+      if (all.keeps_next()) all.keep(convert(t));
       return;
     }
     // This frame serves every target it is the first frame at or after.
@@ -158,7 +182,7 @@ std::vector<VideoFrame> sample_video_frames(const std::string& path, int count, 
   });
   if (decoded == 0) throw FileError(path, "no video frame could be decoded");
   if (targets.empty()) {
-    for (int i = 0; i < count; ++i) picked.push_back(all[std::min(all.size() - 1, static_cast<size_t>((i + 0.5) * all.size() / count))]);
+    picked = all.pick();
   } else {
     // The stream ended before the last targets (duration overstated): repeat the last frame kept,
     // or, if none was kept, fall back to the end of the stream.
@@ -187,18 +211,16 @@ void stream_video_windows(const StreamInput& input, double window_s, double hop_
     double start = 0;
     std::vector<double> targets;  // stream-relative times
     std::vector<VideoFrame> picked;
-    // For a window the stream ends inside: its frames thinned as sample_video_frames thins a
-    // video of unknown length (every stride-th kept; at 2 * count, every other one dropped).
-    std::vector<VideoFrame> kept;
-    int64_t seen = 0, stride = 1;
+    // For a window the stream ends inside: its frames, thinned as sample_video_frames thins a
+    // video of unknown length.
+    ThinnedFrames kept;
   };
   std::deque<Open> open;
   double origin = st->start_time != AV_NOPTS_VALUE ? st->start_time * time_base : NAN;  // stream time 0
   double next_start = 0, last_t = -1;
   auto take = [&](double t) {  // t: stream-relative time of the frame in v.frame
     while (next_start <= t + 1e-9) {
-      Open w;
-      w.start = next_start;
+      Open w{next_start, {}, {}, ThinnedFrames(count)};
       for (int i = 0; i < count; ++i) w.targets.push_back(next_start + (i + 0.5) * window_s / count);
       open.push_back(std::move(w));
       next_start += hop_s;
@@ -209,15 +231,9 @@ void stream_video_windows(const StreamInput& input, double window_s, double hop_
         if (!rgb) rgb = frame_to_rgb(v, path, t, limits);
         w.picked.push_back(*rgb);
       }
-      if (t < w.start + window_s && (w.seen++ % w.stride) == 0) {
+      if (t < w.start + window_s && w.kept.keeps_next()) {
         if (!rgb) rgb = frame_to_rgb(v, path, t, limits);
-        w.kept.push_back(*rgb);
-        if (w.kept.size() >= 2 * static_cast<size_t>(count)) {
-          std::vector<VideoFrame> thinned;
-          for (size_t i = 0; i < w.kept.size(); i += 2) thinned.push_back(std::move(w.kept[i]));
-          w.kept = std::move(thinned);
-          w.stride *= 2;
-        }
+        w.kept.keep(*rgb);
       }
     }
     while (!open.empty() && t + 1e-9 >= open.front().start + window_s) {
@@ -250,10 +266,7 @@ void stream_video_windows(const StreamInput& input, double window_s, double hop_
       continue;
     }
     if (w.kept.empty()) continue;
-    std::vector<VideoFrame> picked;
-    for (int i = 0; i < count; ++i)
-      picked.push_back(w.kept[std::min(w.kept.size() - 1, static_cast<size_t>((i + 0.5) * w.kept.size() / count))]);
-    emit(w.start, std::min(w.start + window_s, last_t + frame_s), std::move(picked));
+    emit(w.start, std::min(w.start + window_s, last_t + frame_s), w.kept.pick());
   }
 }
 
