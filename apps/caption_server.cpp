@@ -277,31 +277,41 @@ Decoded decode_media(Captioner& captioner, const MediaRequest& m, const Settings
         throw HttpError(413, m.name + " lasts " + std::to_string(reader.info().duration_s) + " s; the limit is " +
                                  std::to_string(s.max_duration_s) + " s");
       const double rate = reader.output_rate();
-      const auto limit = static_cast<size_t>(s.max_duration_s * rate) + 1;
-      std::vector<float> all;
-      while (reader.read(all, 1 << 16) > 0)
-        if (all.size() > limit) throw HttpError(413, m.name + " is longer than the limit of " + std::to_string(s.max_duration_s) + " s");
-      if (all.empty()) throw HttpError(422, m.name + ": no audio samples decoded");
-      d.media_s = static_cast<double>(all.size()) / rate;
+      const std::string too_long = m.name + " is longer than the limit of " + std::to_string(s.max_duration_s) + " s";
       double window = m.window, hop = m.hop > 0 ? m.hop : m.window;
-      if (window == 0 && d.media_s > s.split_over_s) window = hop = s.default_window_s;  // long media: windows
-      if (window > 0) {
-        // The cut of stream_windows / caption --window: sample a = start * rate, b = end * rate.
+      // Windows are cut by stream_windows, as caption --window cuts them, holding one window at a time.
+      auto cut_windows = [&](AudioReader& r) {
         d.windowed = true;
-        for (const auto& [start, end] : window_spans(d.media_s, window, hop)) {
-          const auto a = static_cast<size_t>(start * rate);
-          const auto b = std::min(all.size(), static_cast<size_t>(end * rate));
-          if (b <= a) continue;
+        stream_windows(r, window, hop, [&](double start, double end, std::vector<float>&& samples) {
+          if (end > s.max_duration_s + 1.0 / rate) throw HttpError(413, too_long);
+          d.media_s = end;
+          if (samples.empty()) return;
           ServiceUnit u;
-          u.waveform.assign(all.begin() + static_cast<std::ptrdiff_t>(a), all.begin() + static_cast<std::ptrdiff_t>(b));
+          u.waveform = std::move(samples);
           u.start_s = start;
           u.end_s = end;
           d.units.push_back(std::move(u));
-        }
+        });
+      };
+      if (window == 0 && reader.info().duration_s > s.split_over_s) window = hop = s.default_window_s;  // long media
+      if (window > 0) {
+        cut_windows(reader);
       } else {
-        ServiceUnit u;
-        u.waveform = std::move(all);
-        d.units.push_back(std::move(u));
+        const auto limit = static_cast<size_t>(s.max_duration_s * rate) + 1;
+        std::vector<float> all;
+        while (reader.read(all, 1 << 16) > 0)
+          if (all.size() > limit) throw HttpError(413, too_long);
+        if (all.empty()) throw HttpError(422, m.name + ": no audio samples decoded");
+        d.media_s = static_cast<double>(all.size()) / rate;
+        if (d.media_s > s.split_over_s) {  // long, though the container did not say so: decode again, in windows
+          window = hop = s.default_window_s;
+          AudioReader again(m.file, {captioner.sample_rate()});
+          cut_windows(again);
+        } else {
+          ServiceUnit u;
+          u.waveform = std::move(all);
+          d.units.push_back(std::move(u));
+        }
       }
     } else if (captioner.encoder_kind() == "clip") {
       if (d.modality == Modality::Audio) throw HttpError(415, m.name + " is audio; this captioner is for images and video");

@@ -308,6 +308,13 @@ TEST_F(CaptionServer, AShortRequestOvertakesALongOne) {
   EXPECT_EQ(short_done, 0);
   EXPECT_EQ(long_done, 1);
   EXPECT_LT(r["timings"]["queue_ms"].get<double>(), 5000.0);
+  // Past --split-over (30 s) without a window: windows of --default-window (10 s), as
+  // caption --window 10 cuts them.
+  Json split = post_json(c, {{"path", long_wav}, {"greedy", true}}, 200);
+  auto cli = cli_captions(dir, aac_bundle(), long_wav, "--window 10 --greedy -b 16");
+  expect_same(cli, split["results"], 1e-4);
+  ASSERT_EQ(split["results"].size(), 12u);
+  EXPECT_DOUBLE_EQ(split["results"][11]["end"].get<double>(), 120.0);
 }
 
 TEST_F(CaptionServer, MalformedRequestsGetTheir4xxAndTheServerStaysUp) {
