@@ -172,11 +172,6 @@ void print_caption(std::ostream& out, const std::string& format, const Json& fie
   }
 }
 
-Json alternatives_of(const std::vector<Caption>& captions) {
-  Json alternatives = Json::array();
-  for (size_t k = 1; k < captions.size(); ++k) alternatives.push_back({{"caption", captions[k].text}, {"score", captions[k].score}});
-  return alternatives;
-}
 
 }  // namespace
 
@@ -307,11 +302,11 @@ int main(int argc, char** argv) {
     const std::string name = source.url;
     try {
       auto print_window = [&](const StreamWindow& w) {
-        const Caption& best = w.captions[0];
-        Json j = {{"stream", name},        {"modality", audio ? "audio" : "video"}, {"start", w.start_s},
-                  {"end", w.end_s},        {"caption", best.text},         {"score", best.score},
-                  {"alternatives", alternatives_of(w.captions)},           {"latency_ms", w.latency_ms},
-                  {"dropped", w.dropped_so_far}};
+        Json j = caption_record(name, audio ? Modality::Audio : Modality::Video, w.captions, w.start_s, w.end_s);
+        j.erase("path");  // a stream is named by "stream"
+        j["stream"] = name;
+        j["latency_ms"] = w.latency_ms;
+        j["dropped"] = w.dropped_so_far;
         print_caption(out, format, j);
         out.flush();
       };
@@ -392,13 +387,7 @@ int main(int argc, char** argv) {
         continue;
       }
       const size_t i = next_result++;
-      const Caption& best = results[i][0];
-      Json j = {{"path", it.path}, {"modality", modality_name(it.modality)}, {"caption", best.text}, {"score", best.score}};
-      if (it.start >= 0) {
-        j["start"] = it.start;
-        j["end"] = it.end;
-      }
-      j["alternatives"] = alternatives_of(results[i]);
+      Json j = caption_record(it.path, it.modality, results[i], it.start, it.end);
       j["timings"] = {{"decode_ms", it.decode_ms}, {"caption_ms", batch_ms}};
       print_caption(out, format, j);
     }

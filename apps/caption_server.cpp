@@ -677,17 +677,7 @@ int main(int argc, char** argv) {
       }
       Json results = Json::array();
       for (size_t i = 0; i < captions.size(); ++i) {
-        const Caption& best = captions[i][0];
-        Json r = {{"path", m.name}, {"modality", modality_name(d.modality)}, {"caption", best.text}, {"score", best.score}};
-        if (d.windowed) {
-          r["start"] = spans[i].first;
-          r["end"] = spans[i].second;
-        }
-        Json alternatives = Json::array();
-        for (size_t k = 1; k < captions[i].size(); ++k)
-          alternatives.push_back({{"caption", captions[i][k].text}, {"score", captions[i][k].score}});
-        r["alternatives"] = alternatives;
-        results.push_back(std::move(r));
+        results.push_back(caption_record(m.name, d.modality, captions[i], d.windowed ? spans[i].first : -1, spans[i].second));
       }
       const auto t_end = Clock::now();
       res.set_content(json_dump(Json{{"model", s.model_name},

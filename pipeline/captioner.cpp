@@ -26,6 +26,19 @@ const char* modality_name(Modality m) {
   return "?";
 }
 
+Json caption_record(const std::string& path, Modality modality, const std::vector<Caption>& captions, double start_s,
+                    double end_s) {
+  Json j = {{"path", path}, {"modality", modality_name(modality)}, {"caption", captions.at(0).text}, {"score", captions[0].score}};
+  if (start_s >= 0) {
+    j["start"] = start_s;
+    j["end"] = end_s;
+  }
+  Json alternatives = Json::array();
+  for (size_t k = 1; k < captions.size(); ++k) alternatives.push_back({{"caption", captions[k].text}, {"score", captions[k].score}});
+  j["alternatives"] = alternatives;
+  return j;
+}
+
 Modality detect_modality(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw FileError(path, "cannot open");

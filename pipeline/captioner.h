@@ -38,6 +38,12 @@ struct Caption {
   double score = 0;
 };
 
+// The record `caption -f jsonl` prints and caption-server returns for one clip or window:
+// path, modality, caption and score of the best, alternatives (the others, best first), and
+// start/end when start_s >= 0.
+Json caption_record(const std::string& path, Modality modality, const std::vector<Caption>& captions,
+                    double start_s = -1, double end_s = -1);
+
 class Captioner {
  public:
   // Loads BUNDLE/captioner.json and everything it names; throws FileError / ConfigError naming
