@@ -15,7 +15,6 @@
 #include <fstream>
 #include <mutex>
 #include <random>
-#include <regex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -73,15 +72,7 @@ Json run_load(const std::string& server_bin, const std::string& bundle, int max_
   testing::Child server({server_bin, "-m", bundle, "--port", "0", "--threads", std::to_string(threads), "--max-batch",
                          std::to_string(max_batch), "--max-connections", std::to_string(load.clients + 2)},
                         out, err);
-  int port = 0;
-  const std::regex listening("listening on http://127\\.0\\.0\\.1:([0-9]+)");
-  for (int i = 0; i < 1200 && port == 0; ++i) {
-    std::ifstream in(out);
-    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    std::smatch m;
-    if (std::regex_search(text, m, listening)) port = std::stoi(m[1]);
-    else if (server.wait(0.05) >= 0) break;
-  }
+  const int port = testing::listening_port(server, out, 120);
   if (port == 0) throw std::runtime_error("caption-server did not start (see " + err + ")");
 
   std::mutex mu;

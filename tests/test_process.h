@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <fstream>
+#include <regex>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -104,5 +105,20 @@ class Child {
   int stdin_ = -1;
   int status_ = -1;
 };
+
+// The port a caption-server child printed ("listening on http://127.0.0.1:PORT") into its stdout
+// file, waiting up to `seconds`; 0 when it exited or never said.
+inline int listening_port(Child& server, const std::string& stdout_path, double seconds = 60) {
+  const std::regex listening("listening on http://127\\.0\\.0\\.1:([0-9]+)");
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  while (std::chrono::steady_clock::now() < deadline) {
+    std::ifstream in(stdout_path);
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::smatch m;
+    if (std::regex_search(text, m, listening)) return std::stoi(m[1]);
+    if (server.wait(0.05) >= 0) return 0;
+  }
+  return 0;
+}
 
 }  // namespace prefixcap::testing

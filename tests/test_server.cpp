@@ -13,7 +13,6 @@
 #include <fstream>
 #include <future>
 #include <random>
-#include <regex>
 #include <thread>
 
 #include <httplib.h>
@@ -97,13 +96,7 @@ class Server {
     std::vector<std::string> argv = {kServer, "-m", bundle, "--port", "0", "--threads", "2"};
     argv.insert(argv.end(), extra.begin(), extra.end());
     child_ = std::make_unique<Child>(argv, dir_.file("out"), dir_.file("err"));
-    const std::regex listening("listening on http://127\\.0\\.0\\.1:([0-9]+)");
-    for (int i = 0; i < 600 && port_ == 0; ++i) {
-      std::smatch m;
-      const std::string out = read_bytes(dir_.file("out"));
-      if (std::regex_search(out, m, listening)) port_ = std::stoi(m[1]);
-      else if (child_->wait(0.05) >= 0) break;
-    }
+    port_ = prefixcap::testing::listening_port(*child_, dir_.file("out"));
     if (port_ == 0) throw std::runtime_error("caption-server did not start: " + read_bytes(dir_.file("err")));
   }
   httplib::Client client() const {
