@@ -1,6 +1,7 @@
 // caption-eval: scores `caption` output against a dataset's references.
 //   caption-eval --predictions preds.jsonl --references clotho_captions_evaluation.csv
-// Prints a table (markdown, csv or json); --per-item writes one row per item.
+// Prints a table (markdown, csv or json); --per-item writes one row per item. FENSE and
+// SPIDEr-FL with --sbert and --echecker/--echecker-bert (docs/evaluation.md).
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -12,7 +13,9 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "core/threads.h"
 #include "data/references.h"
+#include "lm/fense.h"
 #include "metrics/evaluate.h"
 
 using namespace prefixcap;
@@ -21,22 +24,93 @@ using Json = nlohmann::json;
 namespace {
 const std::vector<std::pair<std::string, std::string>> kMetrics = {
     {"Bleu_1", "BLEU-1"}, {"Bleu_2", "BLEU-2"}, {"Bleu_3", "BLEU-3"}, {"Bleu_4", "BLEU-4"}, {"METEOR", "METEOR"},
-    {"ROUGE_L", "ROUGE-L"}, {"CIDEr", "CIDEr-D"}, {"SPICE", "SPICE"}, {"SPIDEr", "SPIDEr"}};
+    {"ROUGE_L", "ROUGE-L"}, {"CIDEr", "CIDEr-D"}, {"SPICE", "SPICE"}, {"SPIDEr", "SPIDEr"},
+    {"SBERT_sim", "SBERT-sim"}, {"FER", "FER"}, {"FENSE", "FENSE"}, {"SPIDEr_FL", "SPIDEr-FL"}};
 
 std::string env_or(const char* name, const std::string& fallback) {
   const char* v = std::getenv(name);
   return v && *v ? v : fallback;
 }
+
+struct FenseArgs {
+  std::string sbert, echecker, echecker_bert;
+  FenseOptions options;
+};
+
+// SBERT-sim, FER, FENSE and SPIDEr-FL into the report (on the raw captions, as aac-metrics
+// scores them), or the reason each is missing.
+void add_fense(EvalReport& report, const std::vector<CaptionItem>& items, const FenseArgs& args) {
+  const std::string no_sbert = "needs --sbert (a sentence-transformers folder: paraphrase-TinyBERT-L6-v2)";
+  const std::string no_echecker = "needs --echecker and --echecker-bert (fense's echecker_clotho_audiocaps_base.ckpt "
+                                  "and a bert-base-uncased folder)";
+  if (args.sbert.empty()) {
+    report.missing["SBERT_sim"] = no_sbert;
+    report.missing["FENSE"] = no_sbert;
+  }
+  if (args.echecker.empty()) {
+    report.missing["FER"] = no_echecker;
+    report.missing["FENSE"] = args.sbert.empty() ? no_sbert + "; " + no_echecker : no_echecker;
+    report.missing["SPIDEr_FL"] = no_echecker;
+  }
+  if (args.sbert.empty() && args.echecker.empty()) return;
+  if (args.echecker.empty() != args.echecker_bert.empty())
+    throw std::invalid_argument("--echecker and --echecker-bert go together (the checkpoint and its model_type's "
+                                "folder: config.json, vocab.txt)");
+  // Only the detector is needed for FER and SPIDEr-FL; the Sentence-BERT only for SBERT-sim and FENSE.
+  std::vector<std::string> candidates;
+  std::vector<std::vector<std::string>> references;
+  for (const auto& it : items) {
+    candidates.push_back(it.candidate);
+    references.push_back(it.references);
+  }
+  std::vector<double> error_prob;
+  if (!args.sbert.empty()) {
+    FenseScorer scorer(args.sbert, args.echecker, args.echecker_bert);
+    FenseScores s = scorer.score(candidates, references, args.options);
+    report.corpus["SBERT_sim"] = s.corpus_sbert_sim;
+    report.per_item["SBERT_sim"] = s.sbert_sim;
+    if (scorer.has_detector()) {
+      report.corpus["FENSE"] = s.corpus_fense;
+      report.per_item["FENSE"] = s.fense;
+      error_prob = s.error_prob;
+    }
+  } else {
+    error_prob = fluency_error_probability(args.echecker, args.echecker_bert, candidates, args.options);
+  }
+  if (error_prob.empty()) return;
+  std::vector<double> errors;
+  for (double p : error_prob) errors.push_back(p > args.options.error_threshold ? 1.0 : 0.0);
+  report.per_item["FER"] = errors;
+  double fer = 0;
+  for (double e : errors) fer += e;
+  report.corpus["FER"] = fer / static_cast<double>(errors.size());
+  if (!report.per_item.count("SPIDEr")) {
+    report.missing["SPIDEr_FL"] = "needs SPIDEr (SPICE: --spice-jar)";
+    return;
+  }
+  report.missing.erase("SPIDEr_FL");
+  report.per_item["SPIDEr_FL"] =
+      fluency_penalized(report.per_item["SPIDEr"], error_prob, args.options.error_threshold, args.options.penalty);
+  double sum = 0;
+  for (double v : report.per_item["SPIDEr_FL"]) sum += v;
+  report.corpus["SPIDEr_FL"] = sum / static_cast<double>(error_prob.size());
+}
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"Score caption predictions against references (BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE, SPIDEr)"};
+  CLI::App app{"Score caption predictions against references (BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE, SPIDEr, FENSE, "
+               "SPIDEr-FL)"};
   std::string predictions, references, split, format = "markdown", output, per_item;
   EvalOptions options;
   options.meteor_jar = env_or("PREFIXCAP_METEOR_JAR", "");
   options.spice_jar = env_or("PREFIXCAP_SPICE_JAR", "");
   options.ptb_jar = env_or("PREFIXCAP_PTB_JAR", "");
   bool no_tokenize = false;
+  FenseArgs fense;
+  fense.sbert = env_or("PREFIXCAP_SBERT", "");
+  fense.echecker = env_or("PREFIXCAP_ECHECKER", "");
+  fense.echecker_bert = env_or("PREFIXCAP_ECHECKER_BERT", "");
+  int threads = 0;
   app.add_option("-p,--predictions", predictions, "caption's jsonl or csv output")->required()->check(CLI::ExistingFile);
   app.add_option("-r,--references", references, "Clotho csv, AudioCaps csv, COCO Karpathy json or JSONL manifest")
       ->required()
@@ -51,6 +125,25 @@ int main(int argc, char** argv) {
                  "stanford-corenlp-3.4.1.jar (or $PREFIXCAP_PTB_JAR): tokenize with the official PTB tokenizer, as "
                  "pycocoevalcap does (default: the native tokenizer)");
   app.add_option("--java", options.java, "Java executable for the jars")->capture_default_str();
+  app.add_option("--sbert", fense.sbert,
+                 "FENSE's Sentence-BERT: a sentence-transformers folder, paraphrase-TinyBERT-L6-v2 (or $PREFIXCAP_SBERT)")
+      ->check(CLI::ExistingDirectory);
+  app.add_option("--echecker", fense.echecker,
+                 "FENSE's fluency-error detector: echecker_clotho_audiocaps_base.ckpt (or $PREFIXCAP_ECHECKER)")
+      ->check(CLI::ExistingFile);
+  app.add_option("--echecker-bert", fense.echecker_bert,
+                 "the echecker's model_type folder, bert-base-uncased: config.json, vocab.txt (or $PREFIXCAP_ECHECKER_BERT)")
+      ->check(CLI::ExistingDirectory);
+  app.add_option("--error-threshold", fense.options.error_threshold, "FENSE: error probability counted as an error")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1.0));
+  app.add_option("--penalty", fense.options.penalty, "FENSE / SPIDEr-FL: score x (1 - penalty) on an error")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1.0));
+  app.add_option("--bert-batch", fense.options.batch_size, "texts per BERT forward (FENSE)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 4096));
+  app.add_option("--threads", threads, "CPU threads for the BERT models (0 = all cores)")->capture_default_str();
   app.add_flag("--no-tokenize", no_tokenize, "captions are already tokenized (skip pycocoevalcap's PTB tokenization)");
   try {
     app.parse(argc, argv);
@@ -80,6 +173,8 @@ int main(int argc, char** argv) {
                    refs.size());
     if (items.empty()) throw std::runtime_error("no prediction matches a reference (keys are file names without extension)");
     EvalReport report = evaluate(items, options);
+    if (!fense.sbert.empty() || !fense.echecker.empty()) configure_threads({threads, 0});
+    add_fense(report, items, fense);
     for (const auto& w : report.warnings) std::fprintf(stderr, "caption-eval: warning: %s\n", w.c_str());
 
     std::ostringstream table;

@@ -32,6 +32,7 @@ packages=(
   openjdk-17-jre-headless         # METEOR 1.5 and the Stanford PTB tokenizer (official jars)
   curl p7zip-full ffmpeg yt-dlp   # scripts/get_dataset.sh (downloads, Clotho's 7z, AudioCaps clips)
   python3-venv                    # .venv-ref below
+  python3-torch                   # .venv-ref: PyTorch 1.13 for transformers / sentence-transformers (FENSE goldens)
   libutf8proc-dev                 # Unicode for BERT's WordPiece tokenizer (FENSE)
 )
 
@@ -72,20 +73,33 @@ if [[ "${PREFIXCAP_KEEP_BLAS:-0}" != 1 ]]; then
   done
 fi
 
-# The reference environment of tests/test_reference.cpp, and the official jars for caption-eval:
-# from PyPI, pinned: pycocoevalcap (its meteor-1.5.jar with paraphrase data, stanford-corenlp-3.4.1.jar
-# and its own Python wrappers around them) and transformers (BertTokenizer, for WordPiece; no torch).
+# The reference environment of tests/test_reference.cpp and tests/test_fense.cpp, and the official
+# jars for caption-eval: a virtual environment over Debian's python3 (--system-site-packages: its
+# python3-torch 1.13, CPU) with, from PyPI, pinned: pycocoevalcap (meteor-1.5.jar with paraphrase
+# data, stanford-corenlp-3.4.1.jar and its own Python wrappers around them), transformers
+# (BertTokenizer, BertModel), sentence-transformers and aac-metrics (its fense/fer/sbert_sim/spider_fl
+# functions; installed without its dependencies: CLAP and torchaudio are not needed for those).
 # Test helpers only: prefixcap never runs Python.
 ref_env="$root/.venv-ref"
-reference_packages=(pycocoevalcap==1.2 transformers==4.46.3)
-if ! "$ref_env/bin/python" -c "import pycocoevalcap.meteor.meteor, transformers, tokenizers" >/dev/null 2>&1 ||
-   ! "$ref_env/bin/pip" freeze 2>/dev/null | grep -qx "transformers==4.46.3"; then
-  echo "setup: installing ${reference_packages[*]} into .venv-ref (PyPI)"
-  [[ -x "$ref_env/bin/pip" ]] || python3 -m venv "$ref_env" || { echo "setup: python3 -m venv failed" >&2; exit 1; }
-  if ! "$ref_env/bin/pip" install -q --disable-pip-version-check "${reference_packages[@]}"; then
-    echo "setup: could not install ${reference_packages[*]} from PyPI (no network?); tests/test_reference.cpp needs them" >&2
+reference_packages=(pycocoevalcap==1.2 transformers==4.46.3 sentence-transformers==3.3.1 Jinja2==3.1.4)
+reference_nodeps=(aac-metrics==0.5.5)
+ref_ok() {
+  "$ref_env/bin/python" -c "import torch, pycocoevalcap.meteor.meteor, transformers, sentence_transformers, importlib.util as u; assert u.find_spec('aac_metrics')" >/dev/null 2>&1 &&
+    "$ref_env/bin/pip" freeze 2>/dev/null | grep -qx "transformers==4.46.3" &&
+    "$ref_env/bin/pip" freeze 2>/dev/null | grep -qx "aac-metrics==0.5.5"
+}
+if ! ref_ok; then
+  echo "setup: installing ${reference_packages[*]} ${reference_nodeps[*]} into .venv-ref (PyPI, over Debian's python3-torch)"
+  # An environment made by another Python (without Debian's torch) is replaced.
+  if [[ -x "$ref_env/bin/python" ]] && ! "$ref_env/bin/python" -c "import torch" >/dev/null 2>&1; then rm -rf "$ref_env"; fi
+  [[ -x "$ref_env/bin/pip" ]] || /usr/bin/python3 -m venv --system-site-packages "$ref_env" ||
+    { echo "setup: python3 -m venv failed" >&2; exit 1; }
+  if ! "$ref_env/bin/pip" install -q --disable-pip-version-check "${reference_packages[@]}" ||
+     ! "$ref_env/bin/pip" install -q --disable-pip-version-check --no-deps "${reference_nodeps[@]}"; then
+    echo "setup: could not install the reference packages from PyPI (no network?); tests/test_reference.cpp and tests/test_fense.cpp need them" >&2
     exit 1
   fi
+  ref_ok || { echo "setup: .venv-ref is incomplete after installing (see the pip output above)" >&2; exit 1; }
 fi
 jar_dir=$("$ref_env/bin/python" -c "import os, pycocoevalcap.meteor.meteor as m; print(os.path.dirname(os.path.dirname(m.__file__)))")
 echo "setup: official jars for caption-eval:"

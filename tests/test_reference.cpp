@@ -15,7 +15,7 @@
 #include "core/json_config.h"
 #include "metrics/evaluate.h"
 #include "metrics/metrics.h"
-#include "metrics/wordpiece.h"
+#include "lm/wordpiece.h"
 #include "tests/test_helpers.h"
 
 using namespace prefixcap;

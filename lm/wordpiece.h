@@ -35,4 +35,13 @@ class WordPieceTokenizer {
   int64_t unk_ = -1, cls_ = -1, sep_ = -1;
 };
 
+// Python's str.lower() per code point (utf8proc's simple lowercase mapping; Python differs only
+// for U+0130, which it maps to "i̇").
+std::string lowercase_utf8(const std::string& text);
+
+// fense's text preprocessing for its fluency-error detector, re.sub(r"[^\w\s]", "", text).lower():
+// every code point that is neither a word character (letters L*, numbers Nd/Nl/No, '_') nor
+// whitespace (as str.isspace) removed, the rest lower-cased.
+std::string remove_non_word_lower(const std::string& text);
+
 }  // namespace prefixcap

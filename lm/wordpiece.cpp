@@ -1,4 +1,4 @@
-#include "metrics/wordpiece.h"
+#include "lm/wordpiece.h"
 
 #include <utf8proc.h>
 
@@ -229,6 +229,23 @@ std::vector<int64_t> WordPieceTokenizer::encode(const std::string& text, size_t 
   }
   ids.push_back(sep_);
   return ids;
+}
+
+std::string lowercase_utf8(const std::string& text) {
+  Codepoints cps = decode(text);
+  for (auto& cp : cps) cp = utf8proc_tolower(cp);
+  return encode_utf8(cps);
+}
+
+std::string remove_non_word_lower(const std::string& text) {
+  Codepoints kept;
+  for (const auto cp : decode(text)) {
+    const auto c = category(cp);
+    const bool word = cp == '_' || (c >= UTF8PROC_CATEGORY_LU && c <= UTF8PROC_CATEGORY_LO) ||
+                      (c >= UTF8PROC_CATEGORY_ND && c <= UTF8PROC_CATEGORY_NO);
+    if (word || splits_words(cp)) kept.push_back(utf8proc_tolower(cp));
+  }
+  return encode_utf8(kept);
 }
 
 }  // namespace prefixcap
