@@ -40,6 +40,9 @@ struct FenseArgs {
 // SBERT-sim, FER, FENSE and SPIDEr-FL into the report (on the raw captions, as aac-metrics
 // scores them), or the reason each is missing.
 void add_fense(EvalReport& report, const std::vector<CaptionItem>& items, const FenseArgs& args) {
+  if (args.echecker.empty() != args.echecker_bert.empty())
+    throw std::invalid_argument("--echecker and --echecker-bert go together (the checkpoint and its model_type's "
+                                "folder: config.json, vocab.txt)");
   const std::string no_sbert = "needs --sbert (a sentence-transformers folder: paraphrase-TinyBERT-L6-v2)";
   const std::string no_echecker = "needs --echecker and --echecker-bert (fense's echecker_clotho_audiocaps_base.ckpt "
                                   "and a bert-base-uncased folder)";
@@ -53,9 +56,6 @@ void add_fense(EvalReport& report, const std::vector<CaptionItem>& items, const 
     report.missing["SPIDEr_FL"] = no_echecker;
   }
   if (args.sbert.empty() && args.echecker.empty()) return;
-  if (args.echecker.empty() != args.echecker_bert.empty())
-    throw std::invalid_argument("--echecker and --echecker-bert go together (the checkpoint and its model_type's "
-                                "folder: config.json, vocab.txt)");
   // Only the detector is needed for FER and SPIDEr-FL; the Sentence-BERT only for SBERT-sim and FENSE.
   std::vector<std::string> candidates;
   std::vector<std::vector<std::string>> references;
@@ -173,7 +173,7 @@ int main(int argc, char** argv) {
                    refs.size());
     if (items.empty()) throw std::runtime_error("no prediction matches a reference (keys are file names without extension)");
     EvalReport report = evaluate(items, options);
-    if (!fense.sbert.empty() || !fense.echecker.empty()) configure_threads({threads, 0});
+    if (!fense.sbert.empty() || !fense.echecker.empty() || !fense.echecker_bert.empty()) configure_threads({threads, 0});
     add_fense(report, items, fense);
     for (const auto& w : report.warnings) std::fprintf(stderr, "caption-eval: warning: %s\n", w.c_str());
 

@@ -8,12 +8,22 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <functional>
 #include <string>
 #include <thread>
 #include <vector>
 
 namespace prefixcap::bench {
+
+// The CPU's model name from /proc/cpuinfo ("unknown" elsewhere): every speed figure names it.
+inline std::string cpu_model_name() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
+  return "unknown";
+}
 
 inline double now_seconds() {
   using clock = std::chrono::steady_clock;

@@ -165,14 +165,6 @@ Json run_load(const std::string& server_bin, const std::string& bundle, int max_
   return r;
 }
 
-std::string cpu_model_name() {
-  std::ifstream in("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(in, line))
-    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
-  return "unknown";
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -204,7 +196,7 @@ int main(int argc, char** argv) {
   fs::create_directories(dir);
   Json out;
   out["benchmark"] = "serve_bench";
-  out["cpu"] = cpu_model_name();
+  out["cpu"] = prefixcap::bench::cpu_model_name();
   out["server_threads"] = threads;
   out["clients"] = load.clients;
   out["seconds"] = load.seconds;

@@ -9,6 +9,9 @@
 #   models/clip/RN50x4.pt            OpenAI's CLIP RN50x4 (ClipCap's transformer weights: 640-d, 288 px)
 #   models/cnn14/                    PANNs Cnn14_mAP=0.431.pth (legacy torch.save) + config.json
 #   models/cnn14-16k/                PANNs Cnn14_16k_mAP=0.438.pth (Prefix-AAC's encoder) + config.json
+#   models/fense/paraphrase-TinyBERT-L6-v2/   FENSE's Sentence-BERT (sentence-transformers folder)
+#   models/fense/echecker_clotho_audiocaps_base.ckpt   FENSE's fluency-error detector (SHA-256 checked)
+#   models/fense/bert-base-uncased/  the echecker's model_type: config.json, vocab.txt (no weights needed)
 #   bundles/clipcap-NAME/            from each ClipCap checkpoint you put in models/clipcap/
 #                                    (coco_weights.pt, conceptual_weights.pt, transformer_weights.pt)
 #   bundles/prefix-aac-NAME/         from each Prefix-AAC checkpoint in models/prefix-aac/ (preset by
@@ -47,6 +50,22 @@ done
 fetch "$openai_rn50x4" "$models/clip/RN50x4.pt" || true
 fetch "https://zenodo.org/record/3987831/files/Cnn14_mAP%3D0.431.pth?download=1" "$models/cnn14/checkpoint.pth" || true
 fetch "https://zenodo.org/record/3987831/files/Cnn14_16k_mAP%3D0.438.pth?download=1" "$models/cnn14-16k/checkpoint.pth" || true
+# FENSE (caption-eval --sbert/--echecker/--echecker-bert; docs/evaluation.md).
+sbert_repo="$hf/sentence-transformers/paraphrase-TinyBERT-L6-v2/resolve/main"
+for f in config.json modules.json sentence_bert_config.json 1_Pooling/config.json vocab.txt tokenizer_config.json \
+         special_tokens_map.json pytorch_model.bin; do
+  fetch "$sbert_repo/$f" "$models/fense/paraphrase-TinyBERT-L6-v2/$f" || true
+done
+for f in config.json vocab.txt tokenizer_config.json; do
+  fetch "$hf/google-bert/bert-base-uncased/resolve/main/$f" "$models/fense/bert-base-uncased/$f" || true
+done
+echecker="$models/fense/echecker_clotho_audiocaps_base.ckpt"
+if fetch "https://github.com/blmoistawinde/fense/releases/download/V0.1/echecker_clotho_audiocaps_base.ckpt" "$echecker"; then
+  if [[ "$(sha256sum "$echecker" | cut -d' ' -f1)" != 1a719f090af70614bbdb9f9437530b7e133c48cfa4a58d964de0d47fc974a2fa ]]; then
+    mv "$echecker" "$echecker.bad"
+    failed+=("$echecker: SHA-256 differs from fense's published one (kept as $echecker.bad)")
+  fi
+fi
 # PANNs publish no config: the values of their Cnn14(...) constructors.
 [[ -s "$models/cnn14/config.json" ]] || echo '{"model_type":"cnn14","sample_rate":32000,"window_size":1024,"hop_size":320,"mel_bins":64,"fmin":50,"fmax":14000,"classes_num":527,"channels":[64,128,256,512,1024,2048],"embedding_dim":2048}' > "$models/cnn14/config.json"
 [[ -s "$models/cnn14-16k/config.json" ]] || echo '{"model_type":"cnn14","sample_rate":16000,"window_size":512,"hop_size":160,"mel_bins":64,"fmin":50,"fmax":8000,"classes_num":527,"channels":[64,128,256,512,1024,2048],"embedding_dim":2048}' > "$models/cnn14-16k/config.json"
@@ -73,6 +92,7 @@ for pt in "$models"/prefix-aac/*.pt; do
     failed+=("bundle prefix-aac-$name (from $pt)")
 done
 echo "models in $models, bundles in $bundles"
+echo "FENSE: export PREFIXCAP_SBERT=$models/fense/paraphrase-TinyBERT-L6-v2 PREFIXCAP_ECHECKER=$echecker PREFIXCAP_ECHECKER_BERT=$models/fense/bert-base-uncased"
 if ((${#failed[@]})); then
   echo "download_models.sh: not done:" >&2
   printf '  %s\n' "${failed[@]}" >&2

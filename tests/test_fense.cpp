@@ -153,6 +153,9 @@ TEST(Fense, FluencyProbabilitiesEqualEchecker) {
   const at::Tensor p = d.probabilities(golden().corpus.texts);
   EXPECT_LT(max_abs_diff(p, golden().out["probs"]), kTol);
   EXPECT_LT((d.probabilities(golden().corpus.texts, 3) - p).abs().max().item<double>(), kTol);
+  // The same checkpoint written in torch.save's legacy format.
+  FluencyErrorDetector legacy = FluencyErrorDetector::load(model("echecker-legacy.ckpt"), model("echecker-bert"));
+  EXPECT_TRUE(legacy.probabilities(golden().corpus.texts).equal(p));
 }
 
 TEST(Fense, ScoresEqualAacMetrics) {
@@ -241,6 +244,13 @@ TEST(Fense, CaptionEvalReportsFense) {
   const Json j2 = Json::parse(read_bytes(dir.file("out2")));
   EXPECT_FALSE(j2["scores"].contains("FENSE"));
   EXPECT_NE(j2["missing"]["FENSE"].get<std::string>().find("--sbert"), std::string::npos);
+  // The detector alone: FER, and FENSE missing for want of the Sentence-BERT.
+  const std::string detector_only = cmd.substr(0, cmd.find(" --sbert")) + cmd.substr(cmd.find(" --echecker "));
+  ASSERT_EQ(run(detector_only + " >" + q(dir.file("out4")) + " 2>/dev/null"), 0);
+  const Json j4 = Json::parse(read_bytes(dir.file("out4")));
+  EXPECT_EQ(j4["scores"]["FER"], j["scores"]["FER"]);
+  EXPECT_FALSE(j4["scores"].contains("FENSE"));
+  EXPECT_NE(j4["missing"]["FENSE"].get<std::string>().find("--sbert"), std::string::npos);
   // Half a detector is refused.
   EXPECT_EQ(run(cmd.substr(0, cmd.find(" --echecker-bert")) + " >/dev/null 2>" + q(dir.file("err3"))), 1);
   EXPECT_NE(read_bytes(dir.file("err3")).find("--echecker-bert"), std::string::npos) << read_bytes(dir.file("err3"));

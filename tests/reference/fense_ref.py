@@ -14,7 +14,8 @@ this script makes. Test helper only: never on the run-time path of prefixcap.
     Normalize module), DIR/sbert-max (max pooling): sentence-transformers folders saved by
     SentenceTransformer.save; DIR/echecker.ckpt (fense's format: {"model_type", "num_classes",
     "state_dict"} with encoder.embeddings.position_ids as the published checkpoints have it) and
-    DIR/echecker-bert (the model_type folder: config.json, vocab.txt, tokenizer files).
+    DIR/echecker-bert (the model_type folder: config.json, vocab.txt, tokenizer files), and
+    DIR/echecker-legacy.ckpt (the same in torch.save's legacy, non-zip format).
     OUT: {"embeddings": {name: [[...]]}, "probs": [[6 floats] per text], "preprocess": [...],
           "fense": {"sbert_sim": [...], "error_prob": [...], "fer": [...], "fense": [...],
                     "corpus": {"sbert_sim", "fer", "fense"}},
@@ -122,6 +123,9 @@ def main():
     state["encoder.embeddings.position_ids"] = torch.arange(80).unsqueeze(0)
     torch.save({"model_type": echecker_bert, "num_classes": 6, "state_dict": state},
                os.path.join(out_dir, "echecker.ckpt"))
+    # The same checkpoint in the legacy (pre-1.6, non-zip) torch.save format.
+    torch.save({"model_type": echecker_bert, "num_classes": 6, "state_dict": state},
+               os.path.join(out_dir, "echecker-legacy.ckpt"), _use_new_zipfile_serialization=False)
     # Loaded back as aac-metrics loads the published checkpoints.
     saved = torch.load(os.path.join(out_dir, "echecker.ckpt"))
     echecker = BERTFlatClassifier(model_type=saved["model_type"], num_classes=saved["num_classes"])
