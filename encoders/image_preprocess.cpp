@@ -12,6 +12,7 @@
 #include <opencv2/imgproc.hpp>
 
 #include "core/errors.h"
+#include "encoders/feature_kernels.h"
 
 namespace prefixcap {
 
@@ -87,16 +88,8 @@ bool probe_dimensions(const std::string& bytes, int64_t* width, int64_t* height)
   return false;
 }
 
-// ---- Pillow Resample.c, 8 bits per channel ----
-constexpr int kPrecisionBits = 32 - 8 - 2;
-
-double bicubic_filter(double x) {
-  const double a = -0.5;
-  if (x < 0) x = -x;
-  if (x < 1.0) return ((a + 2.0) * x - (a + 3.0)) * x * x + 1;
-  if (x < 2.0) return (((x - 5) * x + 8) * x - 4) * a;
-  return 0.0;
-}
+// ---- Pillow Resample.c, 8 bits per channel (the math in encoders/feature_kernels.h) ----
+constexpr int kPrecisionBits = kernels::kPillowPrecisionBits;
 
 struct Coefficients {
   int ksize = 0;
@@ -105,46 +98,19 @@ struct Coefficients {
 };
 
 Coefficients precompute_coeffs(int in_size, int out_size) {
-  const double support_base = 2.0;  // bicubic
-  double scale = static_cast<double>(in_size) / out_size;
-  double filterscale = scale < 1.0 ? 1.0 : scale;
-  const double support = support_base * filterscale;
   Coefficients c;
-  c.ksize = static_cast<int>(std::ceil(support)) * 2 + 1;
+  c.ksize = kernels::pillow_ksize(in_size, out_size);
   c.bounds.resize(out_size * 2);
   c.kk.assign(static_cast<size_t>(out_size) * c.ksize, 0);
-  std::vector<double> k(c.ksize);
-  for (int xx = 0; xx < out_size; ++xx) {
-    const double center = (xx + 0.5) * scale;
-    const double ss = 1.0 / filterscale;
-    int xmin = static_cast<int>(center - support + 0.5);
-    if (xmin < 0) xmin = 0;
-    int xmax = static_cast<int>(center + support + 0.5);
-    if (xmax > in_size) xmax = in_size;
-    xmax -= xmin;
-    double ww = 0.0;
-    for (int x = 0; x < xmax; ++x) {
-      double w = bicubic_filter((x + xmin - center + 0.5) * ss);
-      k[x] = w;
-      ww += w;
-    }
-    for (int x = 0; x < c.ksize; ++x) {
-      double v = x < xmax ? (ww != 0.0 ? k[x] / ww : k[x]) : 0.0;
-      c.kk[static_cast<size_t>(xx) * c.ksize + x] =
-          v < 0 ? static_cast<int32_t>(-0.5 + v * (1 << kPrecisionBits)) : static_cast<int32_t>(0.5 + v * (1 << kPrecisionBits));
-    }
-    c.bounds[xx * 2] = xmin;
-    c.bounds[xx * 2 + 1] = xmax;
-  }
+  std::vector<double> scratch(c.ksize);
+  for (int xx = 0; xx < out_size; ++xx)
+    kernels::pillow_coefficients(xx, in_size, out_size, c.ksize, &c.bounds[xx * 2], &c.bounds[xx * 2 + 1],
+                                 &c.kk[static_cast<size_t>(xx) * c.ksize], scratch.data());
   return c;
 }
 
 // Pillow accumulates in 32-bit ints: 255 * sum|k| * 2^22 stays far below 2^31.
-inline uint8_t clip8(int32_t in) {
-  if (in >= (1 << kPrecisionBits << 8)) return 255;
-  if (in <= 0) return 0;
-  return static_cast<uint8_t>(in >> kPrecisionBits);
-}
+inline uint8_t clip8(int32_t in) { return kernels::pillow_clip8(in); }
 
 Image8 resample_horizontal(const Image8& in, int out_width) {
   Coefficients c = precompute_coeffs(in.width, out_width);
@@ -203,8 +169,6 @@ Image8 resample_vertical(const Image8& in, int out_height) {
   return out;
 }
 
-// Python's round(): half to even.
-int64_t round_half_even(double v) { return static_cast<int64_t>(std::nearbyint(v)); }
 
 }  // namespace
 
@@ -351,7 +315,7 @@ at::Tensor clip_crop_u8(const Image8& image, const ClipPreprocessConfig& config)
   Image8 resized = resize_bicubic_pillow(image, static_cast<int>(new_w), static_cast<int>(new_h));
   // torchvision CenterCrop: top = int(round((h - crop) / 2.0)); pads with zeros if smaller.
   const int64_t crop = config.crop_size;
-  const int64_t top = round_half_even((new_h - crop) / 2.0), left = round_half_even((new_w - crop) / 2.0);
+  const int64_t top = kernels::center_crop_offset(new_h, crop), left = kernels::center_crop_offset(new_w, crop);
   at::Tensor out = at::zeros({3, crop, crop}, at::kByte);
   auto a = out.accessor<uint8_t, 3>();
   for (int64_t y = 0; y < crop; ++y) {

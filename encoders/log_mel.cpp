@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include "core/log.h"
+#include "encoders/feature_cuda.h"
 
 namespace prefixcap {
 
@@ -127,6 +128,13 @@ LogMelOutput LogMelFrontEndImpl::forward_all(const at::Tensor& waveform) {
   return out;
 }
 
-at::Tensor LogMelFrontEndImpl::forward(const at::Tensor& waveform) { return forward_all(waveform).logmel; }
+at::Tensor LogMelFrontEndImpl::forward(const at::Tensor& waveform) {
+  if (waveform.is_cuda() && feature_kernels_compiled()) {
+    if (!cuda_tables_.defined() || cuda_tables_.device() != waveform.device())
+      cuda_tables_ = make_log_mel_device_tables(config_, waveform.device());
+    return log_mel_cuda(waveform, config_, cuda_tables_);
+  }
+  return forward_all(waveform).logmel;
+}
 
 }  // namespace prefixcap

@@ -44,10 +44,19 @@ struct LogMelOutput {
   at::Tensor logmel;             // [B, 1, T, mel_bins] dB
 };
 
+// The CUDA kernels' constant tables on one device (window, sparse mel filters): made by
+// make_log_mel_device_tables (encoders/feature_cuda.h).
+struct LogMelDeviceTables {
+  at::Tensor window, first, count, offset, weights;
+  bool defined() const { return window.defined(); }
+  c10::Device device() const { return window.device(); }
+};
+
 class LogMelFrontEndImpl : public torch::nn::Module {
  public:
   explicit LogMelFrontEndImpl(const LogMelConfig& config);
-  // waveform [B, N] float -> log-mel [B, 1, T, mel_bins], T = floor(N / hop) + 1.
+  // waveform [B, N] float -> log-mel [B, 1, T, mel_bins], T = floor(N / hop) + 1. A CUDA
+  // waveform goes through the CUDA kernels when they are built in (feature_cuda.h).
   at::Tensor forward(const at::Tensor& waveform);
   // Every intermediate (for tests and debugging).
   LogMelOutput forward_all(const at::Tensor& waveform);
@@ -57,6 +66,7 @@ class LogMelFrontEndImpl : public torch::nn::Module {
   LogMelConfig config_;
   at::Tensor window_;      // [n_fft]
   at::Tensor mel_basis_;   // [n_fft/2+1, mel_bins] (transposed filterbank)
+  LogMelDeviceTables cuda_tables_;  // made on first use on a CUDA device
 };
 TORCH_MODULE(LogMelFrontEnd);
 

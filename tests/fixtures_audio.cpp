@@ -10,6 +10,8 @@
 #include "core/safetensors.h"
 #include "core/weights.h"
 #include "encoders/cnn14.h"
+#include "encoders/feature_cuda.h"
+#include "encoders/feature_kernels_cpu.h"
 #include "encoders/log_mel.h"
 #include "pipeline/audio_decode.h"
 #include "tests/fixture_runner.h"
@@ -139,6 +141,13 @@ FixtureReport run_mel_frontend_fixture(const std::string& folder, const Json& ca
           continue;
         }
         checks.close(key, got, expected, atol, rtol);
+        if (key == "logmel") {
+          // The CUDA kernels' algorithm (feature_kernels.h), run on the CPU, and on a GPU when there is one.
+          const at::Tensor waveform = golden.tensor(c["inputs"]["waveform"].at("tensor").get<std::string>());
+          checks.close("logmel (kernel math)", log_mel_kernel_math(waveform, config), expected, atol, rtol);
+          if (feature_kernels_compiled() && at::hasCUDA())
+            checks.close("logmel (CUDA)", front_end->forward(waveform.to(at::kCUDA)).cpu(), expected, atol, rtol);
+        }
       }
       return checks.result();
     }));

@@ -13,6 +13,8 @@
 #include "encoders/clip_image_encoder.h"
 #include "encoders/clip_resnet.h"
 #include "encoders/clip_vision.h"
+#include "encoders/feature_cuda.h"
+#include "encoders/feature_kernels_cpu.h"
 #include "encoders/image_preprocess.h"
 #include "tests/fixture_runner.h"
 
@@ -47,9 +49,17 @@ void run_preprocess_cases(const std::string& folder, const Json& pre, ClipPrepro
         checks.exact("decoded", ours, golden.tensor(first_word(img["decoded_u8"].get<std::string>())));
       }
       at::Tensor crop = clip_crop_u8(image, pconfig);
-      checks.exact("crop_u8", crop, golden.tensor(img.at("crop_u8").get<std::string>()));
-      checks.close("pixel_values", clip_normalize(crop, pconfig), golden.tensor(img.at("pixel_values").get<std::string>()),
-                   pixel_atol, pixel_rtol);
+      const at::Tensor want_crop = golden.tensor(img.at("crop_u8").get<std::string>());
+      const at::Tensor want_pixels = golden.tensor(img.at("pixel_values").get<std::string>());
+      checks.exact("crop_u8", crop, want_crop);
+      const at::Tensor pixels = clip_normalize(crop, pconfig);
+      checks.close("pixel_values", pixels, want_pixels, pixel_atol, pixel_rtol);
+      // The CUDA kernels' algorithm (feature_kernels.h) on the CPU: the same crop, the same floats
+      // as the CPU port; on a GPU when there is one.
+      checks.exact("crop_u8 (kernel math)", clip_crop_kernel_math(image, pconfig), want_crop);
+      checks.exact("pixel_values (kernel math)", clip_pixels_kernel_math(image, pconfig), pixels);
+      if (feature_kernels_compiled() && at::hasCUDA())
+        checks.exact("pixel_values (CUDA)", clip_pixels_cuda({&image}, pconfig, at::Device(at::kCUDA, 0))[0].cpu(), pixels);
       return checks.result();
     }));
   }

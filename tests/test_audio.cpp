@@ -8,6 +8,7 @@
 #include "core/errors.h"
 #include "core/safetensors.h"
 #include "core/weights.h"
+#include "encoders/feature_kernels_cpu.h"
 #include "encoders/log_mel.h"
 #include "encoders/cnn14.h"
 #include "pipeline/audio_decode.h"
@@ -229,5 +230,40 @@ TEST(Cnn14, LegacyTorchSaveCheckpointReproducesTheGoldenOutputs) {
     at::Tensor expected = golden.tensor(name);
     const double excess = ((got.to(at::kDouble) - expected).abs() - (1e-4 + 1e-3 * expected.abs())).max().item<double>();
     EXPECT_LE(excess, 0) << name;  // cnn14-tiny's default tolerance: atol 1e-4, rtol 1e-3
+  }
+}
+
+// The CUDA log-mel kernels' algorithm (encoders/feature_kernels.h, run on the CPU) equals the CPU
+// front end on configs the fixtures do not cover: 16 kHz (Prefix-AAC), fmax above Nyquist (empty
+// filters), top_db, ref != 1, silence (the amin floor), lengths not a multiple of the hop, a
+// batch. Tolerance: the mel-frontend fixture's 1e-3 dB (the dense and the sparse mel sums add in
+// different orders).
+TEST(LogMel, KernelMathEqualsTheCpuFrontEnd) {
+  std::vector<Json> configs = {
+      Json::object(),
+      {{"sample_rate", 16000}, {"window_size", 512}, {"hop_size", 160}, {"mel_bins", 64}, {"fmin", 50}, {"fmax", 8000}},
+      {{"sample_rate", 16000}, {"window_size", 512}, {"hop_size", 320}, {"mel_bins", 64}, {"fmin", 50}, {"fmax", 14000}},
+      {{"top_db", 80.0}, {"ref", 2.0}},
+      {{"window_size", 400}, {"hop_size", 123}, {"mel_bins", 40}, {"top_db", 0.0}},
+  };
+  at::manual_seed(3);
+  for (const Json& j : configs) {
+    const LogMelConfig c = LogMelConfig::from_json(j, "config");
+    const int64_t n = c.sample_rate + 77;
+    at::Tensor wave = at::randn({3, n}) * 0.1;
+    wave[1].zero_();  // silence
+    wave[2] = at::sin(at::arange(n, at::kFloat) * 0.05f);
+    LogMelFrontEnd front_end(c);
+    const at::Tensor cpu = front_end->forward(wave);
+    const at::Tensor kernel = log_mel_kernel_math(wave, c);
+    ASSERT_EQ(kernel.sizes(), cpu.sizes()) << j.dump();
+    EXPECT_LT((kernel - cpu).abs().max().item<double>(), 1e-3) << j.dump();
+    // The sparse filter tables hold exactly the filterbank's non-zero weights.
+    const SparseMelFilters mel = sparse_mel_filters(c);
+    const at::Tensor dense = slaney_mel_filterbank(c).to(at::kFloat);
+    at::Tensor rebuilt = at::zeros_like(dense);
+    for (int64_t m = 0; m < c.mel_bins; ++m)
+      for (int32_t k = 0; k < mel.count[m]; ++k) rebuilt[m][mel.first[m] + k] = mel.weights[mel.offset[m] + k];
+    EXPECT_TRUE(rebuilt.equal(dense)) << j.dump();
   }
 }

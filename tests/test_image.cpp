@@ -1,6 +1,8 @@
 // Image and video path beyond the golden cases: bad inputs, EXIF, frame sampling, configs.
 #include <gtest/gtest.h>
 
+#include <random>
+
 #include <torch/types.h>
 #include <opencv2/core.hpp>
 #include <opencv2/imgcodecs.hpp>
@@ -9,6 +11,7 @@
 #include "core/safetensors.h"
 #include "encoders/clip_image_encoder.h"
 #include "encoders/clip_vision.h"
+#include "encoders/feature_kernels_cpu.h"
 #include "encoders/image_preprocess.h"
 #include "pipeline/video_decode.h"
 #include "tests/test_helpers.h"
@@ -185,4 +188,34 @@ TEST(ClipVision, WeightFileWithAConfigBesideItLoadsThatFile) {
   torch::NoGradGuard no_grad;
   at::Tensor pixels = golden.tensor("vision.pixel_values");
   EXPECT_TRUE(at::equal(from_file->forward(pixels).image_embeds, from_folder->forward(pixels).image_embeds));
+}
+
+// The CUDA preprocessing kernels' algorithm (crop-window-only passes, fused normalisation; run on
+// the CPU) equals the CPU port bit for bit on the cases the fixtures do not cover: gray, 1x1,
+// images smaller than the crop (zero padding), extreme aspect ratios, upscaling, an image already
+// at the target size (no resampling pass), a Resize smaller than the crop.
+TEST(ClipPreprocess, KernelMathEqualsTheCpuPortExactly) {
+  std::mt19937 rng(5);
+  auto image = [&](int w, int h, int c) {
+    Image8 im{w, h, c, std::vector<uint8_t>(static_cast<size_t>(w) * h * c)};
+    for (auto& p : im.pixels) p = static_cast<uint8_t>(rng() & 255);
+    return im;
+  };
+  ClipPreprocessConfig clip;  // 224 / 224
+  ClipPreprocessConfig small_resize = clip;
+  small_resize.shortest_edge = 200;  // smaller than the crop: zero padding around the image
+  ClipPreprocessConfig rn50x4 = clip;
+  rn50x4.shortest_edge = rn50x4.crop_size = 288;
+  const std::vector<std::pair<Image8, ClipPreprocessConfig>> cases = {
+      {image(640, 480, 3), clip},   {image(480, 640, 1), clip},  {image(1, 1, 3), clip},     {image(3, 500, 3), clip},
+      {image(900, 7, 3), clip},     {image(100, 80, 3), clip},   {image(224, 224, 3), clip}, {image(224, 300, 3), clip},
+      {image(333, 250, 3), small_resize}, {image(640, 427, 3), rn50x4}, {image(17, 19, 1), rn50x4},
+  };
+  for (const auto& [im, config] : cases) {
+    const std::string what = std::to_string(im.width) + "x" + std::to_string(im.height) + "x" + std::to_string(im.channels) +
+                             " -> " + std::to_string(config.crop_size);
+    const at::Tensor crop = clip_crop_u8(im, config);
+    EXPECT_TRUE(clip_crop_kernel_math(im, config).equal(crop)) << what;
+    EXPECT_TRUE(clip_pixels_kernel_math(im, config).equal(clip_normalize(crop, config))) << what;
+  }
 }
