@@ -2,14 +2,23 @@
 # Installs every Debian package prefixcap needs (idempotent; needs root or sudo on a fresh
 # Debian 12), then configures and builds into build/ (or $PREFIXCAP_BUILD_DIR).
 #
-#   scripts/setup.sh              install + configure + build (Release)
+#   scripts/setup.sh              install + configure + build (Release) against Debian's LibTorch 1.13
 #   scripts/setup.sh --no-build   install only
+#   PREFIXCAP_TORCH=pypi scripts/setup.sh   the second configuration: LibTorch 2.15 (CUDA 13 build)
+#                                 from the PyPI torch wheel, pinned, in .venv-torch/ (installed once,
+#                                 then reused), built into build-pypi/ (runs on CPUs without a GPU)
 #   Torch_DIR=/opt/libtorch/share/cmake/Torch scripts/setup.sh   use another LibTorch (CUDA too)
 #   PREFIXCAP_CMAKE_ARGS="-DPREFIXCAP_SANITIZE=ON" scripts/setup.sh   extra CMake options
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-build_dir="${PREFIXCAP_BUILD_DIR:-$root/build}"
+torch_choice="${PREFIXCAP_TORCH:-debian}"
+case "$torch_choice" in
+  debian) build_dir="${PREFIXCAP_BUILD_DIR:-$root/build}" ;;
+  pypi) build_dir="${PREFIXCAP_BUILD_DIR:-$root/build-pypi}" ;;
+  *) echo "setup: PREFIXCAP_TORCH must be debian or pypi, not '$torch_choice'" >&2; exit 1 ;;
+esac
+torch_pin=2.15.0  # PREFIXCAP_TORCH=pypi: the torch wheel (LibTorch 2.15, CUDA 13.2 build)
 do_build=1
 [[ "${1:-}" == "--no-build" ]] && do_build=0
 
@@ -105,9 +114,26 @@ jar_dir=$("$ref_env/bin/python" -c "import os, pycocoevalcap.meteor.meteor as m;
 echo "setup: official jars for caption-eval:"
 echo "  export PREFIXCAP_METEOR_JAR=$jar_dir/meteor/meteor-1.5.jar PREFIXCAP_PTB_JAR=$jar_dir/tokenizer/stanford-corenlp-3.4.1.jar"
 
+cmake_args=(-S "$root" -B "$build_dir" -DCMAKE_BUILD_TYPE=Release)
+if [[ "$torch_choice" == pypi ]]; then
+  # LibTorch 2.x from the PyPI wheel (its CMake config under torch/share/cmake); with its CUDA
+  # libraries it is about 5 GB. nvcc (the CUDA toolkit) compiles prefixcap's own kernels.
+  torch_env="$root/.venv-torch"
+  if ! "$torch_env/bin/python" -W ignore -c "import torch; assert torch.__version__.split('+')[0] == '$torch_pin'" >/dev/null 2>&1; then
+    echo "setup: installing torch==$torch_pin (PyPI) into .venv-torch"
+    rm -rf "$torch_env"
+    python3 -m venv "$torch_env" && "$torch_env/bin/pip" install -q --disable-pip-version-check "torch==$torch_pin" ||
+      { echo "setup: could not install torch==$torch_pin from PyPI (no network?)" >&2; exit 1; }
+  fi
+  torch_prefix=$("$torch_env/bin/python" -W ignore -c 'import torch; print(torch.utils.cmake_prefix_path)')
+  cmake_args+=("-DCMAKE_PREFIX_PATH=$torch_prefix")
+  if ! command -v nvcc >/dev/null && [[ -x /usr/local/cuda/bin/nvcc ]]; then
+    cmake_args+=(-DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc)
+  fi
+fi
+
 ((do_build)) || exit 0
 
-cmake_args=(-S "$root" -B "$build_dir" -DCMAKE_BUILD_TYPE=Release)
 [[ -n "${Torch_DIR:-}" ]] && cmake_args+=("-DTorch_DIR=$Torch_DIR")
 # shellcheck disable=SC2206
 [[ -n "${PREFIXCAP_CMAKE_ARGS:-}" ]] && cmake_args+=(${PREFIXCAP_CMAKE_ARGS})

@@ -7,9 +7,18 @@
 # and runs the demo's reduced path (scripts/demo.sh --quick: a small Debian package's clips, a
 # few training steps) so that the demo cannot rot. PREFIXCAP_SKIP_FUZZ=1, PREFIXCAP_SKIP_SANITIZE=1,
 # PREFIXCAP_SKIP_DEMO=1 skip those steps; PREFIXCAP_FUZZ_SECONDS sets the fuzzing time per target.
+# Last, the second LibTorch configuration: the PyPI torch wheel's LibTorch 2.15 (a CUDA build,
+# with prefixcap's CUDA kernels compiled and linked; run on the CPU here), built into build-pypi/
+# and the whole CTest suite run again (PREFIXCAP_SKIP_PYPI=1 skips it; `gpu` tests skip
+# themselves without a GPU).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-build_dir="${PREFIXCAP_BUILD_DIR:-$root/build}"
+if [[ "${PREFIXCAP_TORCH:-debian}" == pypi ]]; then
+  build_dir="${PREFIXCAP_BUILD_DIR:-$root/build-pypi}"  # the PyPI configuration alone
+  export PREFIXCAP_SKIP_PYPI=1
+else
+  build_dir="${PREFIXCAP_BUILD_DIR:-$root/build}"
+fi
 "$root/scripts/setup.sh"
 cd "$build_dir"
 ctest --output-on-failure -j "$(nproc)" "$@"
@@ -31,4 +40,9 @@ if [[ $# -eq 0 && "${PREFIXCAP_SKIP_DEMO:-0}" != 1 ]]; then
     echo "== demo FAILED (exit $rc)" >&2
     exit "$rc"
   fi
+fi
+if [[ $# -eq 0 && "${PREFIXCAP_SKIP_PYPI:-0}" != 1 ]]; then
+  echo "== the second LibTorch configuration: PyPI torch (scripts/setup.sh with PREFIXCAP_TORCH=pypi)"
+  PREFIXCAP_TORCH=pypi PREFIXCAP_BUILD_DIR="$root/build-pypi" "$root/scripts/setup.sh"
+  (cd "$root/build-pypi" && ctest --output-on-failure -j "$(nproc)")
 fi
