@@ -66,6 +66,7 @@ void add_fense(EvalReport& report, const std::vector<CaptionItem>& items, const 
   std::vector<double> error_prob;
   if (!args.sbert.empty()) {
     FenseScorer scorer(args.sbert, args.echecker, args.echecker_bert);
+    scorer.to_device(args.options.device);
     FenseScores s = scorer.score(candidates, references, args.options);
     report.corpus["SBERT_sim"] = s.corpus_sbert_sim;
     report.per_item["SBERT_sim"] = s.sbert_sim;
@@ -143,6 +144,7 @@ int main(int argc, char** argv) {
   app.add_option("--bert-batch", fense.options.batch_size, "texts per BERT forward (FENSE)")
       ->capture_default_str()
       ->check(CLI::Range(1, 4096));
+  app.add_option("--device", fense.options.device, "where the BERT models run: cpu, cuda or cuda:N")->capture_default_str();
   app.add_option("--threads", threads, "CPU threads for the BERT models (0 = all cores)")->capture_default_str();
   app.add_flag("--no-tokenize", no_tokenize, "captions are already tokenized (skip pycocoevalcap's PTB tokenization)");
   try {

@@ -192,7 +192,8 @@ namespace {
 // Runs `fn` over batches of at most `batch_size` texts of similar token length (longest first,
 // as sentence-transformers orders them), writing each batch's rows back in input order.
 template <typename Fn>
-at::Tensor run_sorted_batches(const std::vector<std::vector<int64_t>>& ids, int64_t batch_size, int64_t width, Fn fn) {
+at::Tensor run_sorted_batches(const std::vector<std::vector<int64_t>>& ids, int64_t batch_size, int64_t width,
+                              const c10::Device& device, Fn fn) {
   if (batch_size <= 0) throw std::invalid_argument("batch size must be positive, got " + std::to_string(batch_size));
   std::vector<size_t> order(ids.size());
   std::iota(order.begin(), order.end(), size_t{0});
@@ -203,7 +204,10 @@ at::Tensor run_sorted_batches(const std::vector<std::vector<int64_t>>& ids, int6
     const size_t end = std::min(order.size(), start + static_cast<size_t>(batch_size));
     std::vector<std::vector<int64_t>> rows;
     for (size_t i = start; i < end; ++i) rows.push_back(ids[order[i]]);
-    at::Tensor result = fn(pad_batch(rows, 0));
+    BertBatch batch = pad_batch(rows, 0);
+    batch.input_ids = batch.input_ids.to(device);
+    batch.attention_mask = batch.attention_mask.to(device);
+    at::Tensor result = fn(batch).to(at::kCPU);
     std::vector<int64_t> index(order.begin() + static_cast<std::ptrdiff_t>(start), order.begin() + static_cast<std::ptrdiff_t>(end));
     out.index_copy_(0, at::tensor(index, at::kLong), result.to(at::kFloat));
   }
@@ -351,7 +355,8 @@ at::Tensor SentenceEncoder::encode(const std::vector<std::string>& texts, bool n
   }
   const Pooling pooling = pooling_;
   BertModel model = model_;
-  at::Tensor out = run_sorted_batches(ids, batch_size, model_->config().hidden_size, [&](const BertBatch& batch) {
+  const c10::Device device = model_->word_embeddings->weight.device();
+  at::Tensor out = run_sorted_batches(ids, batch_size, model_->config().hidden_size, device, [&](const BertBatch& batch) {
     at::Tensor states = model->forward(batch.input_ids, batch.attention_mask);  // [B, T, H]
     at::Tensor mask = batch.attention_mask.unsqueeze(-1).to(states.scalar_type());
     switch (pooling) {
@@ -418,7 +423,8 @@ at::Tensor FluencyErrorDetector::probabilities(const std::vector<std::string>& t
   torch::nn::Linear clf = clf_;
   // fense pads every text to 64 tokens; padding is masked out of attention, so batches padded
   // to their own longest text give the same [CLS] state (within float rounding).
-  return run_sorted_batches(ids, batch_size, num_classes(), [&](const BertBatch& batch) {
+  const c10::Device device = model_->word_embeddings->weight.device();
+  return run_sorted_batches(ids, batch_size, num_classes(), device, [&](const BertBatch& batch) {
     at::Tensor states = model->forward(batch.input_ids, batch.attention_mask);
     return at::sigmoid(clf(states.select(1, 0)));
   });

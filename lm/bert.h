@@ -111,6 +111,8 @@ class SentenceEncoder {
 
   const BertConfig& config() const { return model_->config(); }
   int64_t max_seq_length() const { return max_seq_length_; }
+  // Runs the model on `device` (CUDA); embeddings still come back on the CPU.
+  void to(const c10::Device& device) { model_->to(device); }
   Pooling pooling() const { return pooling_; }
 
  private:
@@ -137,6 +139,11 @@ class FluencyErrorDetector {
   std::vector<double> error_probability(const std::vector<std::string>& texts, int64_t batch_size = 32) const;
 
   int64_t num_classes() const { return clf_->options.out_features(); }
+  // Runs the model on `device` (CUDA); probabilities still come back on the CPU.
+  void to(const c10::Device& device) {
+    model_->to(device);
+    clf_->to(device);
+  }
   static constexpr int64_t kMaxLength = 64;
 
  private:

@@ -6,6 +6,7 @@
 #include <optional>
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 
 #include "lm/bert.h"
 
@@ -43,6 +44,21 @@ FenseScorer::FenseScorer(FenseScorer&&) noexcept = default;
 FenseScorer& FenseScorer::operator=(FenseScorer&&) noexcept = default;
 
 bool FenseScorer::has_detector() const { return impl_->detector.has_value(); }
+
+namespace {
+c10::Device checked_device(const std::string& name) {
+  const c10::Device device(name);  // throws on a malformed name
+  if (device.is_cuda() && !at::hasCUDA())
+    throw std::invalid_argument("device " + name + ": no CUDA device is available to this LibTorch build");
+  return device;
+}
+}  // namespace
+
+void FenseScorer::to_device(const std::string& name) {
+  const c10::Device device = checked_device(name);
+  impl_->sbert.to(device);
+  if (impl_->detector) impl_->detector->to(device);
+}
 
 FenseScores FenseScorer::score(const std::vector<std::string>& candidates,
                                const std::vector<std::vector<std::string>>& references, const FenseOptions& options) const {
@@ -82,7 +98,9 @@ FenseScores FenseScorer::score(const std::vector<std::string>& candidates,
 
 std::vector<double> fluency_error_probability(const std::string& echecker, const std::string& echecker_bert,
                                               const std::vector<std::string>& texts, const FenseOptions& options) {
-  return FluencyErrorDetector::load(echecker, echecker_bert).error_probability(texts, options.batch_size);
+  FluencyErrorDetector detector = FluencyErrorDetector::load(echecker, echecker_bert);
+  detector.to(checked_device(options.device));
+  return detector.error_probability(texts, options.batch_size);
 }
 
 }  // namespace prefixcap

@@ -19,6 +19,7 @@ struct FenseOptions {
   double error_threshold = 0.9;  // an error probability above this counts as a fluency error
   double penalty = 0.9;          // score multiplied by (1 - penalty) when it does
   int64_t batch_size = 32;       // texts per BERT forward
+  std::string device = "cpu";    // where fluency_error_probability runs the detector
 };
 
 struct FenseScores {
@@ -42,6 +43,8 @@ class FenseScorer {
   FenseScorer& operator=(FenseScorer&&) noexcept;
 
   bool has_detector() const;
+  // Runs both models on this device ("cpu", "cuda", "cuda:N"); throws when it is not available.
+  void to_device(const std::string& device);
   // Throws std::invalid_argument when the lists differ in length, are empty, or an item has no
   // reference.
   FenseScores score(const std::vector<std::string>& candidates, const std::vector<std::vector<std::string>>& references,

@@ -9,6 +9,7 @@
 #include <torch/types.h>
 
 #include "core/errors.h"
+#include "encoders/feature_cuda.h"
 #include "core/safetensors.h"
 #include "core/weights.h"
 #include "pipeline/audio_decode.h"
@@ -136,10 +137,10 @@ Captioner Captioner::load(const std::string& bundle_dir) {
     c.kv_head = KvPrefixHead(mc.embed_dim, c.lm->config());
     TensorMap head = tensors_under(mapper_weights, "kv_head.");
     for (const auto& [k, v] : head) mapper_weights.erase("kv_head." + k);
-    load_state_strict(*c.kv_head, head, {{}, {}, weights});
+    load_state_strict(*c.kv_head, head, {{}, {}, weights, {}});
     c.kv_head->eval();
   }
-  load_state_strict(*c.mapper, mapper_weights, {{}, {}, weights});
+  load_state_strict(*c.mapper, mapper_weights, {{}, {}, weights, {}});
   c.mapper->eval();
   for (auto& p : c.mapper->parameters()) p.set_requires_grad(false);
   if (mc.embed_dim != c.lm->config().n_embd)
@@ -244,10 +245,10 @@ MapperInput Captioner::encode_waveforms(const std::vector<std::vector<float>>& w
 
 MapperInput Captioner::encode_images(const std::vector<Image8>& images) {
   if (encoder_kind_ != "clip") throw std::invalid_argument("this captioner has no image encoder (encoder kind " + encoder_kind_ + ")");
-  std::vector<at::Tensor> pixels;
-  for (const auto& img : images) pixels.push_back(clip_pixel_values(img, clip_preprocess));
+  std::vector<const Image8*> batch;
+  for (const auto& img : images) batch.push_back(&img);
   torch::NoGradGuard no_grad;
-  ClipVisionOutput out = clip->forward(at::stack(pixels).to(device_));
+  ClipVisionOutput out = clip->forward(clip_pixel_batch(batch, clip_preprocess, device_));
   MapperInput in;
   in.embedding = out.image_embeds;
   in.tokens = out.last_hidden_state;

@@ -130,7 +130,7 @@ Captioner import_clipcap(const std::string& checkpoint, const ImportOptions& opt
     mc.prefix_length = w2.size(0) / lm.n_embd;
   }
   c.mapper = make_mapper(mc);
-  load_state_strict(*c.mapper, mapper, {{}, {}, checkpoint});
+  load_state_strict(*c.mapper, mapper, {{}, {}, checkpoint, {}});
   // ClipCap's own inference: predict.py (MLP) feeds raw embeddings, the transformer notebook
   // normalises them.
   c.normalize_prefix = options.normalize_prefix >= 0 ? options.normalize_prefix == 1 : transformer;
@@ -219,7 +219,7 @@ Captioner import_prefix_aac(const std::string& checkpoint, const ImportOptions& 
   mc.relu_after_bn = json_get_or<bool>(cfg, "relu_after_bn", dataset != "Clotho", where);
   mc.max_positions = need(mapper, "temporal_mappingnetwork.pos_encoder.pe", checkpoint).size(0);
   c.mapper = make_mapper(mc);
-  load_state_strict(*c.mapper, mapper, {{}, {}, checkpoint});
+  load_state_strict(*c.mapper, mapper, {{}, {}, checkpoint, {}});
 
   Json dec = json_get_or<Json>(cfg, "decoding", Json::object(), where);
   c.decoding_.beam_size = json_get_or<int>(dec, "beam_size", 5, where);

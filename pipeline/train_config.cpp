@@ -5,7 +5,10 @@
 #include <set>
 #include <sstream>
 
+#include <ATen/Context.h>
+
 #include "core/errors.h"
+#include "encoders/feature_cuda.h"
 #include "pipeline/trainer.h"
 
 namespace prefixcap {
@@ -30,6 +33,7 @@ std::vector<TrainOption> train_options(TrainConfig& c) {
       {"caption_end", "how captions end: period (add '.' if missing) | eos (append <|endoftext|>) | none", &c.caption_end},
       {"max_caption_tokens", "captions are cut to this many tokens", &c.max_caption_tokens},
       {"train_lm_head", "also train GPT-2's output head (untied from the token embeddings)", &c.train_lm_head},
+      {"device", "where to train: cpu | cuda | cuda:N (models, features and batches on that device)", &c.device},
       {"lm_dtype", "compute type of the frozen LM while training: float32 | bfloat16 (faster on CPUs with bf16 units; the bundle keeps float32)", &c.lm_dtype},
       {"encoder_train_epochs", "train the encoder with the mapper for this many epochs, then freeze it", &c.encoder_train_epochs},
       {"epochs", "training epochs (one epoch = every caption once)", &c.epochs},
@@ -184,6 +188,9 @@ void TrainConfig::validate() const {
           "caption_end must be period, eos or none, not '" + caption_end + "'");
   require(lm_dtype == "float32" || lm_dtype == "bfloat16", "lm_dtype must be float32 or bfloat16, not '" + lm_dtype + "'");
   require(lm_dtype == "float32" || !train_lm_head, "train_lm_head needs lm_dtype float32");
+  require(device == "cpu" || device == "cuda" || (device.rfind("cuda:", 0) == 0 && device.size() > 5 &&
+                                                    device.find_first_not_of("0123456789", 5) == std::string::npos),
+          "device must be cpu, cuda or cuda:N, not '" + device + "'");
   require(schedule == "cosine" || schedule == "linear" || schedule == "constant",
           "schedule must be cosine, linear or constant, not '" + schedule + "'");
   require(std::set<std::string>{"CIDEr", "Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "loss"}.count(best_metric) > 0,
@@ -237,6 +244,19 @@ std::vector<int64_t> epoch_order(int64_t n, int64_t seed, int64_t epoch) {
   };
   for (int64_t i = n - 1; i > 0; --i) std::swap(order[i], order[next() % static_cast<uint64_t>(i + 1)]);
   return order;
+}
+
+}  // namespace prefixcap
+
+namespace prefixcap {
+
+at::Device train_device(const TrainConfig& c) {
+  c.validate();
+  if (c.device == "cpu") return at::kCPU;
+  if (!at::hasCUDA())
+    throw ConfigError("device " + c.device + ": no CUDA device is available to this LibTorch build" +
+                      std::string(feature_kernels_compiled() ? "" : " (built without CUDA)"));
+  return at::Device(c.device);
 }
 
 }  // namespace prefixcap

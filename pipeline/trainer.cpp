@@ -22,6 +22,7 @@
 #include <torch/types.h>
 
 #include "core/errors.h"
+#include "encoders/feature_cuda.h"
 #include "core/hash.h"
 #include "core/safetensors.h"
 #include "core/weights.h"
@@ -266,6 +267,11 @@ class CaptionTask {
     cap_.stop_strings = c.caption_end == "eos" ? std::vector<std::string>{"<|endoftext|>"} : std::vector<std::string>{"."};
     cap_.decoding_.stop_token_ids = cap_.stop_ids(cap_.stop_strings);
     cap_.source = "prefixcap caption-train " + now_iso();
+    const at::Device device = train_device(c);
+    if (!device.is_cpu()) {
+      cap_.to(device);
+      if (train_lm_.ptr() != cap_.lm.ptr()) train_lm_->to(device);
+    }
   }
 
   Captioner& captioner() { return cap_; }
@@ -519,12 +525,12 @@ class CaptionTask {
   }
 
   MapperInput encode_images_grad(const std::vector<Captioner::VisualInput>& inputs) {
-    std::vector<at::Tensor> pixels;
+    std::vector<const Image8*> images;
     for (const auto& in : inputs) {
       if (in.embedding.defined()) throw std::runtime_error("training the CLIP encoder on video is not supported; keep it frozen");
-      pixels.push_back(clip_pixel_values(in.image, cap_.clip_preprocess));
+      images.push_back(&in.image);
     }
-    ClipVisionOutput y = cap_.clip->forward(at::stack(pixels).to(cap_.device()));
+    ClipVisionOutput y = cap_.clip->forward(clip_pixel_batch(images, cap_.clip_preprocess, cap_.device()));
     MapperInput in;
     in.embedding = y.image_embeds;
     in.tokens = y.last_hidden_state;
@@ -603,7 +609,7 @@ std::string step_name(int64_t step) {
 Json run_identity(const TrainConfig& c) {
   Json j = c.to_json();
   // epochs and max_steps stay: they set the total step count that the lr schedule decays over.
-  for (const char* k : {"out", "resume", "progress", "log_every", "workers", "prefetch", "num_threads", "save_every_steps", "keep_checkpoints", "val_beam_size", "val_max_items", "sample_captions",
+  for (const char* k : {"out", "resume", "progress", "log_every", "workers", "prefetch", "num_threads", "device", "save_every_steps", "keep_checkpoints", "val_beam_size", "val_max_items", "sample_captions",
                         "beam_size", "max_tokens", "cache_dir", "encode_batch", "best_metric", "skip_missing", "decoded_cache_mb"})
     j.erase(k);
   return j;
@@ -672,7 +678,11 @@ CheckpointState load_checkpoint(const TrainConfig& c, const fs::path& dir, Tenso
   }
   *tensors = load_weight_file((dir / "model.safetensors").string());
   torch::serialize::InputArchive archive;
-  archive.load_from((dir / "optimizer.pt").string());
+  // The optimizer state onto the parameters' device (a run may resume on another device).
+  std::optional<torch::Device> device;
+  if (!opt.param_groups().empty() && !opt.param_groups()[0].params().empty())
+    device = opt.param_groups()[0].params()[0].device();
+  archive.load_from((dir / "optimizer.pt").string(), device);
   opt.load(archive);
   CheckpointState s;
   s.step = json_get<int64_t>(st, "step", state_path);
@@ -1097,6 +1107,8 @@ TrainResult train_lm(const TrainConfig& c, const TrainHooks& hooks) {
     lm = Gpt2Model(cfg);
     lm->init_weights();
   }
+  const at::Device device = train_device(c);
+  lm->to(device);
   for (auto& p : lm->parameters()) p.set_requires_grad(true);
   const int64_t max_len = lm->config().n_positions;
   auto to_examples = [&](const std::vector<std::string>& lines) {
@@ -1113,12 +1125,13 @@ TrainResult train_lm(const TrainConfig& c, const TrainHooks& hooks) {
                  ", training on " + std::to_string(examples.size()) + " texts");
 
   auto lm_loss = [&](const Batch& b) {
+    const at::Tensor ids = b.ids.to(device), mask = b.mask.to(device);
     Gpt2Input x;
-    x.input_ids = b.ids;
+    x.input_ids = ids;
     x.logits = LogitsMode::None;
-    const int64_t T = b.ids.size(1);
+    const int64_t T = ids.size(1);
     at::Tensor hidden = lm->forward(x).last_hidden_state.narrow(1, 0, T - 1);
-    return token_cross_entropy(lm->head(hidden), b.ids.narrow(1, 1, T - 1), b.mask.narrow(1, 1, T - 1));
+    return token_cross_entropy(lm->head(hidden), ids.narrow(1, 1, T - 1), mask.narrow(1, 1, T - 1));
   };
   auto batch_of = [&](const std::vector<Example>& ex, const std::vector<int64_t>& which) {
     Batch b;

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include <ATen/Tensor.h>
+#include <c10/core/Device.h>
 
 #include "core/json_config.h"
 #include "lm/gpt2.h"
@@ -84,6 +85,7 @@ struct TrainConfig {
   int64_t beam_size = 5;
   int64_t max_tokens = 20;
   int64_t num_threads = 0;            // 0 = all cores
+  std::string device = "cpu";         // cpu | cuda | cuda:N: where the models and batches live
 
   // Unknown keys and wrong types are refused, naming the key.
   static TrainConfig from_json(const Json& j, const std::string& where);
@@ -92,6 +94,10 @@ struct TrainConfig {
 };
 
 // One entry per option: the name is the JSON key and (with '-' for '_') the command-line flag.
+// The device a config's `device` names; throws ConfigError when it is malformed or, for CUDA,
+// when this LibTorch has no CUDA device.
+at::Device train_device(const TrainConfig& config);
+
 struct TrainOption {
   std::string name;
   std::string help;

@@ -16,6 +16,7 @@ extern "C" {
 #include <ATen/ATen.h>
 
 #include "core/errors.h"
+#include "encoders/feature_cuda.h"
 #include "pipeline/ffmpeg_handles.h"
 
 namespace prefixcap {
@@ -273,9 +274,9 @@ void stream_video_windows(const StreamInput& input, double window_s, double hop_
 VideoFeatures encode_video_frames(const std::vector<VideoFrame>& frames, ClipImageEncoderImpl& vit,
                                   const ClipPreprocessConfig& preprocess) {
   if (frames.empty()) throw std::invalid_argument("encode_video_frames: no frames");
-  std::vector<at::Tensor> pixels;
-  for (const auto& f : frames) pixels.push_back(clip_pixel_values(f.image, preprocess));
-  ClipVisionOutput out = vit.forward(at::stack(pixels).to(vit.parameters()[0].device()));
+  std::vector<const Image8*> images;
+  for (const auto& f : frames) images.push_back(&f.image);
+  ClipVisionOutput out = vit.forward(clip_pixel_batch(images, preprocess, vit.parameters()[0].device()));
   VideoFeatures v;
   v.frame_embeds = out.image_embeds;
   v.frame_tokens = out.last_hidden_state;

@@ -417,7 +417,7 @@ FixtureReport run_prefix_aac_fixture(const std::string& folder, const Json& case
               TensorMap state;
               for (const auto& p : cap->mapper->named_parameters()) state[p.key()] = p.value();
               for (const auto& b : cap->mapper->named_buffers()) state[b.key()] = b.value();
-              load_state_strict(*variant, state, {{}, {}, file});
+              load_state_strict(*variant, state, {{}, {}, file, {}});
               variant->eval();
               compare_entry(checks, key, o.value(), variant->forward(features), golden);
             }
