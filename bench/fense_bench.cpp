@@ -24,18 +24,6 @@ using namespace prefixcap;
 using Json = nlohmann::json;
 namespace fs = std::filesystem;
 
-namespace {
-std::string run_capture(const std::string& cmd) {
-  std::string out;
-  FILE* p = popen(cmd.c_str(), "r");
-  if (!p) return out;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  pclose(p);
-  return out;
-}
-}  // namespace
 
 int main(int argc, char** argv) {
   int items = 100, refs = 5, threads = 2;
@@ -71,7 +59,7 @@ int main(int argc, char** argv) {
                           std::to_string(refs) + " --threads " + std::to_string(setup.num_threads) + " 2>" +
                           (dir / "python.log").string();
   std::fprintf(stderr, "fense_bench: making the models and timing aac-metrics (a few minutes)\n");
-  const std::string text = run_capture(cmd);
+  const std::string text = bench::run_capture(cmd);
   Json anchor;
   try {
     anchor = Json::parse(text);

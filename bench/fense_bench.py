@@ -7,30 +7,17 @@ checkpoint format. Makes the models and the corpus in --dir, times fense() on it
 Run with .venv-ref's Python (scripts/setup.sh).
 """
 import argparse
-import importlib.util
 import json
 import os
 import random
 import sys
 import time
-import types
 
 import torch
 
 
-def bare_package(name):  # aac_metrics' functions without its package __init__ (see tests/reference/fense_ref.py)
-    spec = importlib.util.find_spec(name)
-    module = types.ModuleType(name)
-    module.__path__ = list(spec.submodule_search_locations)
-    module.__spec__ = spec
-    sys.modules[name] = module
-
-
-for package in ("aac_metrics", "aac_metrics.functional", "aac_metrics.utils"):
-    bare_package(package)
-
-from aac_metrics.functional.fense import fense  # noqa: E402
-from aac_metrics.functional.fer import BERTFlatClassifier  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "reference"))
+from aac_metrics_functions import BERTFlatClassifier, fense  # noqa: E402
 from sentence_transformers import SentenceTransformer, models  # noqa: E402
 from tokenizers import BertWordPieceTokenizer  # noqa: E402
 from transformers import AutoTokenizer, BertConfig, BertModel, BertTokenizerFast  # noqa: E402

@@ -64,17 +64,6 @@ void write_ogg(const std::string& path, double seconds, uint32_t seed) {
   sf_close(f);
 }
 
-std::string run_capture(const std::string& cmd) {
-  std::string out;
-  FILE* p = popen(cmd.c_str(), "r");
-  if (!p) return out;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  pclose(p);
-  return out;
-}
-
 }  // namespace
 
 int run(int argc, char** argv) {

@@ -679,7 +679,7 @@ CheckpointState load_checkpoint(const TrainConfig& c, const fs::path& dir, Tenso
   *tensors = load_weight_file((dir / "model.safetensors").string());
   torch::serialize::InputArchive archive;
   // The optimizer state onto the parameters' device (a run may resume on another device).
-  std::optional<torch::Device> device;
+  c10::optional<torch::Device> device;  // c10::optional: std::optional in LibTorch 2.x, its own type in 1.13
   if (!opt.param_groups().empty() && !opt.param_groups()[0].params().empty())
     device = opt.param_groups()[0].params()[0].device();
   archive.load_from((dir / "optimizer.pt").string(), device);

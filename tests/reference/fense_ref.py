@@ -21,32 +21,15 @@ this script makes. Test helper only: never on the run-time path of prefixcap.
                     "corpus": {"sbert_sim", "fer", "fense"}},
           "spider_fl": {"per_item": [...], "corpus": float}}
 """
-import importlib.util
 import json
 import os
 import sys
-import types
 
 import torch
 
 
-def bare_package(name):
-    """Imports aac_metrics' modules without its package __init__ (which pulls CLAP, torchaudio
-    and other dependencies these functions do not use)."""
-    spec = importlib.util.find_spec(name)
-    module = types.ModuleType(name)
-    module.__path__ = list(spec.submodule_search_locations)
-    module.__spec__ = spec
-    sys.modules[name] = module
-
-
-for package in ("aac_metrics", "aac_metrics.functional", "aac_metrics.utils"):
-    bare_package(package)
-
-import aac_metrics.functional.fer as fer_module  # noqa: E402
-from aac_metrics.functional.fense import fense  # noqa: E402
-from aac_metrics.functional.fer import BERTFlatClassifier, fer  # noqa: E402
-from aac_metrics.functional.spider_fl import _spider_fl_from_outputs  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from aac_metrics_functions import BERTFlatClassifier, _spider_fl_from_outputs, fense, fer, fer_module  # noqa: E402
 from sentence_transformers import SentenceTransformer, models  # noqa: E402
 from tokenizers import BertWordPieceTokenizer  # noqa: E402
 from transformers import AutoTokenizer, BertConfig, BertModel, BertTokenizerFast  # noqa: E402
