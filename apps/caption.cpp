@@ -176,6 +176,7 @@ void print_caption(std::ostream& out, const std::string& format, const Json& fie
 }  // namespace
 
 int main(int argc, char** argv) {
+  prefixcap::select_blas_kernels(argv);  // before anything else: may re-execute (core/threads.h)
   CLI::App app{"Caption audio, image and video files with a prefixcap captioner bundle"};
   std::string model, format = "text", output, device = "cpu";
   std::vector<std::string> inputs, stops;

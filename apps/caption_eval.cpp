@@ -99,6 +99,7 @@ void add_fense(EvalReport& report, const std::vector<CaptionItem>& items, const 
 }  // namespace
 
 int main(int argc, char** argv) {
+  prefixcap::select_blas_kernels(argv);  // before anything else: may re-execute (core/threads.h)
   CLI::App app{"Score caption predictions against references (BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE, SPIDEr, FENSE, "
                "SPIDEr-FL)"};
   std::string predictions, references, split, format = "markdown", output, per_item;

@@ -11,6 +11,7 @@
 #include "pipeline/checkpoint_import.h"
 
 int main(int argc, char** argv) {
+  prefixcap::select_blas_kernels(argv);  // before anything else: may re-execute (core/threads.h)
   using namespace prefixcap;
   CLI::App app{"Turn a ClipCap or Prefix-AAC checkpoint into a prefixcap captioner bundle"};
   app.require_subcommand(1);

@@ -488,6 +488,7 @@ std::string route_of(const httplib::Request& req) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  prefixcap::select_blas_kernels(argv);  // before anything else: may re-execute (core/threads.h)
   CLI::App app{"Serve a prefixcap captioner bundle over HTTP, batching concurrent requests"};
   std::string model, host = "127.0.0.1", device = "cpu", tmp;
   int port = 8080, threads = 0, connections = 32, max_batch = 16;

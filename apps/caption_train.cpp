@@ -20,6 +20,7 @@
 using namespace prefixcap;
 
 int main(int argc, char** argv) {
+  prefixcap::select_blas_kernels(argv);  // before anything else: may re-execute (core/threads.h)
   CLI::App app{"Train a prefix captioner's mapper (task caption) or a GPT-2-architecture language model (task lm).\n"
                "Options can also come from a JSON config (--config); the command line wins.",
                "caption-train"};

@@ -49,6 +49,7 @@ std::string write_test_file(const std::string& path, int format) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  prefixcap::select_blas_kernels(argv);  // before anything else: may re-execute (core/threads.h)
   ThreadOptions threads;
   bool skip_cnn = false;
   for (int i = 1; i < argc; ++i) {

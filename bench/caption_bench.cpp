@@ -24,6 +24,7 @@ using namespace prefixcap::bench;
 namespace fs = std::filesystem;
 
 int main(int argc, char** argv) {
+  prefixcap::select_blas_kernels(argv);  // before anything else: may re-execute (core/threads.h)
   std::string model, fixtures = "../shared/fixtures";
   int clips = 200, batch = 16;
   for (int i = 1; i < argc; ++i) {

@@ -26,6 +26,7 @@ namespace fs = std::filesystem;
 
 
 int main(int argc, char** argv) {
+  prefixcap::select_blas_kernels(argv);  // before anything else: may re-execute (core/threads.h)
   int items = 100, refs = 5, threads = 2;
   std::string python = std::string(PREFIXCAP_SOURCE_DIR) + "/.venv-ref/bin/python";
   for (int i = 1; i < argc; ++i) {

@@ -42,6 +42,7 @@ double gpu_time(int repeats, const std::function<void()>& fn) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  prefixcap::select_blas_kernels(argv);  // before anything else: may re-execute (core/threads.h)
   const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
   Json out = {{"benchmark", "gpu_bench"}, {"cpu", bench::cpu_model_name()}};
   if (!feature_kernels_compiled() || !at::hasCUDA()) {

@@ -45,6 +45,7 @@ double time_steps(Gpt2ModelImpl& lm, const at::Tensor& prefix, int steps, int re
 }  // namespace
 
 int main(int argc, char** argv) {
+  prefixcap::select_blas_kernels(argv);  // before anything else: may re-execute (core/threads.h)
   ThreadOptions threads;
   int tokens = 48;
   std::string config_path;

@@ -16,6 +16,7 @@ using namespace prefixcap;
 using namespace prefixcap::bench;
 
 int main(int argc, char** argv) {
+  prefixcap::select_blas_kernels(argv);  // before anything else: may re-execute (core/threads.h)
   ThreadOptions threads;
   if (int rc = parse_threads_only(argc, argv, "mapper_bench", &threads.num_threads); rc >= 0) return rc;
   ThreadSetup setup = configure_threads(threads);

@@ -22,6 +22,7 @@
 #include <httplib.h>
 #include <nlohmann/json.hpp>
 
+#include "core/threads.h"
 #include "bench/bench_bundle.h"
 #include "bench/bench_util.h"
 #include "tests/test_process.h"
@@ -168,6 +169,7 @@ Json run_load(const std::string& server_bin, const std::string& bundle, int max_
 }  // namespace
 
 int main(int argc, char** argv) {
+  prefixcap::select_blas_kernels(argv);  // before anything else: may re-execute (core/threads.h)
   std::string model, fixtures = "../shared/fixtures", server_bin = PREFIXCAP_SERVER_BIN;
   int max_batch = 16, threads = 2;
   Load load;

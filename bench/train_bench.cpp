@@ -257,6 +257,7 @@ int run(int argc, char** argv) {
 }
 
 int main(int argc, char** argv) {
+  prefixcap::select_blas_kernels(argv);  // before anything else: may re-execute (core/threads.h)
   try {
     return run(argc, argv);
   } catch (const std::exception& e) {

@@ -2,6 +2,10 @@
 
 #include <dlfcn.h>
 #include <sched.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cctype>
 
 #include <cstdlib>
 #include <string>
@@ -55,6 +59,24 @@ int set_blas_threads(int n) {
   return n;
 }
 }  // namespace
+
+void select_blas_kernels(char** argv) {
+  if (argv == nullptr || argv[0] == nullptr || std::getenv("OPENBLAS_CORETYPE") != nullptr) return;
+  using NameFn = char* (*)();
+  auto corename = reinterpret_cast<NameFn>(dlsym(RTLD_DEFAULT, "openblas_get_corename"));
+  if (!corename || !corename()) return;
+  std::string core = corename();
+  std::transform(core.begin(), core.end(), core.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  // OpenBLAS's generic x86-64 fallbacks (DYNAMIC_ARCH): what it runs on a CPU it does not know.
+  if (core != "prescott" && core != "core2" && core != "nehalem" && core != "unknown") return;
+  __builtin_cpu_init();
+  const char* better = __builtin_cpu_supports("avx512f") ? "SkylakeX"
+                       : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? "Haswell"
+                                                                                            : nullptr;
+  if (!better) return;
+  if (setenv("OPENBLAS_CORETYPE", better, 1) != 0) return;
+  execv("/proc/self/exe", argv);  // returns only on failure: go on with the generic kernels
+}
 
 ThreadSetup configure_threads(const ThreadOptions& options) {
   ThreadSetup setup;

@@ -20,6 +20,15 @@ struct ThreadSetup {
 // Applies the options (call once, early, from the app's main). Returns what was set.
 ThreadSetup configure_threads(const ThreadOptions& options = {});
 
+// OpenBLAS chooses its kernels when it loads, from the CPU model. Debian 12's OpenBLAS (0.3.21)
+// does not know recent Xeons (seen here: an AVX-512/AMX Xeon reported as "Prescott") and falls
+// back to generic SSE3 kernels, about 4x slower (ViT-B/32 at batch 16: 3.7 vs 14-21 images/s).
+// When OpenBLAS is in the process, reports such a fallback core, and $OPENBLAS_CORETYPE is unset,
+// this re-executes the program with OPENBLAS_CORETYPE chosen from the CPU's features (SkylakeX
+// with AVX-512, Haswell with AVX2 + FMA): the same program, arguments and streams. Call it first in
+// main(), before any thread starts. Returns normally in every other case (and if exec fails).
+void select_blas_kernels(char** argv);
+
 // Number of cores this process may run on (sched affinity), at least 1.
 int available_cores();
 
