@@ -34,6 +34,7 @@ std::vector<TrainOption> train_options(TrainConfig& c) {
       {"max_caption_tokens", "captions are cut to this many tokens", &c.max_caption_tokens},
       {"train_lm_head", "also train GPT-2's output head (untied from the token embeddings)", &c.train_lm_head},
       {"device", "where to train: cpu | cuda | cuda:N (models, features and batches on that device)", &c.device},
+      {"precision", "fp32 | bf16: bfloat16 autocast for the forward pass (weights, gradients and optimizer stay fp32; CPUs with bf16 units, GPUs)", &c.precision},
       {"lm_dtype", "compute type of the frozen LM while training: float32 | bfloat16 (faster on CPUs with bf16 units; the bundle keeps float32)", &c.lm_dtype},
       {"encoder_train_epochs", "train the encoder with the mapper for this many epochs, then freeze it", &c.encoder_train_epochs},
       {"epochs", "training epochs (one epoch = every caption once)", &c.epochs},
@@ -191,6 +192,7 @@ void TrainConfig::validate() const {
   require(device == "cpu" || device == "cuda" || (device.rfind("cuda:", 0) == 0 && device.size() > 5 &&
                                                     device.find_first_not_of("0123456789", 5) == std::string::npos),
           "device must be cpu, cuda or cuda:N, not '" + device + "'");
+  require(precision == "fp32" || precision == "bf16", "precision must be fp32 or bf16, not '" + precision + "'");
   require(schedule == "cosine" || schedule == "linear" || schedule == "constant",
           "schedule must be cosine, linear or constant, not '" + schedule + "'");
   require(std::set<std::string>{"CIDEr", "Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "loss"}.count(best_metric) > 0,

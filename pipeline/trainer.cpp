@@ -11,6 +11,9 @@
 #include <map>
 #include <mutex>
 #include <optional>
+
+#include <ATen/autocast_mode.h>
+#include <torch/version.h>
 #include <set>
 
 #include <ATen/ATen.h>
@@ -42,6 +45,59 @@ namespace {
 
 // ---------------------------------------------------------------------------------------
 // small helpers
+
+// bfloat16 autocast on one device type for the life of the scope (the forward pass): matrix
+// products and convolutions in bf16, reductions and the loss in fp32; parameters, gradients and
+// the optimizer stay fp32, so no loss scaling is needed (fp16 would need it). The setting before
+// is restored. LibTorch 2.4 replaced the per-device functions by device-type arguments.
+class AutocastScope {
+ public:
+  AutocastScope(const at::Device& device, bool enabled) : cuda_(device.is_cuda()), enabled_(enabled) {
+    if (!enabled_) return;
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+    const at::DeviceType type = cuda_ ? at::kCUDA : at::kCPU;
+    was_enabled_ = at::autocast::is_autocast_enabled(type);
+    was_dtype_ = at::autocast::get_autocast_dtype(type);
+    at::autocast::set_autocast_dtype(type, at::kBFloat16);
+    at::autocast::set_autocast_enabled(type, true);
+#else
+    was_enabled_ = cuda_ ? at::autocast::is_enabled() : at::autocast::is_cpu_enabled();
+    was_dtype_ = cuda_ ? at::autocast::get_autocast_gpu_dtype() : at::autocast::get_autocast_cpu_dtype();
+    if (cuda_) {
+      at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
+      at::autocast::set_enabled(true);
+    } else {
+      at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+      at::autocast::set_cpu_enabled(true);
+    }
+#endif
+    at::autocast::increment_nesting();
+  }
+  ~AutocastScope() {
+    if (!enabled_) return;
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+    const at::DeviceType type = cuda_ ? at::kCUDA : at::kCPU;
+    at::autocast::set_autocast_enabled(type, was_enabled_);
+    at::autocast::set_autocast_dtype(type, was_dtype_);
+#else
+    if (cuda_) {
+      at::autocast::set_enabled(was_enabled_);
+      at::autocast::set_autocast_gpu_dtype(was_dtype_);
+    } else {
+      at::autocast::set_cpu_enabled(was_enabled_);
+      at::autocast::set_autocast_cpu_dtype(was_dtype_);
+    }
+#endif
+  }
+  AutocastScope(const AutocastScope&) = delete;
+  AutocastScope& operator=(const AutocastScope&) = delete;
+
+ private:
+  bool cuda_, enabled_;
+  bool was_enabled_ = false;
+  at::ScalarType was_dtype_ = at::kBFloat16;
+};
 
 std::string weights_hash(const torch::nn::Module& m) {
   Hasher h;
@@ -731,6 +787,7 @@ TrainResult run_loop(const TrainConfig& c, Task& task, const TrainHooks& hooks) 
   const int64_t batches_per_epoch = (task.num_examples + c.batch_size - 1) / c.batch_size;
   const int64_t steps_per_epoch = (batches_per_epoch + c.grad_accum - 1) / c.grad_accum;
   const int64_t total_steps = c.max_steps > 0 ? std::min(c.max_steps, c.epochs * steps_per_epoch) : c.epochs * steps_per_epoch;
+  const at::Device device = train_device(c);
 
   auto groups = task.param_groups();
   std::vector<torch::optim::OptimizerParamGroup> pg;
@@ -805,7 +862,11 @@ TrainResult run_loop(const TrainConfig& c, Task& task, const TrainHooks& hooks) 
       const int64_t group_start = b - (b % c.grad_accum);
       const int64_t group_size = std::min(c.grad_accum, batches_per_epoch - group_start);
       Batch batch = std::move(*loader.next());
-      at::Tensor loss = task.loss(batch);
+      at::Tensor loss;
+      {
+        const AutocastScope autocast(device, c.precision == "bf16");  // the forward only
+        loss = task.loss(batch).to(at::kFloat);
+      }
       if (!std::isfinite(loss.item<double>()))
         throw std::runtime_error("the loss became " + std::to_string(loss.item<double>()) + " at step " + std::to_string(st.step + 1) +
                                  " (lower --lr, or check the data)");

@@ -86,6 +86,7 @@ struct TrainConfig {
   int64_t max_tokens = 20;
   int64_t num_threads = 0;            // 0 = all cores
   std::string device = "cpu";         // cpu | cuda | cuda:N: where the models and batches live
+  std::string precision = "fp32";     // fp32 | bf16: bfloat16 autocast for the forward pass
 
   // Unknown keys and wrong types are refused, naming the key.
   static TrainConfig from_json(const Json& j, const std::string& where);

@@ -486,3 +486,25 @@ TEST(TrainCli, HelpShowsDefaultsAndBadConfigsAreRefusedByName) {
   EXPECT_EQ(printed["epochs"], 7);
   EXPECT_EQ(printed["lr"], 0.5);
 }
+
+// bf16 autocast for the forward pass: it trains (the loss falls as in fp32), its first loss is
+// within bf16 rounding of fp32's, and the bundle's weights stay float32.
+TEST(TrainRun, Bf16AutocastTrainsCloseToFp32) {
+  TempDir dir;
+  make_corpus(dir);
+  TrainConfig fp32 = tiny_config(dir, "fp32");
+  fp32.epochs = 40;
+  TrainConfig bf16 = fp32;
+  bf16.out = dir.file("bf16");
+  bf16.precision = "bf16";
+  train(fp32);
+  TrainResult r = train(bf16);
+  const auto a = train_losses(dir.file("fp32/train_log.jsonl")), b = train_losses(dir.file("bf16/train_log.jsonl"));
+  EXPECT_NEAR(b.begin()->second, a.begin()->second, 0.05 * a.begin()->second);
+  EXPECT_NE(b.begin()->second, a.begin()->second);  // autocast really ran in bf16
+  EXPECT_LT(b.rbegin()->second, b.begin()->second / 5);
+  Captioner cap = Captioner::load(r.bundle);
+  EXPECT_EQ(cap.mapper->parameters()[0].scalar_type(), at::kFloat);
+  bf16.precision = "fp16";
+  EXPECT_THROW(bf16.validate(), ConfigError);
+}
