@@ -9,6 +9,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <tuple>
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -33,7 +34,7 @@ std::string env_or(const char* name, const std::string& fallback) {
 }
 
 struct FenseArgs {
-  std::string sbert, echecker, echecker_bert;
+  std::string sbert, echecker, echecker_bert, device = "cpu";
   FenseOptions options;
 };
 
@@ -56,45 +57,30 @@ void add_fense(EvalReport& report, const std::vector<CaptionItem>& items, const 
     report.missing["SPIDEr_FL"] = no_echecker;
   }
   if (args.sbert.empty() && args.echecker.empty()) return;
-  // Only the detector is needed for FER and SPIDEr-FL; the Sentence-BERT only for SBERT-sim and FENSE.
   std::vector<std::string> candidates;
   std::vector<std::vector<std::string>> references;
   for (const auto& it : items) {
     candidates.push_back(it.candidate);
     references.push_back(it.references);
   }
-  std::vector<double> error_prob;
-  if (!args.sbert.empty()) {
-    FenseScorer scorer(args.sbert, args.echecker, args.echecker_bert);
-    scorer.to_device(args.options.device);
-    FenseScores s = scorer.score(candidates, references, args.options);
-    report.corpus["SBERT_sim"] = s.corpus_sbert_sim;
-    report.per_item["SBERT_sim"] = s.sbert_sim;
-    if (scorer.has_detector()) {
-      report.corpus["FENSE"] = s.corpus_fense;
-      report.per_item["FENSE"] = s.fense;
-      error_prob = s.error_prob;
+  const FenseScorer scorer(args.sbert, args.echecker, args.echecker_bert, args.device);
+  const FenseScores s = scorer.score(candidates, references, args.options);
+  for (const auto& [key, per_item, corpus] : {std::tuple{"SBERT_sim", &s.sbert_sim, s.corpus_sbert_sim},
+                                              std::tuple{"FER", &s.fer, s.corpus_fer},
+                                              std::tuple{"FENSE", &s.fense, s.corpus_fense}})
+    if (!per_item->empty()) {
+      report.per_item[key] = *per_item;
+      report.corpus[key] = corpus;
     }
-  } else {
-    error_prob = fluency_error_probability(args.echecker, args.echecker_bert, candidates, args.options);
-  }
-  if (error_prob.empty()) return;
-  std::vector<double> errors;
-  for (double p : error_prob) errors.push_back(p > args.options.error_threshold ? 1.0 : 0.0);
-  report.per_item["FER"] = errors;
-  double fer = 0;
-  for (double e : errors) fer += e;
-  report.corpus["FER"] = fer / static_cast<double>(errors.size());
+  if (s.error_prob.empty()) return;
   if (!report.per_item.count("SPIDEr")) {
     report.missing["SPIDEr_FL"] = "needs SPIDEr (SPICE: --spice-jar)";
     return;
   }
   report.missing.erase("SPIDEr_FL");
   report.per_item["SPIDEr_FL"] =
-      fluency_penalized(report.per_item["SPIDEr"], error_prob, args.options.error_threshold, args.options.penalty);
-  double sum = 0;
-  for (double v : report.per_item["SPIDEr_FL"]) sum += v;
-  report.corpus["SPIDEr_FL"] = sum / static_cast<double>(error_prob.size());
+      fluency_penalized(report.per_item["SPIDEr"], s.error_prob, args.options.error_threshold, args.options.penalty);
+  report.corpus["SPIDEr_FL"] = corpus_mean(report.per_item["SPIDEr_FL"]);
 }
 }  // namespace
 
@@ -145,7 +131,7 @@ int main(int argc, char** argv) {
   app.add_option("--bert-batch", fense.options.batch_size, "texts per BERT forward (FENSE)")
       ->capture_default_str()
       ->check(CLI::Range(1, 4096));
-  app.add_option("--device", fense.options.device, "where the BERT models run: cpu, cuda or cuda:N")->capture_default_str();
+  app.add_option("--device", fense.device, "where the BERT models run: cpu, cuda or cuda:N")->capture_default_str();
   app.add_option("--threads", threads, "CPU threads for the BERT models (0 = all cores)")->capture_default_str();
   app.add_flag("--no-tokenize", no_tokenize, "captions are already tokenized (skip pycocoevalcap's PTB tokenization)");
   try {

@@ -175,6 +175,7 @@ TEST(Fense, ScoresEqualAacMetrics) {
       continue;
     }
     EXPECT_NEAR(s.fense[i], want["fense"][i].get<double>(), kTol) << i;
+    EXPECT_EQ(s.fer[i], want["fer"][i].get<double>()) << i;
     errors += want["fer"][i].get<double>() > 0.5;
   }
   EXPECT_EQ(near_threshold, 0u) << "reference probabilities too close to the threshold: choose another seed";
@@ -299,4 +300,8 @@ TEST(Fense, BadModelFilesAreRefusedClearly) {
     std::ofstream(two + "/1_Pooling/config.json") << p.dump();
   }
   expect_error([&] { SentenceEncoder::load(two); }, "exactly one pooling mode");
+  // No model at all, half a detector, a malformed device.
+  expect_error([&] { FenseScorer("", "", ""); }, "neither a Sentence-BERT nor a fluency-error detector");
+  expect_error([&] { FenseScorer(model("sbert"), model("echecker.ckpt"), ""); }, "needs both its checkpoint and its BERT folder");
+  expect_error([&] { FenseScorer(model("sbert"), "", "", "gpu7"); }, "gpu7");
 }
