@@ -43,6 +43,7 @@ packages=(
   python3-venv                    # .venv-ref below
   python3-torch                   # .venv-ref: PyTorch 1.13 for transformers / sentence-transformers (FENSE goldens)
   libutf8proc-dev                 # Unicode for BERT's WordPiece tokenizer (FENSE)
+  libgloo-dev                     # Gloo headers behind LibTorch's c10d ProcessGroupGloo (distributed training)
 )
 
 sudo_cmd=()
@@ -93,9 +94,11 @@ ref_env="$root/.venv-ref"
 reference_packages=(pycocoevalcap==1.2 transformers==4.46.3 sentence-transformers==3.3.1 Jinja2==3.1.4)
 reference_nodeps=(aac-metrics==0.5.5)
 ref_ok() {
-  "$ref_env/bin/python" -c "import torch, pycocoevalcap.meteor.meteor, transformers, sentence_transformers, importlib.util as u; assert u.find_spec('aac_metrics')" >/dev/null 2>&1 &&
-    "$ref_env/bin/pip" freeze 2>/dev/null | grep -qx "transformers==4.46.3" &&
-    "$ref_env/bin/pip" freeze 2>/dev/null | grep -qx "aac-metrics==0.5.5"
+  "$ref_env/bin/python" -c "import torch, pycocoevalcap.meteor.meteor, transformers, sentence_transformers, importlib.util as u; assert u.find_spec('aac_metrics')" >/dev/null 2>&1 || return 1
+  # The list is read whole first: grep -q closing the pipe early would fail pip with SIGPIPE (pipefail).
+  local frozen
+  frozen=$("$ref_env/bin/pip" freeze 2>/dev/null) || return 1
+  grep -qx "transformers==4.46.3" <<<"$frozen" && grep -qx "aac-metrics==0.5.5" <<<"$frozen"
 }
 if ! ref_ok; then
   echo "setup: installing ${reference_packages[*]} ${reference_nodeps[*]} into .venv-ref (PyPI, over Debian's python3-torch)"
