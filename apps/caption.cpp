@@ -2,6 +2,10 @@
 //   caption --model BUNDLE [options] INPUT...
 //   caption --model BUNDLE --stream [options] SOURCE      (live: stdin "-", a URL, a device)
 // INPUT: files, folders (recursive; media extensions only), globs, @list.txt, - (paths on stdin).
+// Many files over several processes: --shard I/N takes the I-th of N contiguous blocks of the
+// inputs (so the shards' outputs, concatenated in shard order, are in input order); under
+// torchrun, mpirun or srun (RANK/WORLD_SIZE, ...) each rank takes its block and rank 0 writes
+// every rank's results, in input order.
 // Exit code: 0 = every input captioned (a stream: ended or interrupted by SIGINT/SIGTERM),
 // 2 = some failed (one line each on stderr; a stream: broke off), 1 = usage or model error.
 #include <glob.h>
@@ -16,6 +20,7 @@
 #include <fstream>
 #include <iostream>
 #include <set>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -28,6 +33,7 @@
 #include "core/threads.h"
 #include "pipeline/audio_decode.h"
 #include "pipeline/captioner.h"
+#include "pipeline/distributed.h"
 #include "pipeline/stream_captioner.h"
 
 using namespace prefixcap;
@@ -187,6 +193,8 @@ int main(int argc, char** argv) {
   std::string raw_format, input_format, overrun;
   int raw_rate = 0, raw_channels = 0, max_pending = 4;
   double io_timeout = 30;
+  std::string shard;
+  int dist_timeout = 3600;
   app.add_option("-m,--model", model, "captioner bundle folder (captioner.json)")->required()->check(CLI::ExistingDirectory);
   app.add_option("inputs", inputs, "files, folders, globs, @list.txt, or - for paths on stdin")->required();
   app.add_option("-b,--batch-size", batch_size, "inputs captioned together")->capture_default_str()->check(CLI::PositiveNumber);
@@ -208,6 +216,9 @@ int main(int argc, char** argv) {
   app.add_option("-f,--format", format, "text, jsonl or csv")->capture_default_str()->check(CLI::IsMember({"text", "jsonl", "csv"}));
   app.add_option("-o,--output", output, "write here instead of stdout");
   app.add_flag("--no-progress", no_progress, "no progress bar on stderr");
+  app.add_option("--shard", shard, "I/N: caption only the I-th (0-based) of N contiguous blocks of the inputs");
+  app.add_option("--dist-timeout", dist_timeout, "under a launcher: seconds rank 0 waits for the other ranks' results")
+      ->capture_default_str()->check(CLI::PositiveNumber);
   auto* stream_group = app.add_option_group("streaming", "caption --stream SOURCE: live input, captioned window by window");
   stream_group->add_flag("--stream", stream, "SOURCE is a stream: - (stdin), a URL (http, rtsp, udp, ...), or a capture device");
   stream_group->add_option("--raw", raw_format, "raw PCM on the stream: s16le, f32le, ... (with --rate and --channels)");
@@ -238,7 +249,34 @@ int main(int argc, char** argv) {
   DecodingOptions options;
   std::vector<std::string> paths;
   std::ofstream file_out;
+  // Sharding: explicit (--shard), or one rank of a launcher's (results merged on rank 0).
+  int shard_index = 0, shard_count = 1;
+  std::unique_ptr<Communicator> comm;
+  size_t total_inputs = 0;
   try {
+    if (!shard.empty()) {
+      const size_t slash = shard.find('/');
+      size_t used_i = 0, used_n = 0;
+      try {
+        if (slash == std::string::npos) throw std::invalid_argument("no slash");
+        shard_index = std::stoi(shard.substr(0, slash), &used_i);
+        shard_count = std::stoi(shard.substr(slash + 1), &used_n);
+      } catch (const std::exception&) {
+        used_i = 0;
+      }
+      if (slash == std::string::npos || used_i != slash || used_n != shard.size() - slash - 1 || shard_count < 1 || shard_index < 0 ||
+          shard_index >= shard_count)
+        throw std::runtime_error("--shard must be I/N with 0 <= I < N, not '" + shard + "'");
+      if (stream) throw std::runtime_error("--shard is for files, not --stream");
+    } else if (!stream) {
+      const DistEnv env = DistEnv::from_environment();
+      if (env.distributed()) {
+        shard_index = env.rank;
+        shard_count = env.world_size;
+        comm = Communicator::create(env, "gloo", std::chrono::seconds(dist_timeout));
+        if (threads == 0) threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / env.local_world_size);
+      }
+    }
     configure_threads({threads, 0});
     captioner = std::make_unique<Captioner>(Captioner::load(model));
     if (device == "cuda") {
@@ -262,7 +300,12 @@ int main(int argc, char** argv) {
     validate(options);
     if (hop <= 0) hop = window;
     if (!stream) paths = expand_inputs(inputs);
-    if (!output.empty()) {
+    total_inputs = paths.size();
+    if (shard_count > 1) {
+      const Span mine = rank_span(static_cast<int64_t>(paths.size()), shard_index, shard_count);
+      paths = std::vector<std::string>(paths.begin() + mine.lo, paths.begin() + mine.hi);
+    }
+    if (!output.empty() && (!comm || comm->rank() == 0)) {
       file_out.open(output, std::ios::trunc);
       if (!file_out) throw std::runtime_error("cannot write " + output);
     }
@@ -270,9 +313,11 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "caption: %s\n", e.what());
     return 1;
   }
-  std::ostream& out = output.empty() ? std::cout : file_out;
+  // A rank of a launcher writes into memory; rank 0 writes every rank's text in rank order.
+  std::ostringstream rank_out;
+  std::ostream& out = comm ? static_cast<std::ostream&>(rank_out) : output.empty() ? static_cast<std::ostream&>(std::cout) : file_out;
   if (stream && app.get_option("--format")->count() == 0) format = "jsonl";  // one line per window
-  if (format == "csv") out << "path,modality,start,end,caption,score\n";
+  if (format == "csv" && shard_index == 0) out << "path,modality,start,end,caption,score\n";
 
   if (stream) {
     const bool audio = captioner->encoder_kind() == "cnn14";
@@ -337,7 +382,7 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  const bool progress = !no_progress && isatty(STDERR_FILENO);
+  const bool progress = !no_progress && isatty(STDERR_FILENO) && (!comm || comm->rank() == 0);
   int failures = 0;
   size_t done = 0;
 
@@ -455,9 +500,25 @@ int main(int argc, char** argv) {
   }
   flush();
   if (progress) std::fprintf(stderr, "\n");
-  if (paths.empty()) {
+  if (total_inputs == 0) {
     std::fprintf(stderr, "caption: no input files\n");
     return 1;
+  }
+  if (comm) {
+    try {
+      const auto texts = comm->allgather_bytes(rank_out.str());
+      at::Tensor failed = at::full({1}, static_cast<int64_t>(failures), at::kLong);
+      comm->allreduce_sum(failed);
+      if (comm->rank() == 0) {
+        std::ostream& merged = output.empty() ? static_cast<std::ostream&>(std::cout) : file_out;
+        for (const auto& t : texts) merged << t;
+        merged.flush();
+      }
+      failures = static_cast<int>(failed.item<int64_t>());
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "caption: %s\n", e.what());
+      return 2;
+    }
   }
   return failures ? 2 : 0;
 }

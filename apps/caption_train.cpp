@@ -3,18 +3,25 @@
 // Every option can be given in the JSON config under its name (with '_'); the command line
 // wins over the file. --build-cache only fills the feature cache; --print-config shows the
 // configuration that would run.
-// Exit code: 0 = done, 1 = usage, configuration or data error, 2 = training failed.
+// Data parallelism: under torchrun, mpirun or srun every process is one rank (their variables
+// say which, pipeline/distributed.h); --nproc N starts N local ranks itself.
+// Exit code: 0 = done, 1 = usage, configuration or data error, 2 = training failed (also when
+// another rank failed); with --nproc, the first failing worker's code.
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
 #include <map>
 #include <string>
+#include <thread>
+#include <vector>
+#include <algorithm>
 
 #include <CLI/CLI.hpp>
 
 #include "core/errors.h"
 #include "core/threads.h"
+#include "pipeline/distributed.h"
 #include "pipeline/trainer.h"
 
 using namespace prefixcap;
@@ -31,6 +38,10 @@ int main(int argc, char** argv) {
       ->check(CLI::ExistingFile);
   app.add_flag("--build-cache", build_only, "only compute the frozen encoder's features into the cache, then stop");
   app.add_flag("--print-config", print_config, "print the resolved configuration as JSON and stop");
+  int nproc = 0;
+  app.add_option("--nproc", nproc, "start this many local worker processes (data parallel, Gloo on CPUs, NCCL on GPUs), as "
+                                   "torchrun --nproc-per-node would")
+      ->check(CLI::Range(1, 1024));
 
   TrainConfig defaults;
   auto options = train_options(defaults);
@@ -71,21 +82,48 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "caption-train: %s\n", e.what());
     return 1;
   }
+  if (nproc > 0) {
+    // The workers are this command without --nproc.
+    std::vector<std::string> args;
+    for (int i = 0; i < argc; ++i) {
+      const std::string a = argv[i];
+      if (a == "--nproc") {
+        ++i;
+        continue;
+      }
+      if (a.rfind("--nproc=", 0) == 0) continue;
+      args.push_back(a);
+    }
+    try {
+      return run_local_workers(args, nproc);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "caption-train: %s\n", e.what());
+      return 1;
+    }
+  }
 
   try {
-    configure_threads({static_cast<int>(config.num_threads), 0});
+    // Ranks on one machine share its cores unless told otherwise.
+    const DistEnv env = DistEnv::from_environment();
+    int threads = static_cast<int>(config.num_threads);
+    if (threads == 0 && env.local_world_size > 1)
+      threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / env.local_world_size);
+    configure_threads({threads, 0});
     if (build_only) {
       build_cache(config);
       return 0;
     }
     TrainHooks hooks;
     // Fault injection for the crash/resume tests: SIGKILL right after optimizer step N (its
-    // log line written, a checkpoint due at that step not yet).
+    // log line written, a checkpoint due at that step not yet); with PREFIXCAP_FAULT_KILL_RANK,
+    // only that rank dies.
     if (const char* kill_at = std::getenv("PREFIXCAP_FAULT_KILL_AT_STEP")) {
       const long long step = std::atoll(kill_at);
-      hooks.on_step = [step](int64_t s, double) {
-        if (s == step) std::raise(SIGKILL);
-      };
+      const char* rank = std::getenv("PREFIXCAP_FAULT_KILL_RANK");
+      if (!rank || std::atoi(rank) == env.rank)
+        hooks.on_step = [step](int64_t s, double) {
+          if (s == step) std::raise(SIGKILL);
+        };
     }
     TrainResult r = train(config, hooks);
     std::fprintf(stderr, "caption-train: %lld steps, last loss %.4f; output %s%s\n", static_cast<long long>(r.steps), r.last_loss,

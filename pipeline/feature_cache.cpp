@@ -2,6 +2,7 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <filesystem>
 
 #include <ATen/ATen.h>
@@ -36,29 +37,70 @@ std::optional<MediaIdentity> current_identity(const std::string& media) {
 }
 }  // namespace
 
-FeatureCache::FeatureCache(const std::string& dir, const std::string& encoder_hash, const Json& encoder)
-    : folder_((fs::path(dir) / encoder_hash).string()), encoder_(encoder) {
+namespace {
+
+const char* kFormat = "prefixcap-feature-cache";
+
+std::string rank_index_name(int writer) { return "index.rank-" + std::to_string(writer) + ".json"; }
+
+// The index files of a cache folder: index.json first, then the writers' (name order).
+std::vector<std::string> index_files(const std::string& folder) {
+  std::vector<std::string> out;
+  if (fs::exists(fs::path(folder) / "index.json")) out.push_back((fs::path(folder) / "index.json").string());
+  std::vector<std::string> ranks;
+  for (const auto& e : fs::directory_iterator(folder)) {
+    const std::string n = e.path().filename().string();
+    if (n.rfind("index.rank-", 0) == 0 && n.size() > 16 && n.compare(n.size() - 5, 5, ".json") == 0) ranks.push_back(e.path().string());
+  }
+  std::sort(ranks.begin(), ranks.end());
+  out.insert(out.end(), ranks.begin(), ranks.end());
+  return out;
+}
+
+}  // namespace
+
+FeatureCache::FeatureCache(const std::string& dir, const std::string& encoder_hash, const Json& encoder, int writer)
+    : folder_((fs::path(dir) / encoder_hash).string()), encoder_(encoder), writer_(writer) {
   std::error_code ec;
   fs::create_directories(folder_, ec);
   if (ec) throw FileError(folder_, "cannot create the feature cache folder: " + ec.message());
-  const std::string index = (fs::path(folder_) / "index.json").string();
-  if (!fs::exists(index)) return;
-  Json j = read_json_file(index);
-  const std::string where = index + " (delete the folder to rebuild the cache)";
-  if (json_get_or<std::string>(j, "format", "", where) != "prefixcap-feature-cache")
-    throw FileError(index, "not a prefixcap feature cache index");
-  next_shard_ = json_get_or<int64_t>(j, "next_shard", 0, where);
-  const Json entries = json_get<Json>(j, "entries", where);
-  for (const auto& [path, e] : entries.items()) {
-    Entry entry;
-    entry.id.path = path;
-    entry.id.size = json_get<uint64_t>(e, "size", where);
-    entry.id.mtime_ns = json_get<int64_t>(e, "mtime_ns", where);
-    entry.shard = json_get<std::string>(e, "shard", where);
-    entry.slot = json_get<int64_t>(e, "slot", where);
-    entry.features = json_get<std::vector<std::string>>(e, "features", where);
-    entries_[path] = std::move(entry);
+  for (const auto& index : index_files(folder_)) {
+    Json j = read_json_file(index);
+    const std::string where = index + " (delete the folder to rebuild the cache)";
+    if (json_get_or<std::string>(j, "format", "", where) != kFormat) throw FileError(index, "not a prefixcap feature cache index");
+    next_shard_ = std::max(next_shard_, json_get_or<int64_t>(j, "next_shard", 0, where));
+    const Json entries = json_get<Json>(j, "entries", where);
+    // This writer's own index of an earlier, unmerged run: its entries stay in the index it rewrites.
+    const bool own = writer_ >= 0 && fs::path(index).filename() == rank_index_name(writer_);
+    for (const auto& [path, e] : entries.items()) {
+      if (own) written_.insert(path);
+      Entry entry;
+      entry.id.path = path;
+      entry.id.size = json_get<uint64_t>(e, "size", where);
+      entry.id.mtime_ns = json_get<int64_t>(e, "mtime_ns", where);
+      entry.shard = json_get<std::string>(e, "shard", where);
+      entry.slot = json_get<int64_t>(e, "slot", where);
+      entry.features = json_get<std::vector<std::string>>(e, "features", where);
+      entries_[path] = std::move(entry);
+    }
   }
+}
+
+void FeatureCache::merge_indexes(const std::string& folder) {
+  const auto files = index_files(folder);
+  if (files.empty() || (files.size() == 1 && fs::path(files[0]).filename() == "index.json")) return;
+  Json merged = {{"format", kFormat}, {"version", 1}, {"next_shard", 0}, {"entries", Json::object()}};
+  for (const auto& f : files) {
+    Json j = read_json_file(f);
+    if (json_get_or<std::string>(j, "format", "", f) != kFormat) throw FileError(f, "not a prefixcap feature cache index");
+    if (j.contains("encoder")) merged["encoder"] = j["encoder"];
+    merged["next_shard"] = std::max(merged["next_shard"].get<int64_t>(), json_get_or<int64_t>(j, "next_shard", 0, f));
+    const Json entries = json_get<Json>(j, "entries", f);
+    for (const auto& [path, e] : entries.items()) merged["entries"][path] = e;
+  }
+  write_json_file((fs::path(folder) / "index.json").string(), merged);
+  for (const auto& f : files)
+    if (fs::path(f).filename() != "index.json") fs::remove(f);
 }
 
 FeatureCache::~FeatureCache() = default;
@@ -108,7 +150,8 @@ void FeatureCache::flush() {
   std::lock_guard<std::mutex> lock(mutex_);
   if (pending_.empty()) return;
   char name[64];
-  std::snprintf(name, sizeof name, "shard-%06lld.safetensors", static_cast<long long>(next_shard_));
+  if (writer_ < 0) std::snprintf(name, sizeof name, "shard-%06lld.safetensors", static_cast<long long>(next_shard_));
+  else std::snprintf(name, sizeof name, "shard-%06lld-r%d.safetensors", static_cast<long long>(next_shard_), writer_);
   TensorMap tensors;
   std::map<std::string, Entry> added;
   int64_t slot = 0;
@@ -123,7 +166,10 @@ void FeatureCache::flush() {
   }
   save_safetensors((fs::path(folder_) / name).string(), tensors, {{"format", "pt"}});
   ++next_shard_;
-  for (auto& [path, e] : added) entries_[path] = std::move(e);
+  for (auto& [path, e] : added) {
+    written_.insert(path);
+    entries_[path] = std::move(e);
+  }
   pending_.clear();
   pending_ids_.clear();
   write_index();
@@ -131,10 +177,12 @@ void FeatureCache::flush() {
 
 void FeatureCache::write_index() const {
   Json entries = Json::object();
-  for (const auto& [path, e] : entries_)
+  for (const auto& [path, e] : entries_) {
+    if (writer_ >= 0 && !written_.count(path)) continue;  // a writer's index: its own entries only
     entries[path] = {{"size", e.id.size}, {"mtime_ns", e.id.mtime_ns}, {"shard", e.shard}, {"slot", e.slot},
                      {"features", e.features}};
-  write_json_file((fs::path(folder_) / "index.json").string(),
+  }
+  write_json_file((fs::path(folder_) / (writer_ < 0 ? std::string("index.json") : rank_index_name(writer_))).string(),
                   {{"format", "prefixcap-feature-cache"}, {"version", 1}, {"encoder", encoder_},
                    {"next_shard", next_shard_}, {"entries", entries}});
 }

@@ -2,7 +2,9 @@
 //
 // DIR/ENCODER_HASH/index.json maps each media file (absolute path, with the size and
 // modification time it had) to an entry of a shard; shards are safetensors files holding the
-// tensors of many items ("<n>.<feature>"). A different encoder (configuration or weights)
+// tensors of many items ("<n>.<feature>"). Several processes fill one cache in parallel (the
+// ranks of a distributed run) as numbered writers: writer r writes only shard-N-rR files and
+// index.rank-R.json, and merge_indexes() folds those indexes into index.json afterwards. A different encoder (configuration or weights)
 // gives a different ENCODER_HASH, so its features never mix with another's; a media file whose
 // size or modification time changed is a stale entry, recomputed on the next fill.
 #pragma once
@@ -12,6 +14,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -33,8 +36,9 @@ struct MediaIdentity {
 class FeatureCache {
  public:
   // Opens (creating) DIR/<encoder_hash>/. `encoder` describes the encoder and is stored in
-  // the index for people to read.
-  FeatureCache(const std::string& dir, const std::string& encoder_hash, const Json& encoder);
+  // the index for people to read. `writer` >= 0: one of several processes filling the cache
+  // (see above); -1: the only one. Entries of every writer's index are read.
+  FeatureCache(const std::string& dir, const std::string& encoder_hash, const Json& encoder, int writer = -1);
   ~FeatureCache();
 
   // The features of `media` when a valid entry exists (zero-copy views of the shard).
@@ -47,6 +51,9 @@ class FeatureCache {
   void flush();
 
   const std::string& folder() const { return folder_; }
+  // Folds every index.rank-R.json of `folder` into index.json (atomically), then removes them.
+  // Call when no writer is running.
+  static void merge_indexes(const std::string& folder);
   size_t size() const;                    // valid entries (flushed or pending)
   int64_t shard_items = 256;
 
@@ -68,6 +75,8 @@ class FeatureCache {
   mutable std::map<std::string, std::shared_ptr<SafetensorsFile>> shards_;
   mutable std::mutex mutex_;
   int64_t next_shard_ = 0;
+  int writer_ = -1;
+  std::set<std::string> written_;  // entries this object flushed (a writer's index lists only these)
 };
 
 }  // namespace prefixcap

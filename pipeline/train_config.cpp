@@ -35,6 +35,10 @@ std::vector<TrainOption> train_options(TrainConfig& c) {
       {"train_lm_head", "also train GPT-2's output head (untied from the token embeddings)", &c.train_lm_head},
       {"device", "where to train: cpu | cuda | cuda:N (models, features and batches on that device)", &c.device},
       {"precision", "fp32 | bf16: bfloat16 autocast for the forward pass (weights, gradients and optimizer stay fp32; CPUs with bf16 units, GPUs)", &c.precision},
+      {"dist_backend", "distributed runs: auto (gloo on cpu, nccl on cuda) | gloo | nccl", &c.dist_backend},
+      {"dist_timeout", "distributed runs: seconds a rank waits for the others before it stops with an error", &c.dist_timeout},
+      {"dist_bucket_mb", "distributed runs: MB of gradients per all-reduce bucket", &c.dist_bucket_mb},
+      {"dist_overlap", "distributed runs: start each bucket's all-reduce during backward (false: after backward)", &c.dist_overlap},
       {"lm_dtype", "compute type of the frozen LM while training: float32 | bfloat16 (faster on CPUs with bf16 units; the bundle keeps float32)", &c.lm_dtype},
       {"encoder_train_epochs", "train the encoder with the mapper for this many epochs, then freeze it", &c.encoder_train_epochs},
       {"epochs", "training epochs (one epoch = every caption once)", &c.epochs},
@@ -193,6 +197,8 @@ void TrainConfig::validate() const {
                                                     device.find_first_not_of("0123456789", 5) == std::string::npos),
           "device must be cpu, cuda or cuda:N, not '" + device + "'");
   require(precision == "fp32" || precision == "bf16", "precision must be fp32 or bf16, not '" + precision + "'");
+  require(dist_backend == "auto" || dist_backend == "gloo" || dist_backend == "nccl",
+          "dist_backend must be auto, gloo or nccl, not '" + dist_backend + "'");
   require(schedule == "cosine" || schedule == "linear" || schedule == "constant",
           "schedule must be cosine, linear or constant, not '" + schedule + "'");
   require(std::set<std::string>{"CIDEr", "Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "loss"}.count(best_metric) > 0,
@@ -204,7 +210,8 @@ void TrainConfig::validate() const {
                              {prefetch, "prefetch", 1}, {encode_batch, "encode_batch", 1}, {decoded_cache_mb, "decoded_cache_mb", 0}, {val_beam_size, "val_beam_size", 1},
                              {val_max_items, "val_max_items", 0}, {sample_captions, "sample_captions", 0},
                              {beam_size, "beam_size", 1}, {max_tokens, "max_tokens", 1}, {num_threads, "num_threads", 0},
-                             {encoder_train_epochs, "encoder_train_epochs", 0}})
+                             {encoder_train_epochs, "encoder_train_epochs", 0}, {dist_timeout, "dist_timeout", 1},
+                             {dist_bucket_mb, "dist_bucket_mb", 1}})
     require(v >= lo, std::string(name) + " must be >= " + std::to_string(lo) + ", not " + std::to_string(v));
   for (auto [v, name] : {std::pair{lr, "lr"}, {encoder_lr, "encoder_lr"}, {weight_decay, "weight_decay"},
                          {min_lr_ratio, "min_lr_ratio"}, {clip_grad_norm, "clip_grad_norm"}})

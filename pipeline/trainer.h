@@ -87,6 +87,11 @@ struct TrainConfig {
   int64_t num_threads = 0;            // 0 = all cores
   std::string device = "cpu";         // cpu | cuda | cuda:N: where the models and batches live
   std::string precision = "fp32";     // fp32 | bf16: bfloat16 autocast for the forward pass
+  // data parallelism (when a launcher's variables say so: pipeline/distributed.h)
+  std::string dist_backend = "auto";  // auto (gloo on cpu, nccl on cuda) | gloo | nccl
+  int64_t dist_timeout = 600;         // seconds a rank waits for the others before failing
+  int64_t dist_bucket_mb = 25;        // gradient all-reduce bucket size
+  bool dist_overlap = true;           // start all-reduces during backward (false: after it)
 
   // Unknown keys and wrong types are refused, naming the key.
   static TrainConfig from_json(const Json& j, const std::string& where);
