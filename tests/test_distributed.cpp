@@ -121,6 +121,7 @@ std::vector<std::string> env_argv(int rank, int world, int port, std::vector<std
 
 TrainConfig dist_config(const TempDir& dir, const std::string& out) {
   TrainConfig c = tiny_config(dir, out);
+  c.val_split = "train.jsonl";  // sharded validation: the loss and 8 captions each epoch
   c.mapper = {{"type", "transformer"}, {"prefix_length", 4}, {"clip_length", 4}, {"num_layers", 2}};
   c.lr = 1e-3;
   c.epochs = 4;
@@ -311,6 +312,25 @@ TEST(DistributedTrain, TwoRanksWithBatchBEqualOneProcessWithBatch2B) {
     for (const auto& [k, v] : wa)
       EXPECT_LE((wb.at(k) - v).norm().item<double>(), 1e-4 * v.norm().item<double>() + 1e-7) << other << " " << k;
   }
+  // Validation, sharded over the ranks (each a block of the captions and the items), gives one
+  // record per epoch with the loss of all of them and the metrics of all 8 captions.
+  auto val_records = [&](const std::string& run_dir) {
+    std::vector<Json> out;
+    std::ifstream in(run_dir + "/train_log.jsonl");
+    std::string line;
+    while (std::getline(in, line))
+      if (Json j = Json::parse(line); j["type"] == "val") out.push_back(j);
+    return out;
+  };
+  const auto va = val_records(dir.file("one")), vb = val_records(dir.file("two"));
+  ASSERT_EQ(va.size(), 4u);
+  ASSERT_EQ(vb.size(), 4u);
+  for (size_t e = 0; e < va.size(); ++e) {
+    EXPECT_NEAR(vb[e]["loss"].get<double>(), va[e]["loss"].get<double>(), 1e-4 * va[e]["loss"].get<double>()) << "epoch " << e + 1;
+    EXPECT_TRUE(vb[e].contains("CIDEr")) << vb[e].dump();
+    EXPECT_EQ(vb[e]["samples"].size(), 3u);
+  }
+  EXPECT_TRUE(fs::exists(dir.file("two/best/captioner.json")));
   // Only rank 0 wrote: one log, one bundle; the log says how many ranks ran.
   EXPECT_NE(read_bytes(dir.file("two/train_log.jsonl")).find("\"world_size\":2"), std::string::npos);
   EXPECT_NE(read_bytes(dir.file("two/train_log.jsonl")).find("comm_bytes_per_step"), std::string::npos);
@@ -413,4 +433,40 @@ TEST(DistributedCaption, ShardsConcatenateToTheWholeAndRanksMergeOnRankZero) {
                 q(dir.file("merged.csv")) + " 2>/dev/null"),
             0);
   EXPECT_EQ(read_bytes(dir.file("merged.csv")), all);
+}
+
+// Two "hosts": network namespaces joined by a veth pair, each rank in one, talking over
+// 10.77.0.0/24 with Gloo bound to the veth (GLOO_SOCKET_IFNAME) and the rendezvous on rank 0's
+// address. Needs root (ip netns); CI and this machine run the suite as root.
+TEST(DistributedTrain, RanksOnTwoHostsOverAVethPairTrainAsOnOneHost) {
+  if (::geteuid() != 0 || run("ip netns list >/dev/null 2>&1") != 0) GTEST_SKIP() << "needs root and iproute2 (ip netns)";
+  const std::string id = std::to_string(::getpid() % 100000);
+  const std::string a = "pca" + id, b = "pcb" + id, va = "va" + id, vb = "vb" + id;
+  struct Namespaces {
+    std::string a, b;
+    ~Namespaces() { run("ip netns del " + a + " 2>/dev/null; ip netns del " + b + " 2>/dev/null"); }
+  } cleanup{a, b};
+  ASSERT_EQ(run("ip netns add " + a + " && ip netns add " + b + " && ip link add " + va + " type veth peer name " + vb + " && ip link set " +
+                va + " netns " + a + " && ip link set " + vb + " netns " + b + " && ip -n " + a + " addr add 10.77.0.1/24 dev " + va +
+                " && ip -n " + b + " addr add 10.77.0.2/24 dev " + vb + " && ip -n " + a + " link set " + va + " up && ip -n " + b +
+                " link set " + vb + " up && ip -n " + a + " link set lo up && ip -n " + b + " link set lo up"),
+            0);
+  TempDir dir;
+  make_corpus(dir);
+  TrainConfig c = dist_config(dir, "local");
+  c.batch_size = 3;
+  c.epochs = 2;
+  write_json_file(dir.file("cfg.json"), c.to_json());
+  ASSERT_EQ(run(train_command(dir.file("cfg.json")) + " --nproc 2 2>/dev/null"), 0);
+  auto host = [&](int rank, const std::string& ns, const std::string& iface) {
+    return "ip netns exec " + ns + " env RANK=" + std::to_string(rank) + " WORLD_SIZE=2 LOCAL_RANK=0 LOCAL_WORLD_SIZE=1 " +
+           "MASTER_ADDR=10.77.0.1 MASTER_PORT=29517 GLOO_SOCKET_IFNAME=" + iface + " " + train_command(dir.file("cfg.json")) +
+           " --out " + q(dir.file("hosts"));
+  };
+  ASSERT_EQ(run("(" + host(1, b, vb) + " 2>" + q(dir.file("err1")) + " &) ; " + host(0, a, va) + " 2>" + q(dir.file("err0"))), 0)
+      << read_bytes(dir.file("err0"));
+  EXPECT_NE(read_bytes(dir.file("err0")).find("rendezvous 10.77.0.1:29517"), std::string::npos) << read_bytes(dir.file("err0"));
+  const auto local = train_losses(dir.file("local/train_log.jsonl"));
+  ASSERT_EQ(local.size(), 4u);
+  EXPECT_EQ(train_losses(dir.file("hosts/train_log.jsonl")), local);
 }
