@@ -126,7 +126,8 @@ int main(int argc, char** argv) {
         };
     }
     TrainResult r = train(config, hooks);
-    std::fprintf(stderr, "caption-train: %lld steps, last loss %.4f; output %s%s\n", static_cast<long long>(r.steps), r.last_loss,
+    if (env.rank == 0)  // one summary for the whole run
+      std::fprintf(stderr, "caption-train: %lld steps, last loss %.4f; output %s%s\n", static_cast<long long>(r.steps), r.last_loss,
                  r.bundle.c_str(), r.best.empty() ? "" : ("; best " + r.best_metrics.dump() + " in " + r.best).c_str());
     return 0;
   } catch (const ConfigError& e) {

@@ -7,8 +7,9 @@
 //   (c) as (b) with the all-reduce after backward     (the overlap gain is (b) / (c))
 //   (d) --nproc 2, batch 8 per rank                   (global batch 16)
 // Each prints samples/s and steps/s over the steps after the first, the gradient bytes one
-// step all-reduces and the bytes this rank handed to collectives per step (train_log's
-// comm_bytes_per_step). Options: --steps N (default 12), --lm-layers L (default 12),
+// step all-reduces (train_log's grad_bytes_per_step, in grad_buckets buckets) and the bytes
+// this rank handed to collectives per step (comm_bytes_per_step: also the token counts, the loss
+// and BatchNorm's running statistics). Options: --steps N (default 12), --lm-layers L (default 12),
 // --clips N (default 64), --train BIN (default the caption-train next to this build).
 // Prints one JSON object.
 #include <unistd.h>
@@ -31,7 +32,6 @@
 #include "core/weights.h"
 #include "encoders/cnn14.h"
 #include "lm/gpt2.h"
-#include "mapper/mappers.h"
 
 using namespace prefixcap;
 using namespace prefixcap::bench;
@@ -59,7 +59,7 @@ void write_wav(const std::string& path, double seconds, uint32_t seed) {
 }
 
 struct RunFigures {
-  double samples_per_s = 0, steps_per_s = 0, comm_bytes_per_step = 0;
+  double samples_per_s = 0, steps_per_s = 0, comm_bytes_per_step = 0, grad_bytes_per_step = 0, grad_buckets = 0;
   double last_loss = 0;
 };
 
@@ -78,6 +78,8 @@ RunFigures figures_of(const std::string& log, int64_t global_batch) {
   f.steps_per_s = n / span;
   f.samples_per_s = n * static_cast<double>(global_batch) / span;
   f.comm_bytes_per_step = steps.back().value("comm_bytes_per_step", 0.0);
+  f.grad_bytes_per_step = steps.back().value("grad_bytes_per_step", 0.0);
+  f.grad_buckets = steps.back().value("grad_buckets", 0.0);
   f.last_loss = steps.back()["loss"].get<double>();
   return f;
 }
@@ -138,15 +140,6 @@ int run(int argc, char** argv) {
     manifest += "{\"media\": \"" + p + "\", \"captions\": [\"" + caption + "\"]}\n";
   }
   std::ofstream(tmp / "train.jsonl") << manifest;
-  MapperConfig mc;
-  mc.type = "prefix_aac";
-  mc.input_dim = 2048;
-  const int64_t grad_bytes = [&] {
-    int64_t n = 0;
-    for (const auto& p : make_mapper(mc)->parameters()) n += p.numel() * 4;
-    return n;
-  }();
-
   Json base = {{"encoder", (tmp / "enc").string()},
                {"lm", (tmp / "lm").string()},
                {"mapper", {{"type", "prefix_aac"}}},
@@ -193,7 +186,8 @@ int run(int argc, char** argv) {
     RunFigures f = figures_of((tmp / name / "train_log.jsonl").string(), k.batch * k.nproc);
     got[k.name] = f;
     runs.push_back({{"run", k.name}, {"samples_per_s", f.samples_per_s}, {"steps_per_s", f.steps_per_s},
-                    {"comm_bytes_per_step", f.comm_bytes_per_step}, {"last_loss", f.last_loss}});
+                    {"comm_bytes_per_step", f.comm_bytes_per_step}, {"grad_bytes_per_step", f.grad_bytes_per_step},
+                    {"grad_buckets", f.grad_buckets}, {"last_loss", f.last_loss}});
   }
   const auto& one = got["1 process, batch 8, 2 threads"];
   const auto& overlap = got["2 ranks x batch 4, overlap"];
@@ -203,7 +197,6 @@ int run(int argc, char** argv) {
               {"cpu", cpu_model_name()},
               {"cores", std::thread::hardware_concurrency()},
               {"model", "prefix_aac mapper + GPT-2 shape (" + std::to_string(lm_layers) + " layers, frozen), cached CNN14 features"},
-              {"gradient_bytes_per_step", grad_bytes},
               {"steps_measured", steps - 1},
               {"runs", runs},
               {"ratios",

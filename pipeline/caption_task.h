@@ -23,7 +23,7 @@ class CaptionTask {
 
   std::vector<at::Tensor> head_params();
   std::vector<at::Tensor> encoder_params();
-  // Buffers of the trained modules (BatchNorm statistics): rank 0's are every rank's.
+  // BatchNorm running statistics of the trained modules: rank 0's are every rank's.
   std::vector<at::Tensor> trained_buffers();
 
   TensorMap state();

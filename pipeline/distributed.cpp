@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <utility>
 #include <thread>
 
 #include <ATen/ATen.h>
@@ -302,7 +303,8 @@ struct GradientSync::Bucket {
 };
 
 struct GradientSync::Hook {
-  std::shared_ptr<torch::autograd::Node> accumulator;
+  // std::shared_ptr<Node> in LibTorch 1.13, c10::intrusive_ptr<Node> in 2.x
+  decltype(torch::autograd::impl::grad_accumulator(std::declval<const at::Tensor&>())) accumulator;
   uintptr_t key = 0;
 };
 

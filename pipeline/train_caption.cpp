@@ -1,5 +1,6 @@
 // Task caption: the captioner being trained and its data (see caption_task.h), build_cache().
 #include <chrono>
+#include <cstring>
 #include <iostream>
 
 #include <ATen/ATen.h>
@@ -316,11 +317,20 @@ MapperInput CaptionTask::encode_images_grad(const std::vector<Captioner::VisualI
 std::vector<at::Tensor> CaptionTask::encoder_params() { return encoder_module().parameters(); }
 
 std::vector<at::Tensor> CaptionTask::trained_buffers() {
-  std::vector<at::Tensor> out = cap_.mapper->buffers();
-  if (cap_.kv_head)
-    for (auto& b : cap_.kv_head->buffers()) out.push_back(b);
-  if (encoder_trains_)
-    for (auto& b : encoder_module().buffers()) out.push_back(b);
+  // Only what training changes: BatchNorm's running statistics (not constant tables such as the
+  // mapper's positional encoding, which every rank computes alike).
+  std::vector<at::Tensor> out;
+  auto add = [&](const torch::nn::Module& m) {
+    for (const auto& item : m.named_buffers()) {
+      const std::string& name = item.key();
+      for (const char* suffix : {"running_mean", "running_var", "num_batches_tracked"})
+        if (name.size() >= std::strlen(suffix) && name.compare(name.size() - std::strlen(suffix), std::string::npos, suffix) == 0)
+          out.push_back(item.value());
+    }
+  };
+  add(*cap_.mapper);
+  if (cap_.kv_head) add(*cap_.kv_head);
+  if (encoder_trains_) add(encoder_module());
   return out;
 }
 

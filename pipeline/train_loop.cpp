@@ -312,8 +312,11 @@ TrainResult run_loop(const TrainConfig& c, Task& task, const TrainHooks& hooks, 
         Json rec = {{"type", "train"}, {"step", st.step}, {"epoch", epoch + 1}, {"loss", step_loss}, {"lr", lr},
                     {"samples_per_s", samples_since / std::max(dt, 1e-9)}, {"elapsed_s", elapsed}};
         if (!std::isnan(grad_norm)) rec["grad_norm"] = grad_norm;
-        if (dist.active())
+        if (dist.active()) {  // all collectives' payload (gradients, token counts, buffers), and the gradients'
           rec["comm_bytes_per_step"] = static_cast<double>(dist.comm->payload_bytes() - comm_bytes_start) / static_cast<double>(steps_this_run);
+          rec["grad_bytes_per_step"] = sync->bytes_per_step();
+          rec["grad_buckets"] = sync->num_buckets();
+        }
         log.write(rec);
         if (!progress.tty()) {
           char line[256];

@@ -390,6 +390,7 @@ TEST(DistributedTrain, BothRanksFillTheFeatureCacheEachItsShare) {
   TempDir dir;
   make_corpus(dir);
   TrainConfig c = dist_config(dir, "out");
+  c.val_split = "";
   c.encode_batch = 2;
   write_json_file(dir.file("cfg.json"), c.to_json());
   ASSERT_EQ(run(train_command(dir.file("cfg.json")) + " --build-cache --nproc 2 2>" + q(dir.file("err"))), 0) << read_bytes(dir.file("err"));
