@@ -6,6 +6,7 @@
 #include <signal.h>
 #include <sndfile.h>
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <random>
