@@ -255,17 +255,9 @@ int main(int argc, char** argv) {
   size_t total_inputs = 0;
   try {
     if (!shard.empty()) {
-      const size_t slash = shard.find('/');
-      size_t used_i = 0, used_n = 0;
-      try {
-        if (slash == std::string::npos) throw std::invalid_argument("no slash");
-        shard_index = std::stoi(shard.substr(0, slash), &used_i);
-        shard_count = std::stoi(shard.substr(slash + 1), &used_n);
-      } catch (const std::exception&) {
-        used_i = 0;
-      }
-      if (slash == std::string::npos || used_i != slash || used_n != shard.size() - slash - 1 || shard_count < 1 || shard_index < 0 ||
-          shard_index >= shard_count)
+      int used = 0;
+      if (std::sscanf(shard.c_str(), "%d/%d%n", &shard_index, &shard_count, &used) != 2 || used != static_cast<int>(shard.size()) ||
+          shard_count < 1 || shard_index < 0 || shard_index >= shard_count)
         throw std::runtime_error("--shard must be I/N with 0 <= I < N, not '" + shard + "'");
       if (stream) throw std::runtime_error("--shard is for files, not --stream");
     } else if (!stream) {
@@ -274,7 +266,7 @@ int main(int argc, char** argv) {
         shard_index = env.rank;
         shard_count = env.world_size;
         comm = Communicator::create(env, "gloo", std::chrono::seconds(dist_timeout));
-        if (threads == 0) threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / env.local_world_size);
+        if (threads == 0) threads = env.threads_per_rank();
       }
     }
     configure_threads({threads, 0});

@@ -13,9 +13,7 @@
 #include <iostream>
 #include <map>
 #include <string>
-#include <thread>
 #include <vector>
-#include <algorithm>
 
 #include <CLI/CLI.hpp>
 
@@ -106,8 +104,7 @@ int main(int argc, char** argv) {
     // Ranks on one machine share its cores unless told otherwise.
     const DistEnv env = DistEnv::from_environment();
     int threads = static_cast<int>(config.num_threads);
-    if (threads == 0 && env.local_world_size > 1)
-      threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / env.local_world_size);
+    if (threads == 0 && env.local_world_size > 1) threads = env.threads_per_rank();
     configure_threads({threads, 0});
     if (build_only) {
       build_cache(config);

@@ -27,6 +27,7 @@
 #endif
 
 #include "core/errors.h"
+#include "core/threads.h"
 
 namespace prefixcap {
 
@@ -106,6 +107,8 @@ std::string DistEnv::describe() const {
   return "rank " + std::to_string(rank) + " of " + std::to_string(world_size) + " (local " + std::to_string(local_rank) + " of " +
          std::to_string(local_world_size) + ", " + launcher + ", " + master_addr + ":" + std::to_string(master_port) + ")";
 }
+
+int DistEnv::threads_per_rank() const { return std::max(1, available_cores() / local_world_size); }
 
 Span rank_span(int64_t n, int rank, int world) {
   const int64_t base = n / world, extra = n % world;
@@ -414,11 +417,6 @@ void GradientSync::finish() {
 // ---------------------------------------------------------------------------------------
 // local workers
 
-namespace {
-
-volatile sig_atomic_t g_forward_signal = 0;
-void remember_signal(int s) { g_forward_signal = s; }
-
 int free_local_port() {
   const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
   if (fd < 0) throw std::runtime_error(std::string("socket: ") + std::strerror(errno));
@@ -434,6 +432,11 @@ int free_local_port() {
   ::close(fd);
   return ntohs(a.sin_port);
 }
+
+namespace {
+
+volatile sig_atomic_t g_forward_signal = 0;
+void remember_signal(int s) { g_forward_signal = s; }
 
 int exit_code(int status) {
   if (WIFEXITED(status)) return WEXITSTATUS(status);

@@ -45,6 +45,8 @@ struct DistEnv {
   // As above from an explicit variable table (tests).
   static DistEnv from_variables(const std::function<const char*(const char*)>& getenv);
   std::string describe() const;  // "rank 1 of 2 (local 1 of 2, torchrun, 127.0.0.1:29500)"
+  // Compute threads for one rank when none were asked for: this machine's cores shared by its ranks.
+  int threads_per_rank() const;
 };
 
 // One process group. Collectives are blocking unless named _async; every failure (a peer gone,
@@ -135,6 +137,9 @@ struct Span {
   int64_t size() const { return hi - lo; }
 };
 Span rank_span(int64_t n, int rank, int world);
+
+// A TCP port on 127.0.0.1 that was free a moment ago (for MASTER_PORT).
+int free_local_port();
 
 // caption-train --nproc N: runs argv (this program, without --nproc) N times with the torchrun
 // variables set (MASTER_ADDR 127.0.0.1, a free MASTER_PORT unless set), forwards SIGINT and

@@ -199,11 +199,11 @@ TrainResult run_loop(const TrainConfig& c, Task& task, const TrainHooks& hooks, 
   TrainResult result;
   result.last_loss = st.last_loss;
   auto checkpoint = [&](const CheckpointState& s) {
-    TensorMap tensors = task.state();
     // Every rank's generator (nothing draws after initialisation today; saved so that a resumed
-    // run stays equal if something, dropout or sampling, ever does).
+    // run stays equal if something, dropout or sampling, ever does). Rank 0 writes.
     const auto states = dist.gather(cpu_rng_state());
     if (!dist.main()) return;
+    TensorMap tensors = task.state();
     for (size_t r = 0; r < states.size(); ++r) {
       at::Tensor t = at::empty({static_cast<int64_t>(states[r].size())}, at::kByte);
       std::memcpy(t.data_ptr(), states[r].data(), states[r].size());

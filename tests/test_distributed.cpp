@@ -2,9 +2,6 @@
 // (threads of this process as the ranks), and whole runs with two ranks on localhost:
 // caption-train equal to one process with the global batch, a killed rank, resume with the same
 // and another world size, the feature cache built by both ranks, caption's shards.
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -30,18 +27,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-int free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof a;
-  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  ::close(fd);
-  return ntohs(a.sin_port);
-}
-
 DistEnv env_of(const std::map<std::string, std::string>& vars) {
   return DistEnv::from_variables([&](const char* k) -> const char* {
     auto it = vars.find(k);
@@ -52,7 +37,7 @@ DistEnv env_of(const std::map<std::string, std::string>& vars) {
 // Runs body(rank, communicator) on two threads, each one rank of a Gloo group on localhost;
 // rethrows the first exception.
 void two_ranks(const std::function<void(int, std::unique_ptr<Communicator>&)>& body, std::chrono::seconds timeout = std::chrono::seconds(30)) {
-  const int port = free_port();
+  const int port = free_local_port();
   std::exception_ptr error[2];
   std::thread threads[2];
   for (int r = 0; r < 2; ++r)
@@ -102,19 +87,22 @@ at::Tensor input_of(int rank, int micro) {
   return inputs[static_cast<size_t>(2 * rank + micro)];
 }
 
-std::string shell_env(int rank, int world, int port) {
-  return "RANK=" + std::to_string(rank) + " LOCAL_RANK=" + std::to_string(rank) + " WORLD_SIZE=" + std::to_string(world) +
-         " LOCAL_WORLD_SIZE=" + std::to_string(world) + " MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port);
+// The variables torchrun gives rank `rank` of `world` on this machine.
+std::vector<std::string> launcher_variables(int rank, int world, int port) {
+  return {"RANK=" + std::to_string(rank),        "LOCAL_RANK=" + std::to_string(rank),
+          "WORLD_SIZE=" + std::to_string(world), "LOCAL_WORLD_SIZE=" + std::to_string(world),
+          "MASTER_ADDR=127.0.0.1",               "MASTER_PORT=" + std::to_string(port)};
 }
 
-std::vector<std::string> env_argv(int rank, int world, int port, std::vector<std::string> command) {
-  std::vector<std::string> argv = {"/usr/bin/env",
-                                   "RANK=" + std::to_string(rank),
-                                   "LOCAL_RANK=" + std::to_string(rank),
-                                   "WORLD_SIZE=" + std::to_string(world),
-                                   "LOCAL_WORLD_SIZE=" + std::to_string(world),
-                                   "MASTER_ADDR=127.0.0.1",
-                                   "MASTER_PORT=" + std::to_string(port)};
+std::string shell_env(int rank, int world, int port) {
+  std::string out;
+  for (const auto& v : launcher_variables(rank, world, port)) out += (out.empty() ? "" : " ") + v;
+  return out;
+}
+
+std::vector<std::string> env_argv(int rank, int world, int port, const std::vector<std::string>& command) {
+  std::vector<std::string> argv = {"/usr/bin/env"};
+  for (auto& v : launcher_variables(rank, world, port)) argv.push_back(std::move(v));
   argv.insert(argv.end(), command.begin(), command.end());
   return argv;
 }
@@ -351,7 +339,7 @@ TEST(DistributedTrain, AKilledRankStopsTheOtherAndTheRunResumesExactly) {
 
   // Two ranks started as a launcher would; rank 1 dies right after step 4.
   const std::string out = dir.file("killed");
-  const int port = free_port();
+  const int port = free_local_port();
   std::vector<std::unique_ptr<Child>> ranks;
   const auto t0 = std::chrono::steady_clock::now();
   for (int r = 0; r < 2; ++r)
@@ -429,7 +417,7 @@ TEST(DistributedCaption, ShardsConcatenateToTheWholeAndRanksMergeOnRankZero) {
   for (const char* bad : {"2/2", "1", "a/b", "0/0", "-1/2", "1/2x"})
     EXPECT_EQ(run(cmd + " --shard " + bad + " 2>/dev/null"), 1) << bad;
   // Two ranks of a launcher: rank 0 writes both ranks' results in input order.
-  const int port = free_port();
+  const int port = free_local_port();
   ASSERT_EQ(run("(" + shell_env(1, 2, port) + " " + cmd + " 2>/dev/null >/dev/null &) ; " + shell_env(0, 2, port) + " " + cmd + " -o " +
                 q(dir.file("merged.csv")) + " 2>/dev/null"),
             0);
