@@ -459,3 +459,25 @@ TEST(DistributedTrain, RanksOnTwoHostsOverAVethPairTrainAsOnOneHost) {
   ASSERT_EQ(local.size(), 4u);
   EXPECT_EQ(train_losses(dir.file("hosts/train_log.jsonl")), local);
 }
+
+TEST(DistributedTrain, MisconfiguredRanksAreRefusedWithTheReason) {
+  TempDir dir;
+  make_corpus(dir);
+  TrainConfig c = dist_config(dir, "out");
+  c.val_split = "";
+  write_json_file(dir.file("cfg.json"), c.to_json());
+  const std::string cmd = train_command(dir.file("cfg.json"));
+  // --nproc under a launcher: the launcher already started the ranks.
+  EXPECT_EQ(run(shell_env(0, 2, free_local_port()) + " " + cmd + " --nproc 2 2>" + q(dir.file("e1"))), 1);
+  EXPECT_NE(read_bytes(dir.file("e1")).find("cannot run under a launcher (RANK is set)"), std::string::npos) << read_bytes(dir.file("e1"));
+  // NCCL is for CUDA tensors.
+  EXPECT_EQ(run(shell_env(0, 2, free_local_port()) + " " + cmd + " --dist-backend nccl 2>" + q(dir.file("e2"))), 1);
+  EXPECT_NE(read_bytes(dir.file("e2")).find("dist_backend nccl needs device cuda"), std::string::npos) << read_bytes(dir.file("e2"));
+  // Two ranks started with different options.
+  const int port = free_local_port();
+  EXPECT_NE(run("(" + shell_env(1, 2, port) + " " + cmd + " --lr 0.5 2>/dev/null &) ; " + shell_env(0, 2, port) + " " + cmd + " 2>" +
+                q(dir.file("e3"))),
+            0);
+  EXPECT_NE(read_bytes(dir.file("e3")).find("rank 1 runs another configuration or dataset than rank 0"), std::string::npos)
+      << read_bytes(dir.file("e3"));
+}
