@@ -49,13 +49,18 @@ at::Tensor run_prompt(Gpt2ModelImpl& lm, const Prompt& prompt, KvCache& cache, d
   return at::log_softmax(logits / temperature, -1);
 }
 
-at::Tensor step(Gpt2ModelImpl& lm, KvCache& cache, const at::Tensor& last_tokens, double temperature) {
+// Logits of the next token after `last_tokens` [N] (float32, divided by the temperature).
+at::Tensor step_logits(Gpt2ModelImpl& lm, KvCache& cache, const at::Tensor& last_tokens, double temperature) {
   Gpt2Input in;
   in.input_ids = last_tokens.unsqueeze(1);  // [N, 1]
   in.cache = &cache;
   in.logits = LogitsMode::Last;
   at::Tensor logits = lm.forward(in).logits.to(at::kFloat);
-  return at::log_softmax(logits / temperature, -1);
+  return temperature == 1.0 ? logits : logits / temperature;
+}
+
+at::Tensor step(Gpt2ModelImpl& lm, KvCache& cache, const at::Tensor& last_tokens, double temperature) {
+  return at::log_softmax(step_logits(lm, cache, last_tokens, temperature), -1);
 }
 
 }  // namespace
@@ -168,20 +173,28 @@ std::vector<std::vector<DecodedSequence>> generate_beam(Gpt2ModelImpl& lm, const
   cache.select_rows(at::arange(B, long_opts).repeat_interleave(K));  // every beam shares the prompt
   at::Tensor batch_base = (at::arange(B, long_opts) * K).unsqueeze(-1);  // [B, 1]
 
+  // A beam's candidates are ranked by (score + logp) / length, which for one beam grows with
+  // logp: the K best of all K*V are among each beam's K most likely tokens. So each step ranks
+  // K*K candidates, not K*V (the same choice; only the log-softmax normaliser is needed in full).
+  const int64_t C = std::min<int64_t>(K, V);  // candidates kept per beam
+  at::Tensor stop_logp = at::full({C}, -std::numeric_limits<double>::infinity(), scores.options());
+  stop_logp[0] = 0.0;  // a stopped beam: only token 0, at no cost
+  const at::Tensor stop_ids = at::zeros({C}, long_opts);
   for (int t = 1; t < o.max_tokens; ++t) {
     if (stopped.all().item<bool>()) break;
     at::Tensor last = tokens.select(-1, tokens.size(-1) - 1).reshape({B * K});
-    at::Tensor rows = step(lm, cache, last, o.temperature).to(at::kDouble).view({B, K, V});
-    // Stopped beams: only token 0, at no cost.
-    at::Tensor stop_row = at::full({V}, -std::numeric_limits<double>::infinity(), rows.options());
-    stop_row[0] = 0.0;
-    rows = at::where(stopped.unsqueeze(-1), stop_row.view({1, 1, V}), rows);
+    at::Tensor logits = step_logits(lm, cache, last, o.temperature);  // [B*K, V]
+    auto top = logits.topk(C, -1);
+    at::Tensor logp = (std::get<0>(top) - at::logsumexp(logits, -1, /*keepdim=*/true)).to(at::kDouble).view({B, K, C});
+    at::Tensor ids = std::get<1>(top).view({B, K, C});
+    logp = at::where(stopped.unsqueeze(-1), stop_logp.view({1, 1, C}), logp);
+    ids = at::where(stopped.unsqueeze(-1), stop_ids.view({1, 1, C}), ids);
     lengths = lengths + stopped.logical_not().to(at::kLong);
-    at::Tensor candidates = (scores.unsqueeze(-1) + rows) / lengths.unsqueeze(-1).to(at::kDouble);
-    auto best = candidates.view({B, K * V}).topk(K, -1);              // [B, K]
+    at::Tensor candidates = (scores.unsqueeze(-1) + logp) / lengths.unsqueeze(-1).to(at::kDouble);
+    auto best = candidates.view({B, K * C}).topk(K, -1);              // [B, K]
     at::Tensor values = std::get<0>(best);
-    at::Tensor source = at::div(std::get<1>(best), V, "floor");
-    at::Tensor next = std::get<1>(best).remainder(V);
+    at::Tensor source = at::div(std::get<1>(best), C, "floor");
+    at::Tensor next = ids.view({B, K * C}).gather(1, std::get<1>(best));
     lengths = lengths.gather(1, source);
     stopped = stopped.gather(1, source) | is_stop(next, o.stop_token_ids);
     tokens = at::cat({tokens.gather(1, source.unsqueeze(-1).expand({B, K, tokens.size(-1)})), next.unsqueeze(-1)}, -1);

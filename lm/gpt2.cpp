@@ -85,10 +85,33 @@ Json Gpt2Config::to_json() const {
 // ---------------------------------------------------------------------------------------
 // KV cache
 
+namespace {
+
+// Whether `past` is the first past.size(2) positions of `storage` (see LayerKv).
+bool views_storage(const at::Tensor& past, const at::Tensor& storage) {
+  return storage.defined() && past.defined() && past.data_ptr() == storage.data_ptr() &&
+         past.strides() == storage.strides() && past.size(0) == storage.size(0) && past.size(1) == storage.size(1) &&
+         past.size(3) == storage.size(3) && past.size(2) <= storage.size(2);
+}
+
+// Rows `index` of a key or value tensor; when it views its storage, the storage's rows (one
+// copy, the room to grow kept) instead of the view's (a copy now and another at the next append).
+void select_kv_rows(at::Tensor& kv, at::Tensor& storage, const at::Tensor& index) {
+  if (views_storage(kv, storage)) {
+    storage = storage.index_select(0, index);
+    kv = storage.narrow(2, 0, kv.size(2));
+  } else {
+    kv = kv.index_select(0, index);
+    storage = at::Tensor();
+  }
+}
+
+}  // namespace
+
 void KvCache::select_rows(const at::Tensor& index) {
   for (auto& layer : layers) {
-    layer.key = layer.key.index_select(0, index);
-    layer.value = layer.value.index_select(0, index);
+    select_kv_rows(layer.key, layer.key_storage, index);
+    select_kv_rows(layer.value, layer.value_storage, index);
   }
   if (key_mask.defined()) key_mask = key_mask.index_select(0, index);
 }
@@ -136,11 +159,66 @@ Conv1DImpl::Conv1DImpl(int64_t in_features, int64_t out_features) {
 
 at::Tensor Conv1DImpl::forward(const at::Tensor& x) {
   auto out_shape = x.sizes().vec();
-  out_shape.back() = weight.size(0);
+  out_shape.back() = packed.defined() ? packed.rows() : weight.size(0);
   at::Tensor rows = x.reshape({-1, x.size(-1)});
+  if (packed.defined()) return packed_linear(rows, packed, bias).view(out_shape);
   if (skinny_applicable(rows, weight)) return skinny_matmul_nk(rows, weight, bias).view(out_shape);  // decoding
   return at::linear(rows, weight, bias).view(out_shape);
 }
+
+namespace {
+
+// past [B, H, S, D] followed by new_kv [B, H, T, D] along dim 2. Inference writes into `storage`
+// (room for 16 more positions each time it grows) instead of copying the whole past each step;
+// with gradients, a plain cat.
+at::Tensor append_kv(const at::Tensor& past, at::Tensor& storage, const at::Tensor& new_kv) {
+  if (c10::GradMode::is_enabled() && (past.requires_grad() || new_kv.requires_grad()))
+    return at::cat({past, new_kv}, 2);
+  const int64_t S = past.size(2), T = new_kv.size(2);
+  if (!views_storage(past, storage) || storage.scalar_type() != new_kv.scalar_type() || storage.size(2) < S + T) {
+    at::Tensor grown = at::empty({past.size(0), past.size(1), S + T + 16, past.size(3)}, new_kv.options());
+    grown.narrow(2, 0, S).copy_(past);
+    storage = grown;
+  }
+  storage.narrow(2, S, T).copy_(new_kv);
+  return storage.narrow(2, 0, S + T);
+}
+
+// LayerNorm over the last dimension, for the few rows of a decode step: one pass per row
+// instead of LibTorch's general kernel (whose fixed cost dominates at this size). Float32, no
+// autograd; mean and variance accumulated in double.
+bool few_rows_layer_norm_applicable(const at::Tensor& x, const torch::nn::LayerNorm& ln) {
+  return x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() &&
+         x.numel() / x.size(-1) <= kMaxPackedFusedRows && ln->weight.defined() &&
+         ln->weight.scalar_type() == at::kFloat && !(c10::GradMode::is_enabled() && (x.requires_grad() || ln->weight.requires_grad()));
+}
+
+at::Tensor few_rows_layer_norm(const at::Tensor& x, const torch::nn::LayerNorm& ln) {
+  const int64_t C = x.size(-1), rows = x.numel() / C;
+  const double eps = ln->options.eps();
+  at::Tensor y = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* g = ln->weight.data_ptr<float>();
+  const float* b = ln->bias.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = xp + r * C;
+    double sum = 0, sq = 0;
+    for (int64_t c = 0; c < C; ++c) sum += xr[c];
+    const double mean = sum / double(C);
+    for (int64_t c = 0; c < C; ++c) sq += (xr[c] - mean) * (xr[c] - mean);
+    const float m = static_cast<float>(mean), inv = static_cast<float>(1.0 / std::sqrt(sq / double(C) + eps));
+    float* yr = yp + r * C;
+    for (int64_t c = 0; c < C; ++c) yr[c] = (xr[c] - m) * inv * g[c] + b[c];
+  }
+  return y;
+}
+
+at::Tensor layer_norm(torch::nn::LayerNorm ln, const at::Tensor& x) {
+  return few_rows_layer_norm_applicable(x, ln) ? few_rows_layer_norm(x, ln) : ln(x);
+}
+
+}  // namespace
 
 Gpt2AttentionImpl::Gpt2AttentionImpl(const Gpt2Config& config)
     : n_head_(config.n_head), head_dim_(config.head_dim()) {
@@ -157,13 +235,15 @@ at::Tensor Gpt2AttentionImpl::forward(const at::Tensor& x, LayerKv* cache, const
   at::Tensor q = heads(qkv[0]), k = heads(qkv[1]), v = heads(qkv[2]);
   if (cache) {
     if (cache->key.defined()) {
-      k = at::cat({cache->key, k}, 2);
-      v = at::cat({cache->value, v}, 2);
+      k = append_kv(cache->key, cache->key_storage, k);
+      v = append_kv(cache->value, cache->value_storage, v);
     }
     cache->key = k;
     cache->value = v;
   }
   const double scale = 1.0 / std::sqrt(double(head_dim_));
+  if (T == 1 && decode_attention_applicable(q, k, v))  // decoding
+    return c_proj(decode_attention(q, k, v, attn_bias, scale).reshape({B, 1, C}));
   if (T == 1) {
     // One query per sequence (decoding): broadcast multiply + reduce. LibTorch's CPU bmm
     // loops over the B*H tiny products one by one and cost more than the weights here.
@@ -214,8 +294,8 @@ Gpt2BlockImpl::Gpt2BlockImpl(const Gpt2Config& config) {
 }
 
 at::Tensor Gpt2BlockImpl::forward(const at::Tensor& x, LayerKv* cache, const at::Tensor& attn_bias) {
-  at::Tensor h = x + attn(ln_1(x), cache, attn_bias);
-  return h + mlp(ln_2(h));
+  at::Tensor h = x + attn(layer_norm(ln_1, x), cache, attn_bias);
+  return h + mlp(layer_norm(ln_2, h));
 }
 
 Gpt2ModelImpl::Gpt2ModelImpl(const Gpt2Config& config) : config_(config) {
@@ -234,10 +314,16 @@ Gpt2ModelImpl::Gpt2ModelImpl(const Gpt2Config& config) : config_(config) {
 }
 
 at::Tensor Gpt2ModelImpl::embed_tokens(const at::Tensor& input_ids) {
+  if (wte_packed_.defined()) return wte_packed_.lookup_rows(input_ids);
   return wte(input_ids);
 }
 
 at::Tensor Gpt2ModelImpl::head(const at::Tensor& hidden) {
+  if (head_packed_.defined()) {
+    auto shape = hidden.sizes().vec();
+    shape.back() = head_packed_.rows();
+    return packed_linear(hidden.reshape({-1, hidden.size(-1)}), head_packed_).view(shape);
+  }
   const at::Tensor& w = lm_head ? lm_head->weight : wte->weight;  // [V, C]
   if (skinny_applicable(hidden, w)) return skinny_matmul_nk(hidden, w);  // decoding
   return at::matmul(hidden, w.t());
@@ -335,7 +421,7 @@ Gpt2Output Gpt2ModelImpl::forward(const Gpt2Input& input) {
     if (input.output_hidden_states) out.hidden_states.push_back(x);
   }
   if (cache) cache->next_position = first_position + N;
-  x = ln_f(x);
+  x = layer_norm(ln_f, x);
   out.last_hidden_state = x;
   if (input.logits == LogitsMode::All) out.logits = head(x);
   else if (input.logits == LogitsMode::Last) out.logits = head(x.select(1, N - 1));
@@ -374,6 +460,9 @@ void Gpt2ModelImpl::load_weights(const TensorMap& weights, const std::string& so
 }
 
 TensorMap Gpt2ModelImpl::hf_state_dict() const {
+  if (weight_dtype_ != WeightDtype::Float32)
+    throw std::logic_error(std::string("GPT-2: the weights are packed as ") + weight_dtype_name(weight_dtype_) +
+                           " for inference and can no longer be saved");
   TensorMap out;
   for (const auto& item : named_parameters()) {
     at::Tensor t = item.value().detach();
@@ -385,6 +474,44 @@ TensorMap Gpt2ModelImpl::hf_state_dict() const {
 void Gpt2ModelImpl::freeze() {
   for (auto& p : parameters()) p.set_requires_grad(false);
   eval();
+}
+
+void Gpt2ModelImpl::pack_weights(WeightDtype dtype) {
+  if (dtype == WeightDtype::Float32) return;
+  if (weight_dtype_ != WeightDtype::Float32)
+    throw std::logic_error(std::string("GPT-2: the weights are already packed as ") + weight_dtype_name(weight_dtype_));
+  if (wte->weight.scalar_type() != at::kFloat || !wte->weight.device().is_cpu())
+    throw std::invalid_argument(std::string("GPT-2: --lm-dtype ") + weight_dtype_name(dtype) +
+                                " packs a float32 model on the CPU; this one is " +
+                                c10::toString(wte->weight.scalar_type()) + " on " + wte->weight.device().str());
+  torch::NoGradGuard no_grad;
+  auto pack = [&](at::Tensor& weight) {
+    PackedWeight p = pack_weight(weight, dtype);
+    weight.set_data(at::empty({0}, weight.options()));  // the float32 copy is released
+    return p;
+  };
+  for (auto& block : blocks_)
+    for (Conv1DImpl* conv : {block->attn->c_attn.get(), block->attn->c_proj.get(), block->mlp->c_fc.get(),
+                             block->mlp->c_proj.get()})
+      conv->packed = pack(conv->weight);
+  wte_packed_ = pack(wte->weight);
+  head_packed_ = lm_head ? pack(lm_head->weight) : wte_packed_;
+  weight_dtype_ = dtype;
+}
+
+double Gpt2ModelImpl::decode_weight_bytes() const {
+  double bytes = 0;
+  for (const auto& item : named_parameters()) {
+    if (item.key() == "wpe.weight") continue;
+    bytes += double(item.value().numel()) * item.value().element_size();
+  }
+  for (const auto& block : blocks_)
+    for (const Conv1DImpl* conv : {block->attn->c_attn.get(), block->attn->c_proj.get(), block->mlp->c_fc.get(),
+                                   block->mlp->c_proj.get()})
+      bytes += double(conv->packed.bytes());
+  bytes += double(wte_packed_.bytes());
+  if (lm_head) bytes += double(head_packed_.bytes());
+  return bytes + double(config_.n_embd) * 4;  // one row of wpe
 }
 
 Gpt2Model load_gpt2(const std::string& path) {

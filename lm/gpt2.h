@@ -5,6 +5,7 @@
 #pragma once
 
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <torch/nn/module.h>
@@ -16,6 +17,7 @@
 
 #include "core/json_config.h"
 #include "core/tensor_map.h"
+#include "lm/skinny_matmul.h"
 
 namespace prefixcap {
 
@@ -43,8 +45,14 @@ struct Gpt2Config {
 
 // Keys and values of one layer in the per-head space after c_attn: [B, n_head, S, head_dim].
 struct LayerKv {
+  LayerKv() = default;
+  LayerKv(at::Tensor k, at::Tensor v) : key(std::move(k)), value(std::move(v)) {}
   at::Tensor key;
   at::Tensor value;
+  // Decoding appends in place: key/value are then views of these, which have room along dim 2
+  // for the tokens to come (reallocated, larger, when full or when key no longer views them).
+  // A copied cache shares them: decode from one copy only (select_rows gives a fresh one).
+  at::Tensor key_storage, value_storage;
 };
 
 // Incremental-decoding state: every layer's keys/values so far, which of those keys are real
@@ -102,8 +110,9 @@ class Conv1DImpl : public torch::nn::Module {
  public:
   Conv1DImpl(int64_t in_features, int64_t out_features);
   at::Tensor forward(const at::Tensor& x);
-  at::Tensor weight;  // [out, in]
+  at::Tensor weight;  // [out, in]; emptied once packed
   at::Tensor bias;    // [out]
+  PackedWeight packed;  // set by Gpt2ModelImpl::pack_weights: the weight in a compact type
 };
 TORCH_MODULE(Conv1D);
 
@@ -156,6 +165,15 @@ class Gpt2ModelImpl : public torch::nn::Module {
   TensorMap hf_state_dict() const;
   // No parameter requires grad; gradients still flow to prefix inputs.
   void freeze();
+  // Inference in less memory (`--lm-dtype`): the four matrices of every block and the token
+  // embedding / output head are kept as bfloat16, or int8 with one scale per output row (see
+  // PackedWeight), and their float32 copies are released; activations, LayerNorms, biases and
+  // position embeddings stay float32. Float32 leaves the model as it is. CPU float32 models
+  // only, once; afterwards the model cannot be saved, moved to another device or trained.
+  void pack_weights(WeightDtype dtype);
+  WeightDtype weight_dtype() const { return weight_dtype_; }
+  // Bytes of weights a decode step reads (all but the position embeddings).
+  double decode_weight_bytes() const;
   // GPT-2's initialisation for a model trained from scratch: weights N(0, 0.02), the residual
   // projections (c_proj) N(0, 0.02 / sqrt(2 n_layer)), biases 0, LayerNorms 1 / 0.
   void init_weights();
@@ -170,6 +188,8 @@ class Gpt2ModelImpl : public torch::nn::Module {
  private:
   Gpt2Config config_;
   std::vector<Gpt2Block> blocks_;
+  WeightDtype weight_dtype_ = WeightDtype::Float32;
+  PackedWeight wte_packed_, head_packed_;  // the same tensors when tied
 };
 TORCH_MODULE(Gpt2Model);
 

@@ -1,10 +1,13 @@
 #include "lm/short_attention.h"
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 namespace prefixcap {
@@ -135,6 +138,68 @@ bool short_attention_applicable(const at::Tensor& q, const at::Tensor& k) {
 at::Tensor short_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
                            double scale) {
   return ShortAttention::apply(q, k, v, bias, scale);
+}
+
+bool decode_attention_applicable(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  auto ok = [](const at::Tensor& t) {
+    return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4 && t.stride(3) == 1 &&
+           !(c10::GradMode::is_enabled() && t.requires_grad());
+  };
+  return ok(q) && ok(k) && ok(v) && q.size(2) == 1 && k.sizes() == v.sizes() && k.size(0) == q.size(0) &&
+         k.size(1) == q.size(1) && k.size(3) == q.size(3) && k.size(2) > 0;
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias_in,
+                            double scale_in) {
+  TORCH_CHECK(decode_attention_applicable(q, k, v), "decode_attention: unsupported inputs q ", q.sizes(), ", k ",
+              k.sizes(), ", v ", v.sizes());
+  const int64_t B = q.size(0), H = q.size(1), S = k.size(2), D = q.size(3);
+  at::Tensor bias;
+  if (bias_in.defined()) {
+    bias = bias_in.to(at::kFloat).reshape({-1, S}).contiguous();
+    TORCH_CHECK(bias.size(0) == 1 || bias.size(0) == B, "decode_attention: bias ", bias_in.sizes(), " for batch ", B);
+  }
+  at::Tensor y = at::empty({B, H, D}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  const int64_t bias_rows = bias.defined() ? bias.size(0) : 0;
+  float* yp = y.data_ptr<float>();
+  const float scale = static_cast<float>(scale_in);
+  at::parallel_for(0, B * H, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(static_cast<size_t>(S));
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const float* qr = qp + b * q.stride(0) + h * q.stride(1);
+      const float* kb = kp + b * k.stride(0) + h * k.stride(1);
+      const float* vb = vp + b * v.stride(0) + h * v.stride(1);
+      const float* br = bp ? bp + (bias_rows == 1 ? 0 : b) * S : nullptr;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t s = 0; s < S; ++s) {
+        const float* kr = kb + s * k.stride(2);
+        float acc[16] = {0};
+        int64_t j = 0;
+        for (; j + 16 <= D; j += 16)
+          for (int l = 0; l < 16; ++l) acc[l] += qr[j + l] * kr[j + l];
+        float dot = 0.f;
+        for (; j < D; ++j) dot += qr[j] * kr[j];
+        for (int l = 0; l < 16; ++l) dot += acc[l];
+        p[s] = dot * scale + (br ? br[s] : 0.f);
+        mx = std::max(mx, p[s]);
+      }
+      float sum = 0.f;
+      for (int64_t s = 0; s < S; ++s) {
+        p[s] = std::exp(p[s] - mx);
+        sum += p[s];
+      }
+      const float inv = 1.f / sum;
+      float* out = yp + bh * D;
+      for (int64_t j = 0; j < D; ++j) out[j] = 0.f;
+      for (int64_t s = 0; s < S; ++s) axpy(D, p[s] * inv, vb + s * v.stride(2), out);
+    }
+  });
+  return y;
 }
 
 }  // namespace prefixcap

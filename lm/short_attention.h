@@ -17,4 +17,13 @@ bool short_attention_applicable(const at::Tensor& q, const at::Tensor& k);
 at::Tensor short_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
                            double scale);
 
+// Decoding: one query per sequence. softmax(q k^T * scale + bias) v for q [B, H, 1, D] and k, v
+// [B, H, S, D] whose last dimension is contiguous (views of a KV cache are fine), bias additive
+// [B or 1, 1, 1, S] (or undefined) -> [B, H, D]. Inference only (no autograd), float32 CPU: one
+// pass per (batch, head) instead of the six tensor operations (and [B, H, S, D] temporary) of
+// the broadcast form.
+bool decode_attention_applicable(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
+                            double scale);
+
 }  // namespace prefixcap

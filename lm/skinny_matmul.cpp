@@ -1,11 +1,19 @@
 #include "lm/skinny_matmul.h"
 
 #include <algorithm>
+#include <atomic>
+#include <cstdint>
 #include <cstring>
+#include <stdexcept>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/GradMode.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define PREFIXCAP_X86_KERNELS 1
+#include <immintrin.h>
+#endif
 
 namespace prefixcap {
 
@@ -18,33 +26,179 @@ namespace {
 #define PREFIXCAP_CLONES
 #endif
 
-// y[m, n] = dot(x[m, :], w[n, :]) for n in [n0, n1). The row w[n, :] comes from memory once;
-// the M dot products re-read it from L1.
-PREFIXCAP_CLONES
-void nk_rows(const float* __restrict x, const float* __restrict w, float* __restrict y, int64_t M, int64_t K,
-             int64_t N, int64_t n0, int64_t n1) {
+// Weight element -> float. bfloat16 is carried as its raw 16 bits (the upper half of a float).
+inline float to_float(float v) { return v; }
+inline float to_float(int8_t v) { return static_cast<float>(v); }
+inline float to_float(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// y[m, n] = scale[n] * dot(x[m, :], w[n, :]) + bias[n] for n in [n0, n1) (scale null = 1, bias
+// null = 0). The row
+// w[n, :] comes from memory once; the M dot products re-read it from L1.
+template <typename W>
+PREFIXCAP_CLONES void generic_rows(const float* __restrict x, const W* __restrict w, const float* __restrict scale,
+                                   const float* __restrict bias, float* __restrict y, int64_t M, int64_t K, int64_t N,
+                                   int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
-    const float* __restrict wn = w + n * K;
+    const W* __restrict wn = w + n * K;
     for (int64_t m = 0; m < M; ++m) {
       const float* __restrict xm = x + m * K;
       float acc[16] = {0};
       int64_t k = 0;
       for (; k + 16 <= K; k += 16)
-        for (int l = 0; l < 16; ++l) acc[l] += wn[k + l] * xm[k + l];
+        for (int l = 0; l < 16; ++l) acc[l] += to_float(wn[k + l]) * xm[k + l];
       float s = 0;
-      for (; k < K; ++k) s += wn[k] * xm[k];
+      for (; k < K; ++k) s += to_float(wn[k]) * xm[k];
       for (int l = 0; l < 16; ++l) s += acc[l];
-      y[m * N + n] = s;
+      if (scale) s *= scale[n];
+      y[m * N + n] = bias ? s + bias[n] : s;
     }
   }
 }
 
+#if PREFIXCAP_X86_KERNELS
+#define PREFIXCAP_AVX512 __attribute__((target("avx512f")))
+// GCC 12 reports its own _mm512_undefined_* (inside the reduce intrinsics) as uninitialised.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+// 16 weights as 16 floats.
+PREFIXCAP_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+PREFIXCAP_AVX512 inline __m512 load16(const uint16_t* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+PREFIXCAP_AVX512 inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// One tile: NB weight rows from n times MB input rows from m0, all of K (K % 16 == 0). Each
+// 16 weights are loaded and converted once and used MB times from registers: 4 x 6 tiles keep
+// 24 accumulators + 4 weight vectors + 1 input vector in the 32 zmm registers, so that a beam
+// of 5 converts each weight once (conversion, not FMAs, is what int8/bfloat16 spend most on).
+template <int NB, int MB, typename W>
+PREFIXCAP_AVX512 void avx512_tile(const float* __restrict x, const W* __restrict w, const float* __restrict scale,
+                                  const float* __restrict bias, float* __restrict y, int64_t K, int64_t N, int64_t n,
+                                  int64_t m0) {
+  __m512 acc[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+  const W* wrow = w + n * K;
+  const float* xrow = x + m0 * K;
+  for (int64_t k = 0; k < K; k += 16) {
+    __m512 wv[NB];
+    for (int j = 0; j < NB; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(wrow + (NB + j) * K + k), _MM_HINT_T0);  // the next tile
+      wv[j] = load16(wrow + j * K + k);
+    }
+    for (int i = 0; i < MB; ++i) {
+      const __m512 xv = _mm512_loadu_ps(xrow + i * K + k);
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) {
+      float s = _mm512_reduce_add_ps(acc[i][j]);
+      if (scale) s *= scale[n + j];
+      y[(m0 + i) * N + n + j] = bias ? s + bias[n + j] : s;
+    }
+}
+
+template <int NB, typename W>
+PREFIXCAP_AVX512 void avx512_row_block(const float* x, const W* w, const float* scale, const float* bias, float* y,
+                                       int64_t M, int64_t K, int64_t N, int64_t n) {
+  int64_t m = 0;
+  for (; m + 6 <= M; m += 6) avx512_tile<NB, 6>(x, w, scale, bias, y, K, N, n, m);
+  switch (M - m) {
+    case 5: avx512_tile<NB, 5>(x, w, scale, bias, y, K, N, n, m); break;
+    case 4: avx512_tile<NB, 4>(x, w, scale, bias, y, K, N, n, m); break;
+    case 3: avx512_tile<NB, 3>(x, w, scale, bias, y, K, N, n, m); break;
+    case 2: avx512_tile<NB, 2>(x, w, scale, bias, y, K, N, n, m); break;
+    case 1: avx512_tile<NB, 1>(x, w, scale, bias, y, K, N, n, m); break;
+    default: break;
+  }
+}
+
+template <typename W>
+PREFIXCAP_AVX512 void avx512_rows(const float* x, const W* w, const float* scale, const float* bias, float* y,
+                                  int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) avx512_row_block<4>(x, w, scale, bias, y, M, K, N, n);
+  for (; n < n1; ++n) avx512_row_block<1>(x, w, scale, bias, y, M, K, N, n);
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#endif
+
+bool detect_avx512f() {
+#if PREFIXCAP_X86_KERNELS
+  return __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
+std::atomic<SkinnyIsa>& isa_choice() {
+  static std::atomic<SkinnyIsa> isa{detect_avx512f() ? SkinnyIsa::Avx512 : SkinnyIsa::Generic};
+  return isa;
+}
+
+// y = scale * (x @ w^T) + bias, split over LibTorch's threads in blocks of 4 weight rows.
+template <typename W>
+void run_rows(const float* x, const W* w, const float* scale, const float* bias, float* y, int64_t M, int64_t K,
+              int64_t N) {
+  const bool avx512 = isa_choice().load() == SkinnyIsa::Avx512 && K % 16 == 0;
+  const int64_t blocks = (N + 3) / 4;
+  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+    const int64_t n0 = b0 * 4, n1 = std::min(N, b1 * 4);
+#if PREFIXCAP_X86_KERNELS
+    if (avx512) return avx512_rows(x, w, scale, bias, y, M, K, N, n0, n1);
+#endif
+    (void)avx512;
+    generic_rows(x, w, scale, bias, y, M, K, N, n0, n1);
+  });
+}
+
+bool cpu_float_input(const at::Tensor& x) {
+  return x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu();
+}
+
+bool wants_grad(const at::Tensor& x) { return c10::GradMode::is_enabled() && x.requires_grad(); }
+
+// The bias as N contiguous floats, or undefined.
+at::Tensor float_bias(const at::Tensor& bias, int64_t N) {
+  if (!bias.defined()) return bias;
+  TORCH_CHECK(bias.numel() == N && bias.scalar_type() == at::kFloat && bias.device().is_cpu(),
+              "skinny matmul: expected a float32 CPU bias of ", N, " values, got ", bias.scalar_type(), " ",
+              bias.sizes());
+  return bias.contiguous();
+}
+
 }  // namespace
 
+bool cpu_has_avx512f() { return detect_avx512f(); }
+
+SkinnyIsa skinny_isa() { return isa_choice().load(); }
+
+const char* skinny_isa_name(SkinnyIsa isa) { return isa == SkinnyIsa::Avx512 ? "avx512" : "generic"; }
+
+void force_skinny_isa(SkinnyIsa isa) {
+  if (isa == SkinnyIsa::Avx512 && !detect_avx512f())
+    throw std::invalid_argument("the AVX-512 kernels need a processor with AVX-512F; this one has none");
+  isa_choice().store(isa);
+}
+
 bool skinny_applicable(const at::Tensor& x, const at::Tensor& weight) {
-  if (x.dim() != 2 || x.size(0) > kMaxSkinnyRows || x.size(0) == 0) return false;
-  if (x.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat) return false;
-  if (!x.device().is_cpu() || !weight.device().is_cpu()) return false;
+  if (!cpu_float_input(x) || x.size(0) > kMaxSkinnyRows || x.size(0) == 0) return false;
+  if (weight.scalar_type() != at::kFloat || !weight.device().is_cpu()) return false;
   if (!weight.is_contiguous()) return false;
   if (c10::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad())) return false;
   return true;
@@ -54,12 +208,101 @@ at::Tensor skinny_matmul_nk(const at::Tensor& x_in, const at::Tensor& w, const a
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   TORCH_CHECK(w.size(1) == K, "skinny_matmul_nk: x ", x.sizes(), " and w ", w.sizes(), " do not fit");
+  const at::Tensor b = float_bias(bias, N);
+  at::Tensor y = at::empty({M, N}, x.options());
+  run_rows(x.data_ptr<float>(), w.data_ptr<float>(), nullptr, b.defined() ? b.data_ptr<float>() : nullptr,
+           y.data_ptr<float>(), M, K, N);
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------
+// packed weights
+
+WeightDtype parse_weight_dtype(const std::string& name) {
+  if (name == "float32") return WeightDtype::Float32;
+  if (name == "bfloat16") return WeightDtype::BFloat16;
+  if (name == "int8") return WeightDtype::Int8;
+  throw std::invalid_argument("weight type '" + name + "' is not one of float32, bfloat16, int8");
+}
+
+const char* weight_dtype_name(WeightDtype dtype) {
+  switch (dtype) {
+    case WeightDtype::BFloat16: return "bfloat16";
+    case WeightDtype::Int8: return "int8";
+    default: return "float32";
+  }
+}
+
+int weight_dtype_bytes(WeightDtype dtype) {
+  return dtype == WeightDtype::Float32 ? 4 : dtype == WeightDtype::BFloat16 ? 2 : 1;
+}
+
+size_t PackedWeight::bytes() const {
+  size_t n = defined() ? data.numel() * data.element_size() : 0;
+  if (scale.defined()) n += scale.numel() * scale.element_size();
+  return n;
+}
+
+at::Tensor PackedWeight::dequantize() const {
+  at::Tensor w = data.to(at::kFloat);
+  return dtype == WeightDtype::Int8 ? w.mul_(scale.unsqueeze(1)) : w;
+}
+
+at::Tensor PackedWeight::lookup_rows(const at::Tensor& index) const {
+  const at::Tensor flat = index.reshape({-1});
+  at::Tensor rows = data.index_select(0, flat).to(at::kFloat);
+  if (dtype == WeightDtype::Int8) rows.mul_(scale.index_select(0, flat).unsqueeze(1));
+  auto shape = index.sizes().vec();
+  shape.push_back(cols());
+  return rows.view(shape);
+}
+
+PackedWeight pack_weight(const at::Tensor& weight, WeightDtype dtype) {
+  if (weight.dim() != 2 || weight.scalar_type() != at::kFloat || !weight.device().is_cpu())
+    throw std::invalid_argument("pack_weight: expected a float32 CPU matrix, got " +
+                                std::string(c10::toString(weight.scalar_type())) + " " + c10::str(weight.sizes()));
+  c10::NoGradGuard no_grad;
+  PackedWeight p;
+  p.dtype = dtype;
+  const at::Tensor w = weight.detach();
+  switch (dtype) {
+    case WeightDtype::Float32: p.data = w.contiguous().clone(); break;
+    case WeightDtype::BFloat16: p.data = w.to(at::kBFloat16).contiguous(); break;
+    case WeightDtype::Int8: {
+      const at::Tensor amax = w.abs().amax(1);
+      p.scale = (amax / 127.0f).contiguous();
+      // An all-zero row keeps scale 0 and q 0; divide by 1 there instead of 0.
+      const at::Tensor divisor = at::where(amax > 0, p.scale, at::ones_like(p.scale));
+      p.data = (w / divisor.unsqueeze(1)).round_().clamp_(-127, 127).to(at::kChar).contiguous();
+      break;
+    }
+  }
+  return p;
+}
+
+at::Tensor packed_linear(const at::Tensor& x_in, const PackedWeight& w, const at::Tensor& bias) {
+  TORCH_CHECK(w.defined(), "packed_linear: the weight is empty");
+  TORCH_CHECK(cpu_float_input(x_in), "packed_linear: expected float32 CPU rows [M, K], got ",
+              x_in.scalar_type(), " ", x_in.sizes(), " on ", x_in.device());
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = w.rows();
+  TORCH_CHECK(w.cols() == K, "packed_linear: x ", x_in.sizes(), " and w [", N, ", ", w.cols(), "] do not fit");
+  const int64_t fused_rows = w.dtype == WeightDtype::Float32 ? kMaxSkinnyRows : kMaxPackedFusedRows;
+  if (M == 0 || M > fused_rows || wants_grad(x_in)) return at::linear(x_in, w.dequantize(), bias);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor b = float_bias(bias, N);
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   at::Tensor y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { nk_rows(xp, wp, yp, M, K, N, n0, n1); });
-  if (bias.defined()) y.add_(bias);
+  switch (w.dtype) {
+    case WeightDtype::Float32: run_rows(xp, w.data.data_ptr<float>(), nullptr, bp, yp, M, K, N); break;
+    case WeightDtype::BFloat16:
+      run_rows(xp, reinterpret_cast<const uint16_t*>(w.data.data_ptr<at::BFloat16>()), nullptr, bp, yp, M, K, N);
+      break;
+    case WeightDtype::Int8:
+      run_rows(xp, w.data.data_ptr<int8_t>(), w.scale.data_ptr<float>(), bp, yp, M, K, N);
+      break;
+  }
   return y;
 }
 

@@ -1,19 +1,72 @@
 // Matrix products with few rows (decoding: 1 row per sequence, a handful of beams). BLAS gemm
 // packs the whole weight matrix before multiplying, which for a few rows costs more than the
 // product; these kernels stream each weight once, at memory speed, split over LibTorch's
-// threads. Used in inference only (no autograd), float32 CPU tensors, up to kMaxSkinnyRows rows.
+// threads. Used in inference only (no autograd), float32 activations on the CPU.
+//
+// Weights may also be kept in a compact type (PackedWeight: bfloat16, or int8 with one scale
+// per output row); the kernels then convert each weight as they read it (fused
+// dequantise-multiply), so a decode step reads 2 or 1 bytes per weight instead of 4.
 #pragma once
+
+#include <cstddef>
+#include <string>
 
 #include <ATen/Tensor.h>
 
 namespace prefixcap {
 
-constexpr int64_t kMaxSkinnyRows = 8;  // above this, BLAS gemm is as fast
+constexpr int64_t kMaxSkinnyRows = 8;        // float32 weights: above this, BLAS gemm is as fast
+constexpr int64_t kMaxPackedFusedRows = 64;  // packed weights: above this, dequantise + BLAS
 
-// True when the kernels below apply: CPU float32, contiguous, no gradient needed, rows <= max.
+// The instruction sets the kernels come in. Generic is plain C++ (vectorised by the compiler
+// for AVX2 or the x86-64 baseline); Avx512 uses AVX-512F intrinsics with register blocking
+// (4 weight rows x up to 6 input rows per pass), needs K % 16 == 0, and is chosen at run time when
+// the processor has AVX-512F.
+enum class SkinnyIsa { Generic, Avx512 };
+SkinnyIsa skinny_isa();
+const char* skinny_isa_name(SkinnyIsa isa);
+// For tests and benchmarks: use `isa` from now on (Avx512 on a processor without it throws).
+void force_skinny_isa(SkinnyIsa isa);
+bool cpu_has_avx512f();
+
+// True when the float32 kernel applies: CPU float32, contiguous, no gradient needed, rows <= max.
 bool skinny_applicable(const at::Tensor& x, const at::Tensor& weight);
 
 // y = x @ w^T (+ bias) with w stored [N, K] (Linear / embedding layout). x [M, K] -> [M, N].
 at::Tensor skinny_matmul_nk(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias = {});
+
+// The storage type of frozen inference weights (`--lm-dtype`).
+enum class WeightDtype { Float32, BFloat16, Int8 };
+// "float32" | "bfloat16" | "int8"; anything else throws std::invalid_argument naming the choices.
+WeightDtype parse_weight_dtype(const std::string& name);
+const char* weight_dtype_name(WeightDtype dtype);
+// Bytes one weight takes (int8's per-row scales not counted).
+int weight_dtype_bytes(WeightDtype dtype);
+
+// A frozen [N, K] weight matrix in a compact type, for inference:
+//   BFloat16: each weight rounded to the nearest bfloat16 (ties to even);
+//   Int8: symmetric per output row, w[n, k] ~ q[n, k] * scale[n], scale[n] = max_k |w[n, k]| / 127,
+//         q = round(w / scale) (so |w - q * scale| <= scale / 2 for every weight).
+struct PackedWeight {
+  WeightDtype dtype = WeightDtype::Float32;
+  at::Tensor data;   // [N, K] contiguous CPU: float32 | bfloat16 | int8
+  at::Tensor scale;  // [N] float32, int8 only
+
+  bool defined() const { return data.defined(); }
+  int64_t rows() const { return data.size(0); }
+  int64_t cols() const { return data.size(1); }
+  size_t bytes() const;
+  // The weights as float32 [N, K] (what the fused kernels multiply by).
+  at::Tensor dequantize() const;
+  // Rows `index` (any shape of int64 ids) as float32 [..., K]: an embedding lookup.
+  at::Tensor lookup_rows(const at::Tensor& index) const;
+};
+
+// Packs a float32 [N, K] matrix (copied; the original is left as it was).
+PackedWeight pack_weight(const at::Tensor& weight, WeightDtype dtype);
+
+// y = x @ w^T (+ bias), x float32 [M, K] -> [M, N] float32. Fused kernels up to
+// kMaxPackedFusedRows rows; above, the weight is dequantised once and BLAS multiplies.
+at::Tensor packed_linear(const at::Tensor& x, const PackedWeight& w, const at::Tensor& bias = {});
 
 }  // namespace prefixcap
