@@ -490,7 +490,7 @@ std::string route_of(const httplib::Request& req) {
 int main(int argc, char** argv) {
   prefixcap::select_blas_kernels(argv);  // before anything else: may re-execute (core/threads.h)
   CLI::App app{"Serve a prefixcap captioner bundle over HTTP, batching concurrent requests"};
-  std::string model, host = "127.0.0.1", device = "cpu", tmp;
+  std::string model, host = "127.0.0.1", device = "cpu", lm_dtype = "float32", tmp;
   int port = 8080, threads = 0, connections = 32, max_batch = 16;
   double batch_wait_ms = 5, max_body_mb = 64, read_timeout = 30;
   int64_t max_queue = 1024;
@@ -502,6 +502,8 @@ int main(int argc, char** argv) {
   app.add_option("--port", port, "port (0: any free port; the chosen one is printed)")->capture_default_str()->check(CLI::Range(0, 65535));
   app.add_option("--threads", threads, "CPU threads for captioning (0 = all cores)")->capture_default_str();
   app.add_option("--device", device, "cpu or cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option("--lm-dtype", lm_dtype, "GPT-2 weights for CPU decoding: float32, bfloat16 or int8 (per-row scales)")
+      ->capture_default_str()->check(CLI::IsMember({"float32", "bfloat16", "int8"}));
   app.add_option("--max-batch", max_batch, "clips, windows or images per batch (1 = no batching)")->capture_default_str()->check(CLI::Range(1, 256));
   app.add_option("--batch-wait-ms", batch_wait_ms, "how long a batch waits for more requests")->capture_default_str()->check(CLI::Range(0.0, 1000.0));
   app.add_option("--max-queue", max_queue, "clips and windows waiting, at most (then 429)")->capture_default_str()->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
@@ -540,6 +542,7 @@ int main(int argc, char** argv) {
       if (!torch::cuda::is_available()) throw std::runtime_error("--device cuda: no CUDA device is available to this LibTorch build");
       captioner->to(at::Device(at::kCUDA));
     }
+    captioner->set_lm_dtype(parse_weight_dtype(lm_dtype));
     if (captioner->encoder_kind() == "none") throw std::runtime_error("the bundle has no encoder: it cannot caption media");
     for (const auto& root : allow) s.allowed_roots.push_back(fs::canonical(root));
     const fs::path base = tmp.empty() ? fs::temp_directory_path() : fs::path(tmp);

@@ -194,7 +194,18 @@ void Captioner::save(const std::string& bundle_dir) const {
   write_json_file((dir / "captioner.json").string(), j);
 }
 
+void Captioner::set_lm_dtype(WeightDtype dtype) {
+  if (dtype == WeightDtype::Float32) return;
+  if (!device_.is_cpu())
+    throw std::invalid_argument(std::string("--lm-dtype ") + weight_dtype_name(dtype) +
+                                " packs the LM for CPU decoding; this captioner is on " + device_.str());
+  lm->pack_weights(dtype);
+}
+
 void Captioner::to(const at::Device& device) {
+  if (lm && lm->weight_dtype() != WeightDtype::Float32 && !device.is_cpu())
+    throw std::invalid_argument(std::string("the LM is packed as ") + weight_dtype_name(lm->weight_dtype()) +
+                                " for CPU decoding (--lm-dtype); it cannot move to " + device.str());
   if (cnn14) cnn14->to(device);
   if (clip) clip->to(device);
   if (mapper) mapper->to(device);

@@ -87,8 +87,13 @@ class Captioner {
   // Media files in, captions out (batched); throws for the first unreadable file.
   std::vector<std::vector<Caption>> caption_files(const std::vector<std::string>& paths, const DecodingOptions& options);
 
-  // Moves every model to `device` (e.g. CUDA); inputs are moved there as they arrive.
+  // Moves every model to `device` (e.g. CUDA); inputs are moved there as they arrive. A CPU
+  // captioner whose LM is packed (set_lm_dtype) stays on the CPU: moving it throws.
   void to(const at::Device& device);
+  // `--lm-dtype`: the frozen GPT-2's weights kept as bfloat16 or int8 for faster CPU decoding
+  // (Gpt2ModelImpl::pack_weights; float32 leaves them as they are). CPU only; the captioner can
+  // then no longer be saved.
+  void set_lm_dtype(WeightDtype dtype);
   at::Device device() const { return device_; }
 
   DecodingOptions default_decoding() const { return decoding_; }

@@ -63,6 +63,38 @@ TEST(CaptionCli, CaptionsEqualTheFixtureIdsDecoded) {
   EXPECT_TRUE(r.at("timings").contains("decode_ms"));
 }
 
+// --lm-dtype on both fixture bundles: the int8 and bfloat16 LMs give the fixtures' best beams
+// (their candidates are further apart than the packed weights move them), an unknown type is
+// a usage error.
+TEST(CaptionCli, PackedLmDtypesGiveTheFixtureCaptions) {
+  TempDir dir;
+  auto tok = Gpt2Tokenizer::from_folder(fixture_dir("gpt2-tiny"));
+  auto best_beam = [&](const at::Tensor& ids) {  // padded with -1; the end token is not printed
+    std::vector<int64_t> expected;
+    for (int64_t i = 0; i < ids.numel(); ++i)
+      if (ids[i].item<int64_t>() >= 0 && ids[i].item<int64_t>() != 50256) expected.push_back(ids[i].item<int64_t>());
+    return tok.decode(expected);
+  };
+  SafetensorsFile clipcap(fixture_dir("clipcap-tiny") + "/golden.safetensors");
+  SafetensorsFile aac(fixture_dir("prefix-aac-tiny") + "/golden.safetensors");
+  const std::string image_caption = best_beam(clipcap.tensor("mlp.beam_sorted_ids")[0][0]);
+  const std::string audio_caption = best_beam(aac.tensor("rec.beam_sorted_ids")[0]);
+  for (const char* dtype : {"int8", "bfloat16"}) {
+    const std::string out = dir.file(std::string(dtype) + ".jsonl");
+    ASSERT_EQ(run(std::string(PREFIXCAP_CAPTION_BIN) + " -m " + q(clipcap_bundle()) + " " +
+                  q(fixture_dir("clip-vit-tiny") + "/astronaut.png") + " --max-tokens 20 --lm-dtype " + dtype +
+                  " -f jsonl -o " + q(out) + " 2>/dev/null"),
+              0);
+    EXPECT_EQ(read_jsonl(out).at(0).at("caption").get<std::string>(), image_caption) << dtype;
+    ASSERT_EQ(run(std::string(PREFIXCAP_CAPTION_BIN) + " -m " + q(aac_bundle()) + " " +
+                  q(fixture_dir("prefix-aac-tiny") + "/rec_leaves_16k_mono_s16.wav") + " --lm-dtype " + dtype +
+                  " -f jsonl -o " + q(out) + " 2>/dev/null"),
+              0);
+    EXPECT_EQ(read_jsonl(out).at(0).at("caption").get<std::string>(), audio_caption) << dtype;
+  }
+  EXPECT_EQ(run(std::string(PREFIXCAP_CAPTION_BIN) + " -m " + q(aac_bundle()) + " x.wav --lm-dtype int4 2>/dev/null"), 1);
+}
+
 TEST(CaptionCli, BrokenFileInTheMiddleIsReportedAndTheRestCaptioned) {
   TempDir dir;
   const std::string out = dir.file("out.jsonl");
