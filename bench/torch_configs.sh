@@ -15,6 +15,7 @@ for b in lm_bench image_bench audio_bench train_bench; do
     [[ $which == pypi ]] && dir=$pypi
     args=(--threads 2)
     [[ $b == train_bench ]] && args+=(--skip-pipeline)
+    [[ $b == lm_bench ]] && args+=(--dtypes float32 --no-anchor)
     "$dir/bench/$b" "${args[@]}" >"$out/$b.$which.json" 2>/dev/null
   done
 done
@@ -23,9 +24,9 @@ import json, os, sys
 out = sys.argv[1]
 def load(b, w): return json.load(open(os.path.join(out, f"{b}.{w}.json")))
 figures = {
-    "gpt2_greedy_b1_tokens_per_s": ("lm_bench", lambda d: d["a_greedy_b1_tokens_per_s"]),
-    "gpt2_greedy_b16_tokens_per_s": ("lm_bench", lambda d: d["c_greedy_b16_tokens_per_s"]),
-    "gpt2_beam5_steps_per_s": ("lm_bench", lambda d: 1000.0 / d["b_beam5_step_ms"]),
+    "gpt2_greedy_b1_tokens_per_s": ("lm_bench", lambda d: d["dtypes"]["float32"]["greedy_b1_tokens_per_s"]),
+    "gpt2_greedy_b16_tokens_per_s": ("lm_bench", lambda d: d["dtypes"]["float32"]["greedy_b16_tokens_per_s"]),
+    "gpt2_beam5_steps_per_s": ("lm_bench", lambda d: 1000.0 / d["dtypes"]["float32"]["beam5_step_ms"]),
     "vit_b32_b1_images_per_s": ("image_bench", lambda d: d["vit_b32_images_per_s_batch1"]),
     "vit_b32_b16_images_per_s": ("image_bench", lambda d: d["vit_b32_images_per_s_batch16"]),
     "clip_preprocess_images_per_s": ("image_bench", lambda d: d["preprocess_1024x768_jpeg_images_per_s"]),
