@@ -10,6 +10,8 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/types.h>
 
+#include "lm/skinny_matmul.h"
+
 namespace prefixcap {
 
 int64_t Prompt::batch_size() const {
@@ -184,9 +186,9 @@ std::vector<std::vector<DecodedSequence>> generate_beam(Gpt2ModelImpl& lm, const
     if (stopped.all().item<bool>()) break;
     at::Tensor last = tokens.select(-1, tokens.size(-1) - 1).reshape({B * K});
     at::Tensor logits = step_logits(lm, cache, last, o.temperature);  // [B*K, V]
-    auto top = logits.topk(C, -1);
-    at::Tensor logp = (std::get<0>(top) - at::logsumexp(logits, -1, /*keepdim=*/true)).to(at::kDouble).view({B, K, C});
-    at::Tensor ids = std::get<1>(top).view({B, K, C});
+    auto [top_values, top_ids, lse] = topk_logsumexp(logits, C);
+    at::Tensor logp = (top_values - lse).to(at::kDouble).view({B, K, C});
+    at::Tensor ids = top_ids.view({B, K, C});
     logp = at::where(stopped.unsqueeze(-1), stop_logp.view({1, 1, C}), logp);
     ids = at::where(stopped.unsqueeze(-1), stop_ids.view({1, 1, C}), ids);
     lengths = lengths + stopped.logical_not().to(at::kLong);

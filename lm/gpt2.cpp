@@ -108,10 +108,34 @@ void select_kv_rows(at::Tensor& kv, at::Tensor& storage, const at::Tensor& index
 
 }  // namespace
 
-void KvCache::select_rows(const at::Tensor& index) {
+void KvCache::materialize_rows() {
+  if (!row_index.defined()) return;
   for (auto& layer : layers) {
-    select_kv_rows(layer.key, layer.key_storage, index);
-    select_kv_rows(layer.value, layer.value_storage, index);
+    for (auto* kv : {&layer.key, &layer.value}) {
+      const auto sizes = kv->sizes();  // [B, H, S, D]
+      const at::Tensor index = row_index.view({sizes[0], 1, sizes[2], 1}).expand(sizes);
+      *kv = kv->gather(0, index);
+    }
+    layer.key_storage = layer.value_storage = at::Tensor();
+  }
+  row_index = at::Tensor();
+}
+
+void KvCache::select_rows(const at::Tensor& index) {
+  const bool in_place = !layers.empty() && index.size(0) == batch_size() &&
+                        std::all_of(layers.begin(), layers.end(), [](const LayerKv& l) {
+                          return views_storage(l.key, l.key_storage) && views_storage(l.value, l.value_storage);
+                        });
+  if (in_place) {
+    if (!row_index.defined())
+      row_index = at::arange(batch_size(), index.options()).unsqueeze(1).expand({batch_size(), length()});
+    row_index = row_index.index_select(0, index);
+  } else {
+    materialize_rows();
+    for (auto& layer : layers) {
+      select_kv_rows(layer.key, layer.key_storage, index);
+      select_kv_rows(layer.value, layer.value_storage, index);
+    }
   }
   if (key_mask.defined()) key_mask = key_mask.index_select(0, index);
 }
@@ -226,7 +250,8 @@ Gpt2AttentionImpl::Gpt2AttentionImpl(const Gpt2Config& config)
   c_proj = register_module("c_proj", Conv1D(config.n_embd, config.n_embd));
 }
 
-at::Tensor Gpt2AttentionImpl::forward(const at::Tensor& x, LayerKv* cache, const at::Tensor& attn_bias) {
+at::Tensor Gpt2AttentionImpl::forward(const at::Tensor& x, LayerKv* cache, const at::Tensor& attn_bias,
+                                      const at::Tensor& row_index) {
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
   auto heads = [&](const at::Tensor& t) {  // [B, T, C] -> [B, H, T, D]
     return t.view({B, T, n_head_, head_dim_}).transpose(1, 2);
@@ -243,7 +268,8 @@ at::Tensor Gpt2AttentionImpl::forward(const at::Tensor& x, LayerKv* cache, const
   }
   const double scale = 1.0 / std::sqrt(double(head_dim_));
   if (T == 1 && decode_attention_applicable(q, k, v))  // decoding
-    return c_proj(decode_attention(q, k, v, attn_bias, scale).reshape({B, 1, C}));
+    return c_proj(decode_attention(q, k, v, attn_bias, scale, row_index).reshape({B, 1, C}));
+  TORCH_CHECK(!row_index.defined(), "GPT-2 attention: a reordered KV cache (row_index) is for float32 decoding only");
   if (T == 1) {
     // One query per sequence (decoding): broadcast multiply + reduce. LibTorch's CPU bmm
     // loops over the B*H tiny products one by one and cost more than the weights here.
@@ -274,7 +300,7 @@ Gpt2MlpImpl::Gpt2MlpImpl(const Gpt2Config& config) : activation_(config.activati
 at::Tensor Gpt2MlpImpl::forward(const at::Tensor& x) {
   at::Tensor hidden = c_fc(x);
   if (activation_ == "gelu_new" || activation_ == "gelu_pytorch_tanh")
-    hidden = at::gelu(hidden, "tanh");
+    hidden = gelu_tanh(hidden);
   else if (activation_ == "gelu")
     hidden = at::gelu(hidden);
   else
@@ -293,8 +319,9 @@ Gpt2BlockImpl::Gpt2BlockImpl(const Gpt2Config& config) {
   mlp = register_module("mlp", Gpt2Mlp(config));
 }
 
-at::Tensor Gpt2BlockImpl::forward(const at::Tensor& x, LayerKv* cache, const at::Tensor& attn_bias) {
-  at::Tensor h = x + attn(layer_norm(ln_1, x), cache, attn_bias);
+at::Tensor Gpt2BlockImpl::forward(const at::Tensor& x, LayerKv* cache, const at::Tensor& attn_bias,
+                                  const at::Tensor& row_index) {
+  at::Tensor h = x + attn->forward(layer_norm(ln_1, x), cache, attn_bias, row_index);
   return h + mlp(layer_norm(ln_2, h));
 }
 
@@ -414,10 +441,22 @@ Gpt2Output Gpt2ModelImpl::forward(const Gpt2Input& input) {
     attn_bias = at::zeros(allowed.sizes(), x.options()).masked_fill_(allowed.logical_not(), lowest).unsqueeze(1);
   }
 
+  // A cache reordered by row_index: one decoded position per sequence extends it (each row's
+  // new key/value goes to that row); anything else moves the sequences into their rows first.
+  if (cache && cache->row_index.defined()) {
+    const bool decoding = N == 1 && x.scalar_type() == at::kFloat && x.device().is_cpu() &&
+                          !(at::GradMode::is_enabled() && x.requires_grad());
+    if (decoding)
+      cache->row_index = at::cat({cache->row_index, at::arange(B, cache->row_index.options()).unsqueeze(1)}, 1);
+    else
+      cache->materialize_rows();
+  }
+  const at::Tensor row_index = cache ? cache->row_index : at::Tensor();
+
   Gpt2Output out;
   if (input.output_hidden_states) out.hidden_states.push_back(x);
   for (int64_t i = 0; i < config_.n_layer; ++i) {
-    x = blocks_[i]->forward(x, cache ? &cache->layers[i] : nullptr, attn_bias);
+    x = blocks_[i]->forward(x, cache ? &cache->layers[i] : nullptr, attn_bias, row_index);
     if (input.output_hidden_states) out.hidden_states.push_back(x);
   }
   if (cache) cache->next_position = first_position + N;

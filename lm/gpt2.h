@@ -61,11 +61,18 @@ struct KvCache {
   std::vector<LayerKv> layers;   // empty until the first forward (or a key/value prefix)
   at::Tensor key_mask;           // [B, S] bool, true = real key; undefined = all real
   int64_t next_position = 0;     // position id of the next input vector
+  // Beam reordering without copying: sequence b's key/value at position s is in row
+  // row_index[b, s] of the layers' tensors (each position is written once, by the row that
+  // produced it, and never moved). [B, S] int64; undefined = row b holds sequence b.
+  at::Tensor row_index;
 
   int64_t length() const { return layers.empty() ? 0 : layers[0].key.size(2); }
   int64_t batch_size() const { return layers.empty() ? 0 : layers[0].key.size(0); }
-  // Keeps rows `index` (int64 [N]) in that order: beam reordering and expansion.
+  // Keeps rows `index` (int64 [N]) in that order: beam reordering and expansion. A reordering
+  // (N = batch size) of a cache that decoding appends in place only updates row_index.
   void select_rows(const at::Tensor& index);
+  // Moves every sequence's keys/values into its own row (row_index undefined afterwards).
+  void materialize_rows();
 };
 
 // Where token positions start after a deep key/value prefix of length P.
@@ -119,8 +126,10 @@ TORCH_MODULE(Conv1D);
 class Gpt2AttentionImpl : public torch::nn::Module {
  public:
   explicit Gpt2AttentionImpl(const Gpt2Config& config);
-  // x [B, T, C]; attn_bias broadcastable to [B, H, T, S] (additive) or undefined.
-  at::Tensor forward(const at::Tensor& x, LayerKv* cache, const at::Tensor& attn_bias);
+  // x [B, T, C]; attn_bias broadcastable to [B, H, T, S] (additive) or undefined; row_index as
+  // in KvCache (decoding only).
+  at::Tensor forward(const at::Tensor& x, LayerKv* cache, const at::Tensor& attn_bias,
+                     const at::Tensor& row_index = {});
   Conv1D c_attn{nullptr}, c_proj{nullptr};
 
  private:
@@ -142,7 +151,8 @@ TORCH_MODULE(Gpt2Mlp);
 class Gpt2BlockImpl : public torch::nn::Module {
  public:
   explicit Gpt2BlockImpl(const Gpt2Config& config);
-  at::Tensor forward(const at::Tensor& x, LayerKv* cache, const at::Tensor& attn_bias);
+  at::Tensor forward(const at::Tensor& x, LayerKv* cache, const at::Tensor& attn_bias,
+                     const at::Tensor& row_index = {});
   torch::nn::LayerNorm ln_1{nullptr}, ln_2{nullptr};
   Gpt2Attention attn{nullptr};
   Gpt2Mlp mlp{nullptr};

@@ -150,7 +150,7 @@ bool decode_attention_applicable(const at::Tensor& q, const at::Tensor& k, const
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias_in,
-                            double scale_in) {
+                            double scale_in, const at::Tensor& row_index_in) {
   TORCH_CHECK(decode_attention_applicable(q, k, v), "decode_attention: unsupported inputs q ", q.sizes(), ", k ",
               k.sizes(), ", v ", v.sizes());
   const int64_t B = q.size(0), H = q.size(1), S = k.size(2), D = q.size(3);
@@ -159,6 +159,15 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     bias = bias_in.to(at::kFloat).reshape({-1, S}).contiguous();
     TORCH_CHECK(bias.size(0) == 1 || bias.size(0) == B, "decode_attention: bias ", bias_in.sizes(), " for batch ", B);
   }
+  at::Tensor rows;
+  if (row_index_in.defined()) {
+    rows = row_index_in.to(at::kLong).contiguous();
+    TORCH_CHECK(rows.dim() == 2 && rows.size(0) == B && rows.size(1) == S, "decode_attention: row_index ",
+                rows.sizes(), " for batch ", B, " and ", S, " keys");
+    TORCH_CHECK(rows.numel() == 0 || (rows.min().item<int64_t>() >= 0 && rows.max().item<int64_t>() < k.size(0)),
+                "decode_attention: row_index out of range");
+  }
+  const int64_t* rp = rows.defined() ? rows.data_ptr<int64_t>() : nullptr;
   at::Tensor y = at::empty({B, H, D}, q.options());
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
@@ -172,12 +181,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const float* qr = qp + b * q.stride(0) + h * q.stride(1);
-      const float* kb = kp + b * k.stride(0) + h * k.stride(1);
-      const float* vb = vp + b * v.stride(0) + h * v.stride(1);
       const float* br = bp ? bp + (bias_rows == 1 ? 0 : b) * S : nullptr;
+      const int64_t* row = rp ? rp + b * S : nullptr;
+      auto key = [&](int64_t s) { return kp + (row ? row[s] : b) * k.stride(0) + h * k.stride(1) + s * k.stride(2); };
+      auto value = [&](int64_t s) { return vp + (row ? row[s] : b) * v.stride(0) + h * v.stride(1) + s * v.stride(2); };
       float mx = -std::numeric_limits<float>::infinity();
       for (int64_t s = 0; s < S; ++s) {
-        const float* kr = kb + s * k.stride(2);
+        const float* kr = key(s);
         float acc[16] = {0};
         int64_t j = 0;
         for (; j + 16 <= D; j += 16)
@@ -196,7 +206,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       const float inv = 1.f / sum;
       float* out = yp + bh * D;
       for (int64_t j = 0; j < D; ++j) out[j] = 0.f;
-      for (int64_t s = 0; s < S; ++s) axpy(D, p[s] * inv, vb + s * v.stride(2), out);
+      for (int64_t s = 0; s < S; ++s) axpy(D, p[s] * inv, value(s), out);
     }
   });
   return y;

@@ -22,8 +22,10 @@ at::Tensor short_attention(const at::Tensor& q, const at::Tensor& k, const at::T
 // [B or 1, 1, 1, S] (or undefined) -> [B, H, D]. Inference only (no autograd), float32 CPU: one
 // pass per (batch, head) instead of the six tensor operations (and [B, H, S, D] temporary) of
 // the broadcast form.
+// row_index (int64 [B, S], optional): sequence b's key and value at position s are in row
+// row_index[b, s] of k and v (KvCache::row_index: beams reordered without copying).
 bool decode_attention_applicable(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
-                            double scale);
+                            double scale, const at::Tensor& row_index = {});
 
 }  // namespace prefixcap

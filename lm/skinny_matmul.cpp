@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 
 #include <ATen/ATen.h>
@@ -132,6 +134,88 @@ PREFIXCAP_AVX512 void avx512_rows(const float* x, const W* w, const float* scale
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) avx512_row_block<4>(x, w, scale, bias, y, M, K, N, n);
   for (; n < n1; ++n) avx512_row_block<1>(x, w, scale, bias, y, M, K, N, n);
+}
+// exp(x) for 16 floats (Cephes' expf: x = n ln2 + r, a degree-7 polynomial for exp(r), then
+// scaled by 2^n); inputs are clamped to [-87.3, 88.7], so -inf gives ~1e-38, not 0.
+PREFIXCAP_AVX512 inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// One row: its k largest values (descending, earlier index first among equals) and logsumexp.
+// Pass 1 keeps the top k by insertion, testing 16 values at a time against the k-th so far;
+// pass 2 sums exp(x - max).
+PREFIXCAP_AVX512 void row_topk_logsumexp(const float* x, int64_t V, int64_t k, float* values, int64_t* ids,
+                                         float* lse) {
+  for (int64_t j = 0; j < k; ++j) {
+    values[j] = -std::numeric_limits<float>::infinity();
+    ids[j] = -1;
+  }
+  auto insert = [&](float v, int64_t i) {
+    if (!(v > values[k - 1]) && ids[k - 1] >= 0) return;
+    int64_t j = k - 1;
+    while (j > 0 && (v > values[j - 1] || ids[j - 1] < 0)) {
+      values[j] = values[j - 1];
+      ids[j] = ids[j - 1];
+      --j;
+    }
+    values[j] = v;
+    ids[j] = i;
+  };
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + 16 <= V; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    mx = _mm512_max_ps(mx, v);
+    // ids[k - 1] < 0: not full yet, everything goes in
+    __mmask16 mask = ids[k - 1] < 0 ? __mmask16(0xFFFF)
+                                    : _mm512_cmp_ps_mask(v, _mm512_set1_ps(values[k - 1]), _CMP_GT_OQ);
+    while (mask) {
+      const int j = __builtin_ctz(mask);
+      insert(x[i + j], i + j);
+      mask = static_cast<__mmask16>(mask & (mask - 1));
+    }
+  }
+  float m = _mm512_reduce_max_ps(mx);
+  for (; i < V; ++i) {
+    insert(x[i], i);
+    m = std::max(m, x[i]);
+  }
+  __m512 sum = _mm512_setzero_ps();
+  const __m512 mv = _mm512_set1_ps(m);
+  i = 0;
+  for (; i + 16 <= V; i += 16) sum = _mm512_add_ps(sum, exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), mv)));
+  double total = _mm512_reduce_add_ps(sum);
+  for (; i < V; ++i) total += std::exp(double(x[i]) - m);
+  *lse = m + static_cast<float>(std::log(total));
+}
+
+// In place: 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), tanh(u) = 1 - 2 / (exp(2u) + 1).
+PREFIXCAP_AVX512 void gelu_tanh_rows(float* x, int64_t n) {
+  const __m512 c = _mm512_set1_ps(0.7978845608028654f), a = _mm512_set1_ps(0.044715f);
+  const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f), half = _mm512_set1_ps(0.5f);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    const __m512 u = _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(a, v), _mm512_mul_ps(v, v), v));
+    const __m512 t = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(exp16(_mm512_add_ps(u, u)), one)));
+    _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, t)));
+  }
+  for (; i < n; ++i) {
+    const float v = x[i];
+    x[i] = 0.5f * v * (1.0f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+  }
 }
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
@@ -304,6 +388,48 @@ at::Tensor packed_linear(const at::Tensor& x_in, const PackedWeight& w, const at
       break;
   }
   return y;
+}
+
+// ---------------------------------------------------------------------------------------
+// the rest of a decode step
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_logsumexp(const at::Tensor& logits, int64_t k) {
+  TORCH_CHECK(logits.dim() == 2 && k >= 1 && k <= logits.size(1), "topk_logsumexp: logits ", logits.sizes(),
+              ", k ", k);
+#if PREFIXCAP_X86_KERNELS
+  if (isa_choice().load() == SkinnyIsa::Avx512 && logits.scalar_type() == at::kFloat && logits.device().is_cpu() &&
+      !wants_grad(logits)) {
+    const at::Tensor x = logits.contiguous();
+    const int64_t N = x.size(0), V = x.size(1);
+    at::Tensor values = at::empty({N, k}, x.options()), ids = at::empty({N, k}, x.options().dtype(at::kLong));
+    at::Tensor lse = at::empty({N, 1}, x.options());
+    const float* xp = x.data_ptr<float>();
+    float *vp = values.data_ptr<float>(), *lp = lse.data_ptr<float>();
+    int64_t* ip = ids.data_ptr<int64_t>();
+    at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) row_topk_logsumexp(xp + r * V, V, k, vp + r * k, ip + r * k, lp + r);
+    });
+    return {values, ids, lse};
+  }
+#endif
+  auto top = logits.topk(k, -1);
+  return {std::get<0>(top), std::get<1>(top), at::logsumexp(logits, -1, /*keepdim=*/true)};
+}
+
+at::Tensor gelu_tanh(const at::Tensor& x) {
+#if PREFIXCAP_X86_KERNELS
+  if (isa_choice().load() == SkinnyIsa::Avx512 && x.scalar_type() == at::kFloat && x.device().is_cpu() &&
+      !wants_grad(x)) {
+    at::Tensor y = x.contiguous().clone();
+    float* p = y.data_ptr<float>();
+    const int64_t n = y.numel();
+    at::parallel_for(0, (n + 4095) / 4096, 1, [&](int64_t b0, int64_t b1) {
+      gelu_tanh_rows(p + b0 * 4096, std::min(n, b1 * 4096) - b0 * 4096);
+    });
+    return y;
+  }
+#endif
+  return at::gelu(x, "tanh");
 }
 
 }  // namespace prefixcap

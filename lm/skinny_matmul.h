@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <string>
+#include <tuple>
 
 #include <ATen/Tensor.h>
 
@@ -68,5 +69,16 @@ PackedWeight pack_weight(const at::Tensor& weight, WeightDtype dtype);
 // y = x @ w^T (+ bias), x float32 [M, K] -> [M, N] float32. Fused kernels up to
 // kMaxPackedFusedRows rows; above, the weight is dequantised once and BLAS multiplies.
 at::Tensor packed_linear(const at::Tensor& x, const PackedWeight& w, const at::Tensor& bias = {});
+
+// The rest of a decode step's arithmetic that LibTorch spends more on than the weights need.
+// Both have an AVX-512 kernel (SkinnyIsa::Avx512) and otherwise call LibTorch.
+
+// Per row of logits [N, V] (float32): the k largest values with their indices (descending;
+// among equal values the AVX-512 kernel keeps index order, LibTorch's topk any) and logsumexp. Returns {values [N, k], indices [N, k] int64,
+// logsumexp [N, 1]}.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_logsumexp(const at::Tensor& logits, int64_t k);
+
+// GPT-2's gelu_new: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), as at::gelu(x, "tanh").
+at::Tensor gelu_tanh(const at::Tensor& x);
 
 }  // namespace prefixcap

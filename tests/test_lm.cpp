@@ -571,3 +571,30 @@ TEST(PackedLm, PackingIsRefusedWhereItCannotHoldAndFreesTheFloatWeights) {
   half->to(at::kBFloat16);
   EXPECT_THROW(half->pack_weights(WeightDtype::Int8), std::invalid_argument);
 }
+
+TEST(DecodeKernels, TopkLogsumexpAndGeluEqualLibTorchOnEveryKernel) {
+  IsaRestore restore;
+  at::manual_seed(9);
+  torch::NoGradGuard no_grad;
+  for (SkinnyIsa isa : available_isas()) {
+    force_skinny_isa(isa);
+    for (int64_t V : {5, 37, 50257}) {
+      at::Tensor logits = at::randn({5, V}) * 4;
+      logits[1].fill_(0.5);  // all equal: the first k indices, in order
+      logits[2].narrow(0, 0, V / 2).fill_(-1e30f);  // very negative scores do not overflow exp
+      for (int64_t k : {1, 5}) {
+        auto [values, ids, lse] = topk_logsumexp(logits, k);
+        auto ref = logits.topk(k, -1);
+        EXPECT_TRUE(values.equal(std::get<0>(ref))) << skinny_isa_name(isa) << " V=" << V << " k=" << k;
+        EXPECT_TRUE(logits.gather(1, ids).equal(values));
+        EXPECT_EQ(std::get<0>(at::_unique(ids[1])).numel(), k);  // k different tokens among equals
+        if (isa == SkinnyIsa::Avx512) EXPECT_TRUE(ids[1].equal(at::arange(k, at::kLong)));  // ours: index order
+        EXPECT_TRUE(at::allclose(lse, at::logsumexp(logits.to(at::kDouble), -1, true).to(at::kFloat), 1e-6, 1e-5))
+            << skinny_isa_name(isa) << " V=" << V;
+      }
+    }
+    at::Tensor x = at::linspace(-12, 12, 4099).view({1, 4099});
+    EXPECT_TRUE(at::allclose(gelu_tanh(x), at::gelu(x.to(at::kDouble), "tanh").to(at::kFloat), 1e-5, 1e-6))
+        << skinny_isa_name(isa) << ": " << (gelu_tanh(x) - at::gelu(x, "tanh")).abs().max().item<double>();
+  }
+}
