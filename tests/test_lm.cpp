@@ -598,3 +598,49 @@ TEST(DecodeKernels, TopkLogsumexpAndGeluEqualLibTorchOnEveryKernel) {
         << skinny_isa_name(isa) << ": " << (gelu_tanh(x) - at::gelu(x, "tanh")).abs().max().item<double>();
   }
 }
+
+// A beam reordering of a cache that grows in place only rewrites row_index; decoding through it
+// must equal decoding from a cache whose rows were physically reordered.
+TEST(Gpt2, ReorderingThroughRowIndexEqualsCopyingTheRows) {
+  auto lm = tiny_lm();
+  torch::NoGradGuard no_grad;
+  const at::Tensor prefix = random_prefix(3, 4, 64, 11);
+  auto step = [&](KvCache& cache, const at::Tensor& ids) {
+    Gpt2Input x;
+    x.input_ids = ids.unsqueeze(1);
+    x.cache = &cache;
+    x.logits = LogitsMode::Last;
+    return lm->forward(x).logits;
+  };
+  KvCache indexed;
+  Gpt2Input first;
+  first.prefix_embeds = prefix;
+  first.cache = &indexed;
+  lm->forward(first);
+  const at::Tensor ids = at::tensor({5, 9, 13}, at::kLong);
+  step(indexed, ids);  // now the cache grows in place
+  KvCache copied = indexed;
+  for (auto& layer : copied.layers) {  // a copy that owns its rows
+    layer.key = layer.key.clone();
+    layer.value = layer.value.clone();
+    layer.key_storage = layer.value_storage = at::Tensor();
+  }
+  for (const auto& order : {std::vector<int64_t>{2, 0, 0}, std::vector<int64_t>{1, 2, 1}}) {
+    const at::Tensor index = at::tensor(order, at::kLong);
+    indexed.select_rows(index);
+    copied.select_rows(index);
+    copied.materialize_rows();  // rows copied into place (gather)
+    EXPECT_TRUE(indexed.row_index.defined());
+    EXPECT_FALSE(copied.row_index.defined());
+    EXPECT_TRUE(at::allclose(step(indexed, ids), step(copied, ids), 1e-5, 1e-5));
+  }
+  // A prompt of two tokens after reordering: the rows are moved into place first.
+  Gpt2Input two;
+  two.input_ids = at::tensor({1, 2, 3, 4, 5, 6}, at::kLong).view({3, 2});
+  two.logits = LogitsMode::Last;
+  two.cache = &indexed;
+  const at::Tensor a = lm->forward(two).logits;
+  two.cache = &copied;
+  EXPECT_TRUE(at::allclose(a, lm->forward(two).logits, 1e-5, 1e-5));
+  EXPECT_FALSE(indexed.row_index.defined());
+}
