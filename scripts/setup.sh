@@ -6,7 +6,8 @@
 #   scripts/setup.sh --no-build   install only
 #   PREFIXCAP_TORCH=pypi scripts/setup.sh   the second configuration: LibTorch 2.15 (CUDA 13 build)
 #                                 from the PyPI torch wheel, pinned, in .venv-torch/ (installed once,
-#                                 then reused), built into build-pypi/ (runs on CPUs without a GPU)
+#                                 then reused, with transformers for lm_bench's anchor), built into
+#                                 build-pypi/ (runs on CPUs without a GPU)
 #   Torch_DIR=/opt/libtorch/share/cmake/Torch scripts/setup.sh   use another LibTorch (CUDA too)
 #   PREFIXCAP_CMAKE_ARGS="-DPREFIXCAP_SANITIZE=ON" scripts/setup.sh   extra CMake options
 set -euo pipefail
@@ -127,6 +128,12 @@ if [[ "$torch_choice" == pypi ]]; then
     rm -rf "$torch_env"
     python3 -m venv "$torch_env" && "$torch_env/bin/pip" install -q --disable-pip-version-check "torch==$torch_pin" ||
       { echo "setup: could not install torch==$torch_pin from PyPI (no network?)" >&2; exit 1; }
+  fi
+  # The anchor of bench/lm_bench (Hugging Face generate on this PyTorch 2.x).
+  if ! "$torch_env/bin/python" -W ignore -c "import transformers, numpy; assert transformers.__version__ == '4.46.3'" >/dev/null 2>&1; then
+    echo "setup: installing transformers==4.46.3 and numpy (PyPI) into .venv-torch (lm_bench's anchor)"
+    "$torch_env/bin/pip" install -q --disable-pip-version-check "transformers==4.46.3" numpy ||
+      { echo "setup: could not install transformers into .venv-torch (no network?)" >&2; exit 1; }
   fi
   torch_prefix=$("$torch_env/bin/python" -W ignore -c 'import torch; print(torch.utils.cmake_prefix_path)')
   cmake_args+=("-DCMAKE_PREFIX_PATH=$torch_prefix")
