@@ -2,6 +2,8 @@
 // (cache equivalence, batching, errors). Golden comparisons live in test_fixtures.
 #include <gtest/gtest.h>
 
+#include <functional>
+
 #include <torch/autograd.h>
 
 #include "core/errors.h"
@@ -423,17 +425,22 @@ TEST(DecodeAttention, EqualsTheSoftmaxFormulaOnCacheViews) {
 
 namespace {
 
-// Every kernel this processor has, so that both code paths are checked where AVX-512 exists.
-std::vector<SkinnyIsa> available_isas() {
-  std::vector<SkinnyIsa> isas = {SkinnyIsa::Generic};
-  if (cpu_has_avx512f()) isas.push_back(SkinnyIsa::Avx512);
-  return isas;
-}
-
 struct IsaRestore {
   SkinnyIsa saved = skinny_isa();
   ~IsaRestore() { force_skinny_isa(saved); }
 };
+
+// Runs `check` with every kernel this processor has (both code paths where AVX-512 exists),
+// then restores the choice.
+void for_each_kernel(const std::function<void(SkinnyIsa)>& check) {
+  IsaRestore restore;
+  std::vector<SkinnyIsa> isas = {SkinnyIsa::Generic};
+  if (cpu_has_avx512f()) isas.push_back(SkinnyIsa::Avx512);
+  for (SkinnyIsa isa : isas) {
+    force_skinny_isa(isa);
+    check(isa);
+  }
+}
 
 }  // namespace
 
@@ -465,11 +472,9 @@ TEST(PackedWeight, Int8IsPerRowSymmetricWithinHalfAStepAndBfloat16IsRoundedToNea
 }
 
 TEST(PackedWeight, FusedProductsEqualTheDequantisedMatmulOnEveryKernel) {
-  IsaRestore restore;
   at::manual_seed(8);
   torch::NoGradGuard no_grad;
-  for (SkinnyIsa isa : available_isas()) {
-    force_skinny_isa(isa);
+  for_each_kernel([](SkinnyIsa isa) {
     // K a multiple of 16 (AVX-512 tiles) and not (the generic loop); N not a multiple of 4
     // (single-row tails); M across the tile sizes, the fused limit and past it (BLAS).
     for (int64_t K : {64, 40}) {
@@ -493,7 +498,7 @@ TEST(PackedWeight, FusedProductsEqualTheDequantisedMatmulOnEveryKernel) {
         EXPECT_TRUE(at::allclose(skinny_matmul_nk(x, w, bias), at::linear(x, w, bias), 1e-4, 1e-4)) << skinny_isa_name(isa);
       }
     }
-  }
+  });
   at::Tensor w = at::randn({8, 32});
   EXPECT_THROW(packed_linear(at::randn({2, 31}), pack_weight(w, WeightDtype::Int8)), c10::Error);
 }
@@ -573,11 +578,9 @@ TEST(PackedLm, PackingIsRefusedWhereItCannotHoldAndFreesTheFloatWeights) {
 }
 
 TEST(DecodeKernels, TopkLogsumexpAndGeluEqualLibTorchOnEveryKernel) {
-  IsaRestore restore;
   at::manual_seed(9);
   torch::NoGradGuard no_grad;
-  for (SkinnyIsa isa : available_isas()) {
-    force_skinny_isa(isa);
+  for_each_kernel([](SkinnyIsa isa) {
     for (int64_t V : {5, 37, 50257}) {
       at::Tensor logits = at::randn({5, V}) * 4;
       logits[1].fill_(0.5);  // all equal: the first k indices, in order
@@ -596,7 +599,7 @@ TEST(DecodeKernels, TopkLogsumexpAndGeluEqualLibTorchOnEveryKernel) {
     at::Tensor x = at::linspace(-12, 12, 4099).view({1, 4099});
     EXPECT_TRUE(at::allclose(gelu_tanh(x), at::gelu(x.to(at::kDouble), "tanh").to(at::kFloat), 1e-5, 1e-6))
         << skinny_isa_name(isa) << ": " << (gelu_tanh(x) - at::gelu(x, "tanh")).abs().max().item<double>();
-  }
+  });
 }
 
 // A beam reordering of a cache that grows in place only rewrites row_index; decoding through it
