@@ -515,6 +515,15 @@ void Gpt2ModelImpl::freeze() {
   eval();
 }
 
+namespace {
+
+// The four weight matrices of a block, which pack_weights packs.
+std::vector<Conv1DImpl*> block_matrices(Gpt2Block block) {  // a holder: copied, not the module
+  return {block->attn->c_attn.get(), block->attn->c_proj.get(), block->mlp->c_fc.get(), block->mlp->c_proj.get()};
+}
+
+}  // namespace
+
 void Gpt2ModelImpl::pack_weights(WeightDtype dtype) {
   if (dtype == WeightDtype::Float32) return;
   if (weight_dtype_ != WeightDtype::Float32)
@@ -529,10 +538,8 @@ void Gpt2ModelImpl::pack_weights(WeightDtype dtype) {
     weight.set_data(at::empty({0}, weight.options()));  // the float32 copy is released
     return p;
   };
-  for (auto& block : blocks_)
-    for (Conv1DImpl* conv : {block->attn->c_attn.get(), block->attn->c_proj.get(), block->mlp->c_fc.get(),
-                             block->mlp->c_proj.get()})
-      conv->packed = pack(conv->weight);
+  for (const auto& block : blocks_)
+    for (Conv1DImpl* conv : block_matrices(block)) conv->packed = pack(conv->weight);
   wte_packed_ = pack(wte->weight);
   head_packed_ = lm_head ? pack(lm_head->weight) : wte_packed_;
   weight_dtype_ = dtype;
@@ -545,9 +552,7 @@ double Gpt2ModelImpl::decode_weight_bytes() const {
     bytes += double(item.value().numel()) * item.value().element_size();
   }
   for (const auto& block : blocks_)
-    for (const Conv1DImpl* conv : {block->attn->c_attn.get(), block->attn->c_proj.get(), block->mlp->c_fc.get(),
-                                   block->mlp->c_proj.get()})
-      bytes += double(conv->packed.bytes());
+    for (const Conv1DImpl* conv : block_matrices(block)) bytes += double(conv->packed.bytes());
   bytes += double(wte_packed_.bytes());
   if (lm_head) bytes += double(head_packed_.bytes());
   return bytes + double(config_.n_embd) * 4;  // one row of wpe

@@ -164,8 +164,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     rows = row_index_in.to(at::kLong).contiguous();
     TORCH_CHECK(rows.dim() == 2 && rows.size(0) == B && rows.size(1) == S, "decode_attention: row_index ",
                 rows.sizes(), " for batch ", B, " and ", S, " keys");
-    TORCH_CHECK(rows.numel() == 0 || (rows.min().item<int64_t>() >= 0 && rows.max().item<int64_t>() < k.size(0)),
-                "decode_attention: row_index out of range");
   }
   const int64_t* rp = rows.defined() ? rows.data_ptr<int64_t>() : nullptr;
   at::Tensor y = at::empty({B, H, D}, q.options());
@@ -183,6 +181,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       const float* qr = qp + b * q.stride(0) + h * q.stride(1);
       const float* br = bp ? bp + (bias_rows == 1 ? 0 : b) * S : nullptr;
       const int64_t* row = rp ? rp + b * S : nullptr;
+      if (row)  // checked here, in the pass that reads them, rather than by two reductions per call
+        for (int64_t s = 0; s < S; ++s)
+          TORCH_CHECK(row[s] >= 0 && row[s] < B, "decode_attention: row_index ", row[s], " out of range [0, ", B, ")");
       auto key = [&](int64_t s) { return kp + (row ? row[s] : b) * k.stride(0) + h * k.stride(1) + s * k.stride(2); };
       auto value = [&](int64_t s) { return vp + (row ? row[s] : b) * v.stride(0) + h * v.stride(1) + s * v.stride(2); };
       float mx = -std::numeric_limits<float>::infinity();

@@ -39,8 +39,7 @@ inline float to_float(uint16_t v) {
 }
 
 // y[m, n] = scale[n] * dot(x[m, :], w[n, :]) + bias[n] for n in [n0, n1) (scale null = 1, bias
-// null = 0). The row
-// w[n, :] comes from memory once; the M dot products re-read it from L1.
+// null = 0). The row w[n, :] comes from memory once; the M dot products re-read it from L1.
 template <typename W>
 PREFIXCAP_CLONES void generic_rows(const float* __restrict x, const W* __restrict w, const float* __restrict scale,
                                    const float* __restrict bias, float* __restrict y, int64_t M, int64_t K, int64_t N,
@@ -315,10 +314,6 @@ const char* weight_dtype_name(WeightDtype dtype) {
     case WeightDtype::Int8: return "int8";
     default: return "float32";
   }
-}
-
-int weight_dtype_bytes(WeightDtype dtype) {
-  return dtype == WeightDtype::Float32 ? 4 : dtype == WeightDtype::BFloat16 ? 2 : 1;
 }
 
 size_t PackedWeight::bytes() const {

@@ -41,8 +41,6 @@ enum class WeightDtype { Float32, BFloat16, Int8 };
 // "float32" | "bfloat16" | "int8"; anything else throws std::invalid_argument naming the choices.
 WeightDtype parse_weight_dtype(const std::string& name);
 const char* weight_dtype_name(WeightDtype dtype);
-// Bytes one weight takes (int8's per-row scales not counted).
-int weight_dtype_bytes(WeightDtype dtype);
 
 // A frozen [N, K] weight matrix in a compact type, for inference:
 //   BFloat16: each weight rounded to the nearest bfloat16 (ties to even);

@@ -154,12 +154,13 @@ Captioner Captioner::load(const std::string& bundle_dir) {
 
 void Captioner::save(const std::string& bundle_dir) const {
   const fs::path dir(bundle_dir);
+  const TensorMap lm_state = lm->hf_state_dict();  // throws for a packed LM, before anything is written
   fs::create_directories(dir / "lm");
   Json j = {{"format", "prefixcap-captioner"}, {"version", 1}};
   if (!source.empty()) j["source"] = source;
   // LM + tokenizer
   write_json_file((dir / "lm" / "config.json").string(), lm->config().to_json());
-  save_safetensors((dir / "lm" / "model.safetensors").string(), lm->hf_state_dict(), {{"format", "pt"}});
+  save_safetensors((dir / "lm" / "model.safetensors").string(), lm_state, {{"format", "pt"}});
   if (!tokenizer) throw std::invalid_argument("captioner has no tokenizer");
   tokenizer->save((dir / "lm").string());
   j["lm"] = {{"path", "lm"}, {"tokenizer", "lm"}};
@@ -195,11 +196,7 @@ void Captioner::save(const std::string& bundle_dir) const {
 }
 
 void Captioner::set_lm_dtype(WeightDtype dtype) {
-  if (dtype == WeightDtype::Float32) return;
-  if (!device_.is_cpu())
-    throw std::invalid_argument(std::string("--lm-dtype ") + weight_dtype_name(dtype) +
-                                " packs the LM for CPU decoding; this captioner is on " + device_.str());
-  lm->pack_weights(dtype);
+  lm->pack_weights(dtype);  // refuses an LM that is not float32 on the CPU
 }
 
 void Captioner::to(const at::Device& device) {

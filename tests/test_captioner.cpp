@@ -332,3 +332,24 @@ TEST(Captioner, AudioCaptionsDoNotDependOnWhatTheyAreBatchedWith) {
   MapperInput alone = c.encode_waveforms({clips[0]});
   EXPECT_GT((padded.embedding[0] - alone.embedding[0]).abs().max().item<float>(), 1e-4);
 }
+
+// --lm-dtype packs the LM for CPU decoding: the captioner then refuses to move to a GPU (checked
+// before anything moves, so no GPU is needed to see it) or to be saved, and captions still.
+TEST(Captioner, APackedLmStaysOnTheCpuAndIsNotSaved) {
+  TempDir dir;
+  Captioner c = Captioner::load(prefixcap::testing::aac_bundle());
+  c.set_lm_dtype(WeightDtype::Int8);
+  EXPECT_EQ(c.lm->weight_dtype(), WeightDtype::Int8);
+  try {
+    c.to(at::Device(at::kCUDA));
+    FAIL() << "a packed LM moved to CUDA";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("packed as int8 for CPU decoding"), std::string::npos) << e.what();
+  }
+  EXPECT_TRUE(c.device().is_cpu());
+  EXPECT_THROW(c.save(dir.file("copy")), std::logic_error);
+  EXPECT_FALSE(std::filesystem::exists(dir.file("copy")));  // no half-written bundle
+  EXPECT_THROW(c.set_lm_dtype(WeightDtype::BFloat16), std::logic_error);  // packed once
+  auto captions = c.caption_files({fixture_dir("prefix-aac-tiny") + "/rec_leaves_16k_mono_s16.wav"}, c.default_decoding());
+  EXPECT_EQ(captions.at(0).at(0).ids, golden_row("prefix-aac-tiny", "rec.beam_sorted_ids", 0, 0));
+}

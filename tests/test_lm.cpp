@@ -420,6 +420,11 @@ TEST(DecodeAttention, EqualsTheSoftmaxFormulaOnCacheViews) {
     EXPECT_TRUE(at::allclose(decode_attention(q, k, v, {}, scale),
                              at::matmul(at::softmax(at::matmul(q, k.transpose(-2, -1)) * scale, -1), v).squeeze(2), 1e-5,
                              1e-5));
+    // A row index that points outside the batch is refused, not read.
+    at::Tensor rows = at::zeros({B, S}, at::kLong);
+    rows[B - 1][S - 1] = B;
+    EXPECT_THROW(decode_attention(q, k, v, bias, scale, rows), c10::Error);
+    EXPECT_THROW(decode_attention(q, k, v, bias, scale, rows.narrow(1, 0, S - 1)), c10::Error);  // wrong shape
   }
 }
 
