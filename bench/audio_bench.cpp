@@ -1,6 +1,10 @@
-// audio_bench: full-size CNN14 (random weights, 32 kHz, 10 s clips), the log-mel front end,
-// and decode + resample of 60 s MP3 and FLAC files written here. Prints one JSON object.
-// Options: --threads N, --skip-cnn (front end and decoding only).
+// audio_bench: full-size CNN14 (random weights, 32 kHz, 10 s clips) for each conv path
+// (encoders/cnn14.h) with its agreement with the reference path, beside the anchor measured in
+// the same run: the same network in PyTorch 2.x (bench/encoder_anchor.py through the PyPI wheel
+// in .venv-torch) as float32 eager, float32 channels-last and bfloat16 autocast. Then the log-mel
+// front end, and decode + resample of 60 s MP3 and FLAC files written here. Prints one JSON object.
+// Options: --threads N, --skip-cnn (front end and decoding only), --conv-paths auto,reference,...,
+// --python PATH (the anchor's interpreter), --no-anchor.
 #include <sndfile.h>
 #include <unistd.h>
 
@@ -51,19 +55,39 @@ std::string write_test_file(const std::string& path, int format) {
 int main(int argc, char** argv) {
   prefixcap::select_blas_kernels(argv);  // before anything else: may re-execute (core/threads.h)
   ThreadOptions threads;
-  bool skip_cnn = false;
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    if (a == "--threads" && i + 1 < argc) threads.num_threads = std::stoi(argv[++i]);
-    else if (a == "--skip-cnn") skip_cnn = true;
-    else {
-      std::fprintf(stderr, "usage: audio_bench [--threads N] [--skip-cnn]\n");
-      return a == "--help" ? 0 : 1;
+  bool skip_cnn = false, anchor = true;
+  std::string python = std::string(PREFIXCAP_SOURCE_DIR) + "/.venv-torch/bin/python";
+  std::vector<Cnn14ConvPath> paths = {Cnn14ConvPath::Auto, Cnn14ConvPath::Reference};
+  try {
+    for (int i = 1; i < argc; ++i) {
+      std::string a = argv[i];
+      if (a == "--threads" && i + 1 < argc) threads.num_threads = std::stoi(argv[++i]);
+      else if (a == "--skip-cnn") skip_cnn = true;
+      else if (a == "--no-anchor") anchor = false;
+      else if (a == "--python" && i + 1 < argc) python = argv[++i];
+      else if (a == "--conv-paths" && i + 1 < argc) {
+        paths.clear();
+        std::string list = argv[++i];
+        for (size_t start = 0; start <= list.size();) {
+          size_t comma = list.find(',', start);
+          if (comma == std::string::npos) comma = list.size();
+          paths.push_back(parse_cnn14_conv_path(list.substr(start, comma - start)));
+          start = comma + 1;
+        }
+      } else {
+        std::fprintf(stderr, "usage: audio_bench [--threads N] [--skip-cnn] [--conv-paths auto,reference,nchw,channels-last,gemm]\n"
+                             "                   [--python PATH] [--no-anchor]\n");
+        return a == "--help" ? 0 : 1;
+      }
     }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "audio_bench: %s\n", e.what());
+    return 1;
   }
   ThreadSetup setup = configure_threads(threads);
   nlohmann::json out;
   out["benchmark"] = "audio_bench";
+  out["cpu"] = cpu_model_name();
   out["threads"] = setup.num_threads;
   torch::NoGradGuard no_grad;
 
@@ -81,12 +105,43 @@ int main(int argc, char** argv) {
     Cnn14 model(config);
     model->freeze();
     at::Tensor one = at::randn({1, clip}) * 0.1, eight = at::randn({8, clip}) * 0.1;
-    model->forward(one);
-    double t1 = best_time(3, [&] { model->forward(one); });
-    double t8 = best_time(2, [&] { model->forward(eight); });
-    out["cnn14_ms_per_clip_batch1"] = t1 * 1e3;
-    out["cnn14_ms_per_clip_batch8"] = t8 * 1e3 / 8;
-    out["cnn14_clip_seconds"] = 10;
+    model->set_conv_path(Cnn14ConvPath::Reference);
+    const at::Tensor reference = model->forward(eight).embedding;
+    nlohmann::json cnn;
+    cnn["clip_seconds"] = 10;
+    for (Cnn14ConvPath path : paths) {
+      model->set_conv_path(path);
+      const at::Tensor embedding = model->forward(eight).embedding;  // also the warm-up
+      double t1 = best_time(3, [&] { model->forward(one); });
+      double t8 = best_time(2, [&] { model->forward(eight); });
+      nlohmann::json& d = cnn["paths"][cnn14_conv_path_name(path)];
+      d["ms_per_clip_batch1"] = t1 * 1e3;
+      d["ms_per_clip_batch8"] = t8 * 1e3 / 8;
+      d["embedding_max_abs_diff_over_max_abs_vs_reference"] =
+          (embedding - reference).abs().max().item<double>() / reference.abs().max().item<double>();
+      d["embedding_min_cosine_vs_reference"] = at::cosine_similarity(embedding, reference, 1).min().item<double>();
+    }
+    const nlohmann::json& first = cnn["paths"][cnn14_conv_path_name(paths.front())];
+    out["cnn14_ms_per_clip_batch1"] = first["ms_per_clip_batch1"];  // the first path's (bench/torch_configs.sh)
+    out["cnn14_ms_per_clip_batch8"] = first["ms_per_clip_batch8"];
+    if (anchor) {
+      const auto py = run_python_anchor<nlohmann::json>(python, std::string(PREFIXCAP_SOURCE_DIR) + "/bench/encoder_anchor.py",
+                                                        "--models cnn14 --threads " + std::to_string(setup.num_threads),
+                                                        setup.num_threads);
+      cnn["anchor"] = py;
+      cnn["anchor"]["what"] = "the same CNN14 in PyTorch 2.x (bench/encoder_anchor.py), inference mode, same threads";
+      if (py.contains("cnn14")) {
+        nlohmann::json ratios;  // anchor time / ours: above 1 means faster than the anchor
+        for (const auto& [name, d] : cnn["paths"].items())
+          for (const auto& [setting, a] : py["cnn14"].items())
+            for (const char* b : {"batch1", "batch8"}) {
+              const std::string key = std::string("ms_per_clip_") + b;
+              ratios[name + "_" + b + "_speedup_over_torch_" + setting] = a[key].get<double>() / d[key].get<double>();
+            }
+        cnn["speedups"] = ratios;
+      }
+    }
+    out["cnn14"] = cnn;
     out["peak_rss_MB"] = peak_rss_bytes() / 1e6;
   }
   std::string dir = (std::filesystem::temp_directory_path() / ("prefixcap-audio-bench-" + std::to_string(::getpid()))).string();

@@ -37,6 +37,28 @@ inline std::string run_capture(const std::string& cmd) {
   return out;
 }
 
+// Runs a Python anchor script (bench/NAME.py ARGS) with `threads` OpenMP/MKL threads and parses
+// the JSON object it prints last. Returns {"error": ..., "output": ...} when that fails.
+template <typename Json>
+Json run_python_anchor(const std::string& python, const std::string& script, const std::string& args, int threads) {
+  const std::string cmd = "OMP_NUM_THREADS=" + std::to_string(threads) + " MKL_NUM_THREADS=" + std::to_string(threads) +
+                          " " + python + " -W ignore " + script + " " + args + " 2>&1";
+  std::string text;
+  FILE* p = popen(cmd.c_str(), "r");
+  if (p) {
+    char buf[4096];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, p)) > 0) text.append(buf, n);
+    pclose(p);
+  }
+  try {
+    const size_t last = text.rfind("\n{");
+    return Json::parse(text.substr(last == std::string::npos ? 0 : last + 1));
+  } catch (const std::exception& e) {
+    return Json{{"error", "could not run " + cmd + ": " + e.what()}, {"output", text.substr(0, 4000)}};
+  }
+}
+
 inline double now_seconds() {
   using clock = std::chrono::steady_clock;
   return std::chrono::duration<double>(clock::now().time_since_epoch()).count();

@@ -16,6 +16,8 @@ for b in lm_bench image_bench audio_bench train_bench; do
     args=(--threads 2)
     [[ $b == train_bench ]] && args+=(--skip-pipeline)
     [[ $b == lm_bench ]] && args+=(--dtypes float32 --no-anchor)
+    [[ $b == audio_bench ]] && args+=(--conv-paths auto --no-anchor)
+    [[ $b == image_bench ]] && args+=(--no-anchor)
     "$dir/bench/$b" "${args[@]}" >"$out/$b.$which.json" 2>/dev/null
   done
 done

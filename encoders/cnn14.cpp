@@ -82,6 +82,108 @@ Cnn14Output Cnn14Impl::forward(const at::Tensor& waveform, bool keep_blocks) {
   return forward_logmel(front_end(waveform), keep_blocks);
 }
 
+Cnn14ConvPath parse_cnn14_conv_path(const std::string& name) {
+  for (auto p : {Cnn14ConvPath::Auto, Cnn14ConvPath::Reference, Cnn14ConvPath::Nchw, Cnn14ConvPath::ChannelsLast,
+                 Cnn14ConvPath::Gemm})
+    if (name == cnn14_conv_path_name(p)) return p;
+  throw std::invalid_argument("unknown CNN14 conv path '" + name + "' (auto, reference, nchw, channels-last, gemm)");
+}
+
+const char* cnn14_conv_path_name(Cnn14ConvPath path) {
+  switch (path) {
+    case Cnn14ConvPath::Auto: return "auto";
+    case Cnn14ConvPath::Reference: return "reference";
+    case Cnn14ConvPath::Nchw: return "nchw";
+    case Cnn14ConvPath::ChannelsLast: return "channels-last";
+    case Cnn14ConvPath::Gemm: return "gemm";
+  }
+  return "?";
+}
+
+std::vector<Cnn14Impl::FoldedConv> Cnn14Impl::folded_convs() {
+  std::vector<std::pair<const void*, int64_t>> sources;
+  for (const auto& block : conv_blocks)
+    for (const at::Tensor& t : {block->conv1->weight, block->bn1->weight, block->bn1->bias, block->bn1->running_mean,
+                                block->bn1->running_var, block->conv2->weight, block->bn2->weight, block->bn2->bias,
+                                block->bn2->running_mean, block->bn2->running_var})
+      sources.emplace_back(t.data_ptr(), t._version());
+  std::lock_guard<std::mutex> lock(fold_mutex_);
+  if (sources == folded_from_) return folded_;
+  at::NoGradGuard no_grad;
+  std::vector<FoldedConv> convs;
+  auto fold = [&](const torch::nn::Conv2d& conv, const torch::nn::BatchNorm2d& bn) {
+    // BatchNorm in eval mode: y = (x - mean) / sqrt(var + eps) * gamma + beta, per output channel.
+    at::Tensor scale = bn->weight / at::sqrt(bn->running_var + bn->options.eps());
+    FoldedConv f;
+    f.weight = (conv->weight * scale.view({-1, 1, 1, 1})).contiguous();
+    f.bias = (bn->bias - bn->running_mean * scale).contiguous();
+    convs.push_back(std::move(f));
+  };
+  for (const auto& block : conv_blocks) {
+    fold(block->conv1, block->bn1);
+    fold(block->conv2, block->bn2);
+  }
+  folded_ = convs;
+  folded_from_ = std::move(sources);
+  return convs;
+}
+
+namespace {
+// Cnn14ConvPath::Auto's choice per layer on the CPU, from per-layer timings of both LibTorch
+// builds (docs/encoders.md): GEMM for the single-channel first conv and for layers with at most
+// 512 output positions (batch x time x frequency), where a convolution kernel has too few rows
+// per weight it reads; channels-last (oneDNN) for the early, wide layers (<= 128 input
+// channels); NCHW for the rest.
+constexpr int64_t kGemmMaxPositions = 512;
+constexpr int64_t kChannelsLastMaxInputChannels = 128;
+
+// 3x3 convolution, stride 1, padding 1, through im2col and BLAS. One product per clip,
+// [O, I*9] x [I*9, H*W], lands in NCHW directly; with several clips and few positions, one
+// product over all of them, [B*H*W, I*9] x [I*9, O], keeps the weight read once.
+at::Tensor conv3x3_gemm(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias) {
+  const at::Tensor x = input.contiguous();
+  const int64_t batch = x.size(0), height = x.size(2), width = x.size(3), out_channels = weight.size(0);
+  const at::Tensor columns = at::im2col(x, {3, 3}, {1, 1}, {1, 1}, {1, 1});  // [B, I*9, H*W]
+  const at::Tensor w = weight.reshape({out_channels, -1});
+  if (batch > 1 && batch * height * width <= kGemmMaxPositions) {
+    const at::Tensor rows = columns.transpose(1, 2).reshape({batch * height * width, -1});
+    return at::addmm(bias, rows, w.t()).view({batch, height, width, out_channels}).permute({0, 3, 1, 2}).contiguous();
+  }
+  at::Tensor out = at::empty({batch, out_channels, height * width}, x.options());
+  for (int64_t b = 0; b < batch; ++b) {
+    at::Tensor ob = out.select(0, b);
+    at::addmm_out(ob, bias.unsqueeze(1), w, columns.select(0, b));
+  }
+  return out.view({batch, out_channels, height, width});
+}
+
+Cnn14ConvPath auto_conv_path(const at::Tensor& x) {
+  if (!x.is_cpu()) return Cnn14ConvPath::Nchw;
+  const int64_t positions = x.size(0) * x.size(2) * x.size(3);
+  if (x.size(1) == 1 || positions <= kGemmMaxPositions) return Cnn14ConvPath::Gemm;
+  return x.size(1) <= kChannelsLastMaxInputChannels ? Cnn14ConvPath::ChannelsLast : Cnn14ConvPath::Nchw;
+}
+}  // namespace
+
+at::Tensor Cnn14Impl::run_blocks_folded(at::Tensor x, const std::vector<FoldedConv>& convs, std::vector<at::Tensor>* blocks) {
+  for (size_t i = 0; i < conv_blocks.size(); ++i) {
+    for (int k = 0; k < 2; ++k) {
+      const FoldedConv& f = convs[2 * i + k];
+      const Cnn14ConvPath path = conv_path_ == Cnn14ConvPath::Auto ? auto_conv_path(x) : conv_path_;
+      if (path == Cnn14ConvPath::Gemm && x.is_cpu()) {
+        x = conv3x3_gemm(x, f.weight, f.bias);
+      } else {
+        const auto format = path == Cnn14ConvPath::ChannelsLast ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+        x = at::conv2d(x.contiguous(format), f.weight.contiguous(format), f.bias, {1, 1}, {1, 1});
+      }
+      x.relu_();
+    }
+    if (i + 1 < conv_blocks.size()) x = at::avg_pool2d(x, {2, 2});
+    if (blocks) blocks->push_back(x.contiguous());
+  }
+  return x.contiguous();
+}
+
 Cnn14Output Cnn14Impl::forward_logmel(const at::Tensor& logmel, bool keep_blocks) {
   TORCH_CHECK(logmel.dim() == 4 && logmel.size(1) == 1 && logmel.size(3) == config_.front_end.mel_bins,
               "CNN14: expected log-mel [B, 1, T, ", config_.front_end.mel_bins, "], got ", logmel.sizes());
@@ -90,9 +192,16 @@ Cnn14Output Cnn14Impl::forward_logmel(const at::Tensor& logmel, bool keep_blocks
   Cnn14Output out;
   out.logmel = logmel;
   at::Tensor x = bn0(logmel.transpose(1, 3)).transpose(1, 3);  // normalise each mel bin
-  for (size_t i = 0; i < conv_blocks.size(); ++i) {
-    x = conv_blocks[i]->forward(x, i + 1 < conv_blocks.size() ? 2 : 1);
-    if (keep_blocks) out.blocks.push_back(x);
+  // The folded form has no gradient to the BatchNorm parameters: anything that trains them runs
+  // the reference form (training mode, or eval mode with gradients wanted).
+  const bool wants_grad = at::GradMode::is_enabled() && conv_blocks.front()->conv1->weight.requires_grad();
+  if (is_training() || wants_grad || conv_path_ == Cnn14ConvPath::Reference) {
+    for (size_t i = 0; i < conv_blocks.size(); ++i) {
+      x = conv_blocks[i]->forward(x, i + 1 < conv_blocks.size() ? 2 : 1);
+      if (keep_blocks) out.blocks.push_back(x);
+    }
+  } else {
+    x = run_blocks_folded(x, folded_convs(), keep_blocks ? &out.blocks : nullptr);
   }
   out.conv_block6 = x;                       // [B, C, T', F']
   at::Tensor temporal = x.mean(3);           // [B, C, T']

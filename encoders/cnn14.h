@@ -2,6 +2,7 @@
 // ref: qiuqiangkong/audioset_tagging_cnn pytorch/models.py Cnn14, ConvBlock (d2f4b8c).
 #pragma once
 
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -52,6 +53,22 @@ struct Cnn14Output {
   std::vector<at::Tensor> blocks; // conv_block1..6 outputs, when asked for
 };
 
+// How CNN14 computes its convolutions in eval mode. Every mode but Reference first folds each
+// BatchNorm into the conv before it (weight * gamma / sqrt(var + eps), bias = beta - mean * that
+// scale; computed once, again only when a weight changes or moves) and applies ReLU in place.
+//   Reference     conv, BatchNorm and ReLU as three operations, as PANNs writes them (training
+//                 mode always runs this way)
+//   Nchw          folded conv through at::conv2d on NCHW tensors
+//   ChannelsLast  folded conv through at::conv2d on channels-last tensors (oneDNN)
+//   Gemm          im2col + one matrix product per clip through BLAS
+//   Auto          (default) on the CPU, per layer: Gemm for the first conv (one input channel)
+//                 and the layers with few positions (batch x time x frequency <= 512: blocks 5-6
+//                 of one 10 s clip), ChannelsLast for the early wide layers, Nchw for the rest;
+//                 Nchw on a GPU
+enum class Cnn14ConvPath { Auto, Reference, Nchw, ChannelsLast, Gemm };
+Cnn14ConvPath parse_cnn14_conv_path(const std::string& name);  // throws std::invalid_argument
+const char* cnn14_conv_path_name(Cnn14ConvPath path);
+
 class Cnn14Impl : public torch::nn::Module {
  public:
   explicit Cnn14Impl(const Cnn14Config& config);
@@ -64,6 +81,8 @@ class Cnn14Impl : public torch::nn::Module {
   void load_weights(const TensorMap& weights, const std::string& source);
   void freeze();
   const Cnn14Config& config() const { return config_; }
+  void set_conv_path(Cnn14ConvPath path) { conv_path_ = path; }
+  Cnn14ConvPath conv_path() const { return conv_path_; }
 
   LogMelFrontEnd front_end{nullptr};
   torch::nn::BatchNorm2d bn0{nullptr};
@@ -71,7 +90,19 @@ class Cnn14Impl : public torch::nn::Module {
   torch::nn::Linear fc1{nullptr}, fc_audioset{nullptr};
 
  private:
+  struct FoldedConv {
+    at::Tensor weight, bias;  // [O, I, 3, 3] with the BatchNorm folded in, [O]
+  };
+  // The folded convs (2 per block), rebuilt when any source tensor changed (storage, device,
+  // dtype or in-place version); safe to call from several threads.
+  std::vector<FoldedConv> folded_convs();
+  at::Tensor run_blocks_folded(at::Tensor x, const std::vector<FoldedConv>& convs, std::vector<at::Tensor>* blocks);
+
   Cnn14Config config_;
+  Cnn14ConvPath conv_path_ = Cnn14ConvPath::Auto;
+  std::mutex fold_mutex_;
+  std::vector<FoldedConv> folded_;
+  std::vector<std::pair<const void*, int64_t>> folded_from_;  // (data pointer, version) of each source
 };
 TORCH_MODULE(Cnn14);
 

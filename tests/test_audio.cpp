@@ -267,3 +267,81 @@ TEST(LogMel, KernelMathEqualsTheCpuFrontEnd) {
     EXPECT_TRUE(rebuilt.equal(dense)) << j.dump();
   }
 }
+
+namespace {
+// max(|got - expected| - (atol + rtol |expected|)): <= 0 when within the tolerance.
+double excess_over(const at::Tensor& got, const at::Tensor& expected, double atol, double rtol) {
+  return ((got.to(at::kDouble) - expected.to(at::kDouble)).abs() - (atol + rtol * expected.to(at::kDouble).abs()))
+      .max()
+      .item<double>();
+}
+const std::vector<Cnn14ConvPath> kConvPaths = {Cnn14ConvPath::Reference, Cnn14ConvPath::Nchw, Cnn14ConvPath::ChannelsLast,
+                                               Cnn14ConvPath::Gemm, Cnn14ConvPath::Auto};
+}  // namespace
+
+// Every conv path (BatchNorm folded or not; NCHW, channels-last, im2col + GEMM, and Auto's mix)
+// reproduces cnn14-tiny's golden blocks and outputs within its stated tolerance (atol 1e-4,
+// rtol 1e-3), on both single-clip cases.
+TEST(Cnn14, EveryConvPathReproducesTheGoldenOutputs) {
+  Cnn14 model = load_cnn14(fixture_dir("cnn14-tiny"));
+  SafetensorsFile golden(fixture_dir("cnn14-tiny") + "/golden.safetensors");
+  torch::NoGradGuard no_grad;
+  for (Cnn14ConvPath path : kConvPaths) {
+    model->set_conv_path(path);
+    for (const std::string c : {"rec", "noise"}) {
+      SCOPED_TRACE(std::string(cnn14_conv_path_name(path)) + " " + c);
+      Cnn14Output out = model->forward(golden.tensor(c + ".waveform"), /*keep_blocks=*/true);
+      ASSERT_EQ(out.blocks.size(), 6u);
+      for (int i = 0; i < 6; ++i)
+        EXPECT_LE(excess_over(out.blocks[i], golden.tensor(c + ".conv_block" + std::to_string(i + 1)), 1e-4, 1e-3), 0) << i + 1;
+      EXPECT_LE(excess_over(out.temporal_features.transpose(1, 2), golden.tensor(c + ".temporal_features"), 1e-4, 1e-3), 0);  // upstream [B, C, T']
+      EXPECT_LE(excess_over(out.embedding, golden.tensor(c + ".embedding"), 1e-4, 1e-3), 0);
+      EXPECT_LE(excess_over(out.clipwise_output, golden.tensor(c + ".clipwise_output"), 1e-4, 1e-3), 0);
+    }
+  }
+}
+
+// Batches take other branches (one GEMM over every clip's positions); each path's batch equals
+// the reference path's (itself checked against the golden data) to float32 rounding, and the
+// folded weights follow the module: an in-place change to a BatchNorm statistic, a move to
+// float64 and a reload are all seen by the next forward.
+TEST(Cnn14, FoldedPathsFollowTheReferenceAndItsWeights) {
+  Cnn14 model = load_cnn14(fixture_dir("cnn14-tiny"));
+  torch::NoGradGuard no_grad;
+  torch::manual_seed(3);
+  const at::Tensor batch = at::randn({3, 40000}) * 0.2;
+  auto reference = [&](const at::Tensor& x) {
+    model->set_conv_path(Cnn14ConvPath::Reference);
+    return model->forward(x).embedding;
+  };
+  auto relative_error = [](const at::Tensor& a, const at::Tensor& b) {
+    return ((a - b).abs().max() / b.abs().max()).item<double>();
+  };
+  const at::Tensor expected = reference(batch);
+  for (Cnn14ConvPath path : kConvPaths) {
+    model->set_conv_path(path);
+    EXPECT_LT(relative_error(model->forward(batch).embedding, expected), 1e-5) << cnn14_conv_path_name(path);
+  }
+  model->set_conv_path(Cnn14ConvPath::Auto);
+  model->forward(batch);  // folds
+  model->conv_blocks[3]->bn2->running_var.mul_(4.0);
+  const at::Tensor changed = reference(batch);
+  ASSERT_GT(relative_error(changed, expected), 1e-3);  // the change matters
+  model->set_conv_path(Cnn14ConvPath::Auto);
+  EXPECT_LT(relative_error(model->forward(batch).embedding, changed), 1e-5);
+
+  model->load_weights(load_weight_file(fixture_dir("cnn14-tiny") + "/model.safetensors"), "model.safetensors");
+  EXPECT_LT(relative_error(model->forward(batch).embedding, expected), 1e-5);
+
+  model->to(at::kDouble);
+  const at::Tensor in_double = reference(batch.to(at::kDouble));
+  model->set_conv_path(Cnn14ConvPath::Auto);
+  const at::Tensor auto_double = model->forward(batch.to(at::kDouble)).embedding;
+  EXPECT_EQ(auto_double.scalar_type(), at::kDouble);
+  EXPECT_LT(relative_error(auto_double, in_double), 1e-12);
+}
+
+TEST(Cnn14, ConvPathNamesRoundTripAndUnknownOnesAreRefused) {
+  for (Cnn14ConvPath path : kConvPaths) EXPECT_EQ(parse_cnn14_conv_path(cnn14_conv_path_name(path)), path);
+  EXPECT_NE(prefixcap::testing::message_of([] { parse_cnn14_conv_path("winograd"); }).find("auto, reference"), std::string::npos);
+}

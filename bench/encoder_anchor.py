@@ -1,0 +1,147 @@
+"""The anchor of audio_bench and image_bench: the same encoders in PyTorch 2.x (the PyPI wheel in
+.venv-torch), random weights of the real shapes, at the settings a user would pick today.
+
+  cnn14: PANNs CNN14 on 10 s clips at 32 kHz (log-mel through torch.stft + a mel matrix, then
+         bn0, six conv blocks, the global pooling and fc1), batch 1 and batch 8, ms per clip.
+  vit:   CLIP ViT-B/32 (transformers' CLIPVisionModelWithProjection), images/s at batch 1 and 16.
+
+Each under torch.inference_mode(), in three settings: float32 eager (NCHW), float32 with
+channels-last (CNN14 only) and bfloat16 autocast (channels-last for CNN14). Prints one JSON object.
+
+    python bench/encoder_anchor.py --threads 2 [--models cnn14,vit] [--repeats 3]
+"""
+import argparse
+import json
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def best_time(repeats, fn):
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def mel_matrix(sample_rate, n_fft, n_mels, fmin, fmax):
+    """Slaney-style triangular filters [n_fft/2+1, n_mels] (speed only: the values do not matter)."""
+    def hz_to_mel(f):
+        return 2595.0 * math.log10(1.0 + f / 700.0)
+    mels = torch.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2)
+    hz = 700.0 * (10 ** (mels / 2595.0) - 1.0)
+    bins = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1)
+    lower = (bins[:, None] - hz[None, :-2]) / (hz[1:-1] - hz[:-2])[None, :]
+    upper = (hz[None, 2:] - bins[:, None]) / (hz[2:] - hz[1:-1])[None, :]
+    return torch.clamp(torch.minimum(lower, upper), min=0.0)
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.bn2 = nn.BatchNorm2d(cout)
+
+    def forward(self, x, pool):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return F.avg_pool2d(x, pool) if pool > 1 else x
+
+
+class Cnn14(nn.Module):
+    def __init__(self, sample_rate=32000, n_fft=1024, hop=320, n_mels=64):
+        super().__init__()
+        self.n_fft, self.hop = n_fft, hop
+        self.register_buffer("window", torch.hann_window(n_fft))
+        self.register_buffer("mel", mel_matrix(sample_rate, n_fft, n_mels, 50, 14000))
+        self.bn0 = nn.BatchNorm2d(n_mels)
+        widths = [1, 64, 128, 256, 512, 1024, 2048]
+        self.blocks = nn.ModuleList(ConvBlock(widths[i], widths[i + 1]) for i in range(6))
+        self.fc1 = nn.Linear(2048, 2048)
+
+    def forward(self, wave):
+        spec = torch.stft(wave, self.n_fft, self.hop, window=self.window, center=True, pad_mode="reflect",
+                          return_complex=True).abs().pow(2)            # [B, F, T]
+        logmel = 10.0 * torch.log10(torch.clamp(spec.transpose(1, 2) @ self.mel, min=1e-10))  # [B, T, M]
+        x = logmel[:, None]                                             # [B, 1, T, M]
+        x = self.bn0(x.transpose(1, 3)).transpose(1, 3)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        for i, block in enumerate(self.blocks):
+            x = block(x, 2 if i < 5 else 1)
+        x = x.mean(3)
+        x = x.max(2).values + x.mean(2)
+        return F.relu(self.fc1(x))
+
+    channels_last = False
+
+
+def bench_cnn14(repeats):
+    torch.manual_seed(0)
+    model = Cnn14().eval()
+    one, eight = torch.randn(1, 320000) * 0.1, torch.randn(8, 320000) * 0.1
+    settings = {}
+    for name, channels_last, autocast in [("float32_eager", False, False), ("float32_channels_last", True, False),
+                                          ("bfloat16_autocast_channels_last", True, True)]:
+        model.channels_last = channels_last
+        m = model.to(memory_format=torch.channels_last) if channels_last else model.to(memory_format=torch.contiguous_format)
+
+        def run(x):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                return m(x)
+
+        with torch.inference_mode():
+            run(one)
+            t1 = best_time(repeats, lambda: run(one))
+            t8 = best_time(max(1, repeats - 1), lambda: run(eight))
+        settings[name] = {"ms_per_clip_batch1": t1 * 1e3, "ms_per_clip_batch8": t8 * 1e3 / 8}
+    return settings
+
+
+def bench_vit(repeats):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                              image_size=224, patch_size=32, projection_dim=512, hidden_act="quick_gelu")
+    model = CLIPVisionModelWithProjection(config).eval()
+    one, sixteen = torch.randn(1, 3, 224, 224), torch.randn(16, 3, 224, 224)
+    settings = {}
+    for name, autocast in [("float32_eager", False), ("bfloat16_autocast", True)]:
+        def run(x):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                return model(pixel_values=x).image_embeds
+
+        with torch.inference_mode():
+            run(one)
+            t1 = best_time(repeats + 2, lambda: run(one))
+            t16 = best_time(repeats, lambda: run(sixteen))
+        settings[name] = {"images_per_s_batch1": 1.0 / t1, "images_per_s_batch16": 16.0 / t16}
+    return settings
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--models", default="cnn14,vit")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+           "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    models = args.models.split(",")
+    if "cnn14" in models:
+        out["cnn14"] = bench_cnn14(args.repeats)
+    if "vit" in models:
+        out["vit"] = bench_vit(args.repeats)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
