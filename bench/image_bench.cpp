@@ -1,6 +1,9 @@
-// image_bench: CLIP ViT-B/32 shape (random weights) images/s at batch 1 and 16, and CLIP
-// preprocessing (JPEG decode + Pillow bicubic resize + crop + normalise) images/s for a
-// 1024x768 JPEG made here. Prints one JSON object. Options: --threads N.
+// image_bench: CLIP ViT-B/32 shape (random weights) images/s at batch 1 and 16 beside the anchor
+// measured in the same run (transformers' CLIPVisionModelWithProjection of the same shape in
+// PyTorch 2.x, float32 eager and bfloat16 autocast: bench/encoder_anchor.py through the PyPI wheel
+// in .venv-torch), and CLIP preprocessing (JPEG decode + Pillow bicubic resize + crop +
+// normalise) images/s for a 1024x768 JPEG made here. Prints one JSON object.
+// Options: --threads N, --python PATH (the anchor's interpreter), --no-anchor.
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -22,10 +25,22 @@ using namespace prefixcap::bench;
 int main(int argc, char** argv) {
   prefixcap::select_blas_kernels(argv);  // before anything else: may re-execute (core/threads.h)
   ThreadOptions threads;
-  if (int rc = parse_threads_only(argc, argv, "image_bench", &threads.num_threads); rc >= 0) return rc;
+  bool anchor = true;
+  std::string python = std::string(PREFIXCAP_SOURCE_DIR) + "/.venv-torch/bin/python";
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "--threads" && i + 1 < argc) threads.num_threads = std::atoi(argv[++i]);
+    else if (a == "--python" && i + 1 < argc) python = argv[++i];
+    else if (a == "--no-anchor") anchor = false;
+    else {
+      std::fprintf(stderr, "usage: image_bench [--threads N] [--python PATH] [--no-anchor]\n");
+      return a == "--help" ? 0 : 1;
+    }
+  }
   ThreadSetup setup = configure_threads(threads);
   nlohmann::json out;
   out["benchmark"] = "image_bench";
+  out["cpu"] = cpu_model_name();
   out["threads"] = setup.num_threads;
   torch::NoGradGuard no_grad;
 
@@ -60,6 +75,23 @@ int main(int argc, char** argv) {
   double t16 = best_time(3, [&] { vit->forward(sixteen); });
   out["vit_b32_images_per_s_batch1"] = 1.0 / t1;
   out["vit_b32_images_per_s_batch16"] = 16.0 / t16;
+  if (anchor) {
+    const auto py = run_python_anchor<nlohmann::json>(python, std::string(PREFIXCAP_SOURCE_DIR) + "/bench/encoder_anchor.py",
+                                                      "--models vit --threads " + std::to_string(setup.num_threads),
+                                                      setup.num_threads);
+    out["anchor"] = py;
+    out["anchor"]["what"] = "transformers CLIPVisionModelWithProjection, ViT-B/32 shape, PyTorch 2.x inference mode, same threads";
+    if (py.contains("vit")) {
+      nlohmann::json ratios;  // ours / anchor in images per second: above 1 means faster
+      for (const auto& [setting, a] : py["vit"].items())
+        for (const char* b : {"batch1", "batch16"}) {
+          const std::string key = std::string("images_per_s_") + b;
+          ratios[std::string("vit_b32_") + b + "_speedup_over_torch_" + setting] =
+              out["vit_b32_" + key].get<double>() / a[key].get<double>();
+        }
+      out["speedups"] = ratios;
+    }
+  }
   out["peak_rss_MB"] = peak_rss_bytes() / 1e6;
   std::printf("%s\n", out.dump(2).c_str());
   return 0;

@@ -1,11 +1,14 @@
-#!/usr/bin/python3
-"""The Python baseline of train_bench: the Prefix-AAC training step as a plain PyTorch loop.
+"""The Python anchor of train_bench: the Prefix-AAC training step as a plain PyTorch loop.
 
-Run by `train_bench --python` with Debian's python3-torch. It reads the weights and batches
-train_bench wrote (safetensors, read here with numpy), builds the same modules (Prefix-AAC's
-mapping networks, GPT-2 as in nanoGPT / Hugging Face), and times the step the reference
-training scripts run: full logits over prefix + caption, cross-entropy on the caption part
-(pads ignored), backward, gradient clipping, AdamW. Prints one JSON object.
+Run by `train_bench --python` with the PyPI wheel's PyTorch 2.x in .venv-torch (any PyTorch with
+numpy works). It reads the weights and batches train_bench wrote (safetensors, read here with
+numpy), builds the same modules (Prefix-AAC's mapping networks, GPT-2 as in nanoGPT / Hugging
+Face), and times two steps, each from the same starting weights:
+  caption  the work prefixcap's step does: GPT-2's output head only over the positions that
+           predict caption tokens, cross-entropy (pads ignored), backward, clipping, AdamW;
+  full     the step the reference training scripts run: logits over every prefix + caption
+           position, then the same loss on the caption part.
+Prints one JSON object with one entry per step kind.
 """
 import argparse
 import json
@@ -182,12 +185,13 @@ class Gpt2(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
 
-    def forward(self, embeds):
+    def forward(self, embeds, first=0, last=None):
+        """Logits of positions first..last-1 (the output head over those positions only)."""
         t = embeds.shape[1]
         x = embeds + self.wpe(torch.arange(t))
         for blk in self.h:
             x = blk(x)
-        return self.ln_f(x) @ self.wte.weight.t()
+        return self.ln_f(x[:, first:last]) @ self.wte.weight.t()
 
 
 def main():
@@ -196,46 +200,54 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--heads", default="caption,full")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     w = read_safetensors(a.dir + "/weights.safetensors")
     batches = read_safetensors(a.dir + "/batches.safetensors")
     mapper_w = {k[len("mapper."):]: v for k, v in w.items() if k.startswith("mapper.")}
     lm = Gpt2({k[len("lm."):]: v for k, v in w.items() if k.startswith("lm.")}).eval()
-    mapper = PrefixAac(mapper_w["temporal_mappingnetwork.pos_encoder.pe"])
-    missing = mapper.load_state_dict(mapper_w, strict=False)
-    assert not missing.missing_keys and not missing.unexpected_keys, missing
-    mapper.train()
-    params = list(mapper.parameters())
-    opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.01)
-
-    def step(s):
-        conv, cls = batches[f"{s}.conv_block6"], batches[f"{s}.clipwise"]
-        ids, mask = batches[f"{s}.ids"], batches[f"{s}.mask"]
-        prefix = mapper(conv, cls)
-        P = prefix.shape[1]
-        logits = lm(torch.cat([prefix, lm.wte(ids)], 1))
-        target = ids.masked_fill(mask == 0, -100)
-        loss = F.cross_entropy(logits[:, P - 1:-1].reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        return loss.item()
-
-    first = step(0)
-    step(1)
-    secs, best = 0.0, float("inf")
-    for s in range(2, a.steps + 2):
-        t0 = time.perf_counter()
-        step(s)
-        dt = time.perf_counter() - t0
-        secs += dt
-        best = min(best, dt)
     import resource
-    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "ms_per_step": 1000 * secs / a.steps,
-                      "samples_per_s": a.steps * a.batch / secs, "ms_best_step": 1000 * best, "first_loss": first,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3}))
+    out = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    for head in a.heads.split(","):
+        mapper = PrefixAac(mapper_w["temporal_mappingnetwork.pos_encoder.pe"])
+        missing = mapper.load_state_dict(mapper_w, strict=False)
+        assert not missing.missing_keys and not missing.unexpected_keys, missing
+        mapper.train()
+        params = list(mapper.parameters())
+        opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.01)
+
+        def step(s):
+            conv, cls = batches[f"{s}.conv_block6"], batches[f"{s}.clipwise"]
+            ids, mask = batches[f"{s}.ids"], batches[f"{s}.mask"]
+            prefix = mapper(conv, cls)
+            P = prefix.shape[1]
+            embeds = torch.cat([prefix, lm.wte(ids)], 1)
+            if head == "caption":  # positions P-1 .. P+T-2 predict the T caption tokens
+                logits = lm(embeds, P - 1, -1)
+            else:
+                logits = lm(embeds)[:, P - 1:-1]
+            target = ids.masked_fill(mask == 0, -100)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            return loss.item()
+
+        first = step(0)
+        step(1)
+        secs, best = 0.0, float("inf")
+        for s in range(2, a.steps + 2):
+            t0 = time.perf_counter()
+            step(s)
+            dt = time.perf_counter() - t0
+            secs += dt
+            best = min(best, dt)
+        out[head] = {"ms_per_step": 1000 * secs / a.steps, "samples_per_s": a.steps * a.batch / secs,
+                     "ms_best_step": 1000 * best, "first_loss": first}
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":
