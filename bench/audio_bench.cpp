@@ -4,7 +4,8 @@
 // in .venv-torch) as float32 eager, float32 channels-last and bfloat16 autocast. Then the log-mel
 // front end, and decode + resample of 60 s MP3 and FLAC files written here. Prints one JSON object.
 // Options: --threads N, --skip-cnn (front end and decoding only), --conv-paths auto,reference,...,
-// --python PATH (the anchor's interpreter), --no-anchor.
+// --bfloat16 (also CNN14 in bfloat16 after the float32 front end), --python PATH (the anchor's
+// interpreter), --no-anchor.
 #include <sndfile.h>
 #include <unistd.h>
 
@@ -55,7 +56,7 @@ std::string write_test_file(const std::string& path, int format) {
 int main(int argc, char** argv) {
   prefixcap::select_blas_kernels(argv);  // before anything else: may re-execute (core/threads.h)
   ThreadOptions threads;
-  bool skip_cnn = false, anchor = true;
+  bool skip_cnn = false, anchor = true, bfloat16 = false;
   std::string python = std::string(PREFIXCAP_SOURCE_DIR) + "/.venv-torch/bin/python";
   std::vector<Cnn14ConvPath> paths = {Cnn14ConvPath::Auto, Cnn14ConvPath::Reference};
   try {
@@ -64,6 +65,7 @@ int main(int argc, char** argv) {
       if (a == "--threads" && i + 1 < argc) threads.num_threads = std::stoi(argv[++i]);
       else if (a == "--skip-cnn") skip_cnn = true;
       else if (a == "--no-anchor") anchor = false;
+      else if (a == "--bfloat16") bfloat16 = true;
       else if (a == "--python" && i + 1 < argc) python = argv[++i];
       else if (a == "--conv-paths" && i + 1 < argc) {
         paths.clear();
@@ -76,7 +78,7 @@ int main(int argc, char** argv) {
         }
       } else {
         std::fprintf(stderr, "usage: audio_bench [--threads N] [--skip-cnn] [--conv-paths auto,reference,nchw,channels-last,gemm]\n"
-                             "                   [--python PATH] [--no-anchor]\n");
+                             "                   [--bfloat16] [--python PATH] [--no-anchor]\n");
         return a == "--help" ? 0 : 1;
       }
     }
@@ -120,6 +122,25 @@ int main(int argc, char** argv) {
       d["embedding_max_abs_diff_over_max_abs_vs_reference"] =
           (embedding - reference).abs().max().item<double>() / reference.abs().max().item<double>();
       d["embedding_min_cosine_vs_reference"] = at::cosine_similarity(embedding, reference, 1).min().item<double>();
+    }
+    // bfloat16 weights and activations after the float32 front end (Auto's paths; oneDNN's bf16
+    // kernels): speed and agreement on this CPU, for the question whether a bf16 encoder pays.
+    if (bfloat16) {
+      model->set_conv_path(Cnn14ConvPath::Reference);
+      const at::Tensor logmel1 = model->front_end(one), logmel8 = model->front_end(eight);
+      nlohmann::json& d = cnn["bfloat16_after_front_end"];
+      try {
+        model->to(at::kBFloat16);
+        model->set_conv_path(Cnn14ConvPath::Auto);
+        const at::Tensor l1 = logmel1.to(at::kBFloat16), l8 = logmel8.to(at::kBFloat16);
+        const at::Tensor embedding = model->forward_logmel(l8).embedding.to(at::kFloat);
+        d["ms_per_clip_batch1"] = best_time(3, [&] { model->forward_logmel(l1); }) * 1e3;
+        d["ms_per_clip_batch8"] = best_time(2, [&] { model->forward_logmel(l8); }) * 1e3 / 8;
+        d["embedding_min_cosine_vs_reference"] = at::cosine_similarity(embedding, reference, 1).min().item<double>();
+      } catch (const std::exception& e) {
+        d["error"] = std::string(e.what()).substr(0, 300);
+      }
+      model->to(at::kFloat);
     }
     const nlohmann::json& first = cnn["paths"][cnn14_conv_path_name(paths.front())];
     out["cnn14_ms_per_clip_batch1"] = first["ms_per_clip_batch1"];  // the first path's (bench/torch_configs.sh)
