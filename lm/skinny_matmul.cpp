@@ -61,6 +61,19 @@ PREFIXCAP_CLONES void generic_rows(const float* __restrict x, const W* __restric
   }
 }
 
+// out[r, :] = scale[r] * w[r, :] for `rows` rows of K (scale null = 1): a block of packed
+// weights as float32, for BLAS.
+template <typename W>
+PREFIXCAP_CLONES void dequantize_block(const W* __restrict w, const float* __restrict scale, float* __restrict out,
+                                       int64_t rows, int64_t K) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float s = scale ? scale[r] : 1.0f;
+    const W* __restrict wr = w + r * K;
+    float* __restrict o = out + r * K;
+    for (int64_t k = 0; k < K; ++k) o[k] = to_float(wr[k]) * s;
+  }
+}
+
 #if PREFIXCAP_X86_KERNELS
 #define PREFIXCAP_AVX512 __attribute__((target("avx512f")))
 // GCC 12 reports its own _mm512_undefined_* (inside the reduce intrinsics) as uninitialised.
@@ -359,6 +372,33 @@ PackedWeight pack_weight(const at::Tensor& weight, WeightDtype dtype) {
   return p;
 }
 
+namespace {
+// Above the fused kernel's rows (batches of clips times beams): a few output rows of the weight
+// at a time are dequantised into one float32 block of about 1 MiB, which stays in cache while
+// BLAS multiplies every input row by it, instead of a float32 copy of the whole matrix per call
+// (~0.5 GB written and read back per step for GPT-2 124M). At 320 rows this costs 1.2-1.5x the
+// float32 product (docs/decoding.md): packed weights pay at small batches, not large ones.
+at::Tensor blockwise_dequantized_linear(const at::Tensor& x_in, const PackedWeight& w, const at::Tensor& bias) {
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.rows();
+  const int64_t block = std::max<int64_t>(16, ((int64_t(1) << 18) / std::max<int64_t>(K, 1)) / 16 * 16);
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor buffer = at::empty({block, K}, x.options());
+  for (int64_t n0 = 0; n0 < N; n0 += block) {
+    const int64_t n = std::min(block, N - n0);
+    if (w.dtype == WeightDtype::Int8)
+      dequantize_block(w.data.data_ptr<int8_t>() + n0 * K, w.scale.data_ptr<float>() + n0, buffer.data_ptr<float>(), n, K);
+    else
+      dequantize_block(reinterpret_cast<const uint16_t*>(w.data.data_ptr<at::BFloat16>()) + n0 * K, nullptr,
+                       buffer.data_ptr<float>(), n, K);
+    const at::Tensor wb = buffer.narrow(0, 0, n);
+    at::Tensor yb = bias.defined() ? at::addmm(bias.narrow(0, n0, n), x, wb.t()) : at::mm(x, wb.t());
+    y.narrow(1, n0, n).copy_(yb);
+  }
+  return y;
+}
+}  // namespace
+
 at::Tensor packed_linear(const at::Tensor& x_in, const PackedWeight& w, const at::Tensor& bias) {
   TORCH_CHECK(w.defined(), "packed_linear: the weight is empty");
   TORCH_CHECK(cpu_float_input(x_in), "packed_linear: expected float32 CPU rows [M, K], got ",
@@ -366,7 +406,9 @@ at::Tensor packed_linear(const at::Tensor& x_in, const PackedWeight& w, const at
   const int64_t M = x_in.size(0), K = x_in.size(1), N = w.rows();
   TORCH_CHECK(w.cols() == K, "packed_linear: x ", x_in.sizes(), " and w [", N, ", ", w.cols(), "] do not fit");
   const int64_t fused_rows = w.dtype == WeightDtype::Float32 ? kMaxSkinnyRows : kMaxPackedFusedRows;
-  if (M == 0 || M > fused_rows || wants_grad(x_in)) return at::linear(x_in, w.dequantize(), bias);
+  if (M == 0 || wants_grad(x_in) || (M > fused_rows && w.dtype == WeightDtype::Float32))
+    return at::linear(x_in, w.dequantize(), bias);
+  if (M > fused_rows) return blockwise_dequantized_linear(x_in, w, float_bias(bias, N));
   const at::Tensor x = x_in.contiguous();
   const at::Tensor b = float_bias(bias, N);
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;

@@ -504,6 +504,17 @@ TEST(PackedWeight, FusedProductsEqualTheDequantisedMatmulOnEveryKernel) {
       }
     }
   });
+  // Past the fused limit, packed weights are dequantised a block of output rows at a time
+  // (128 rows for K = 2048): 300 rows make two whole blocks and a partial one.
+  {
+    at::Tensor w = at::randn({300, 2048}), bias = at::randn({300}), x = at::randn({70, 2048});
+    for (WeightDtype dtype : {WeightDtype::BFloat16, WeightDtype::Int8}) {
+      PackedWeight p = pack_weight(w, dtype);
+      at::Tensor ref = at::matmul(x.to(at::kDouble), p.dequantize().to(at::kDouble).t()) + bias.to(at::kDouble);
+      EXPECT_LT((packed_linear(x, p, bias).to(at::kDouble) - ref).abs().max().item<double>(), 1e-3) << weight_dtype_name(dtype);
+      EXPECT_LT((packed_linear(x, p).to(at::kDouble) + bias.to(at::kDouble) - ref).abs().max().item<double>(), 1e-3);
+    }
+  }
   at::Tensor w = at::randn({8, 32});
   EXPECT_THROW(packed_linear(at::randn({2, 31}), pack_weight(w, WeightDtype::Int8)), c10::Error);
 }
