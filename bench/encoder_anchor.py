@@ -56,15 +56,34 @@ class ConvBlock(nn.Module):
 
 
 class Cnn14(nn.Module):
-    def __init__(self, sample_rate=32000, n_fft=1024, hop=320, n_mels=64):
+    def __init__(self, sample_rate=32000, n_fft=1024, hop=320, n_mels=64, fmax=14000):
         super().__init__()
         self.n_fft, self.hop = n_fft, hop
         self.register_buffer("window", torch.hann_window(n_fft))
-        self.register_buffer("mel", mel_matrix(sample_rate, n_fft, n_mels, 50, 14000))
+        self.register_buffer("mel", mel_matrix(sample_rate, n_fft, n_mels, 50, fmax))
         self.bn0 = nn.BatchNorm2d(n_mels)
         widths = [1, 64, 128, 256, 512, 1024, 2048]
         self.blocks = nn.ModuleList(ConvBlock(widths[i], widths[i + 1]) for i in range(6))
         self.fc1 = nn.Linear(2048, 2048)
+        self.fc_audioset = nn.Linear(2048, 527)
+
+    def features(self, wave):
+        """What Prefix-AAC's mapper reads: conv_block6 [B, 2048, T', F'] and the class probabilities."""
+        x = self.conv_blocks(wave)
+        t = x.mean(3)
+        embedding = F.relu(self.fc1(t.max(2).values + t.mean(2)))
+        return x, torch.sigmoid(self.fc_audioset(embedding))
+
+    def conv_blocks(self, wave):
+        spec = torch.stft(wave, self.n_fft, self.hop, window=self.window, center=True, pad_mode="reflect",
+                          return_complex=True).abs().pow(2)
+        logmel = 10.0 * torch.log10(torch.clamp(spec.transpose(1, 2) @ self.mel, min=1e-10))
+        x = self.bn0(logmel[:, None].transpose(1, 3)).transpose(1, 3)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        for i, block in enumerate(self.blocks):
+            x = block(x, 2 if i < 5 else 1)
+        return x
 
     def forward(self, wave):
         spec = torch.stft(wave, self.n_fft, self.hop, window=self.window, center=True, pad_mode="reflect",

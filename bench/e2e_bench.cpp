@@ -1,0 +1,170 @@
+// e2e_bench: one 10 s clip captioned end to end (CNN14 at 16 kHz + the Prefix-AAC mapping
+// networks + GPT-2 124M with its untied language header, random weights of the published
+// shapes; beam 5, exactly --tokens tokens), and a batch of 64 clips against the same clips one
+// by one, beside the anchor measured in the same run: Prefix-AAC's own inference algorithm on
+// PyTorch 2.x (bench/e2e_anchor.py through the PyPI wheel in .venv-torch: GPT-2 rerun over the
+// whole sequence at every step, clips one at a time). For each --lm-dtype given. Prints JSON.
+// Options: --threads N, --tokens N, --batch N, --dtypes float32,int8, --python PATH, --no-anchor.
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <nlohmann/json.hpp>
+#include <torch/types.h>
+
+#include "bench/bench_util.h"
+#include "core/threads.h"
+#include "lm/skinny_matmul.h"
+#include "pipeline/captioner.h"
+
+using namespace prefixcap;
+using namespace prefixcap::bench;
+
+namespace {
+// Prefix-AAC's AudioCaps model at the published shapes, random weights.
+Captioner make_captioner(const std::string& fixtures, int tokens) {
+  Captioner c;
+  Cnn14Config ec;
+  ec.front_end.sample_rate = 16000;
+  ec.front_end.window_size = 512;
+  ec.front_end.hop_size = 320;
+  ec.front_end.mel_bins = 64;
+  ec.front_end.fmin = 50;
+  ec.front_end.fmax = 8000;
+  ec.max_pool_frames = 46;
+  ec.clip_seconds = 10;
+  c.encoder_kind_ = "cnn14";
+  c.cnn14 = Cnn14(ec);
+  c.cnn14->freeze();
+  Gpt2Config lc;
+  lc.tie_word_embeddings = false;  // Prefix-AAC's language_header
+  c.lm = Gpt2Model(lc);
+  c.lm->init_weights();
+  c.lm->freeze();
+  MapperConfig mc;
+  mc.type = "prefix_aac";
+  mc.input_dim = 2048;
+  mc.prefix_length = mc.temporal_prefix_length + mc.global_prefix_length;
+  c.mapper = make_mapper(mc);
+  c.mapper->eval();
+  for (auto& p : c.mapper->parameters()) p.set_requires_grad(false);
+  c.tokenizer = std::make_shared<Gpt2Tokenizer>(Gpt2Tokenizer::from_folder(fixtures + "/gpt2-tokenizer"));
+  c.decoding_.beam_size = 5;
+  c.decoding_.max_tokens = tokens;
+  c.decoding_.stop_token_ids = {};  // every caption exactly `tokens` long, as in the anchor
+  return c;
+}
+
+std::vector<std::vector<float>> random_clips(int n, int samples, uint64_t seed) {
+  at::Generator g = at::detail::createCPUGenerator(seed);
+  std::vector<std::vector<float>> clips;
+  for (int i = 0; i < n; ++i) {
+    at::Tensor t = at::randn({samples}, g) * 0.1;
+    clips.emplace_back(t.data_ptr<float>(), t.data_ptr<float>() + samples);
+  }
+  return clips;
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  prefixcap::select_blas_kernels(argv);  // before anything else: may re-execute (core/threads.h)
+  ThreadOptions threads;
+  int tokens = 15, batch = 64;
+  bool anchor = true;
+  std::string python = std::string(PREFIXCAP_SOURCE_DIR) + "/.venv-torch/bin/python";
+  std::string fixtures = std::string(PREFIXCAP_SOURCE_DIR) + "/../shared/fixtures";
+  std::vector<WeightDtype> dtypes = {WeightDtype::Float32, WeightDtype::Int8};
+  try {
+    for (int i = 1; i < argc; ++i) {
+      std::string a = argv[i];
+      auto next = [&]() -> std::string {
+        if (i + 1 >= argc) throw std::invalid_argument(a + " needs a value");
+        return argv[++i];
+      };
+      if (a == "--threads") threads.num_threads = std::stoi(next());
+      else if (a == "--tokens") tokens = std::stoi(next());
+      else if (a == "--batch") batch = std::stoi(next());
+      else if (a == "--python") python = next();
+      else if (a == "--fixtures") fixtures = next();
+      else if (a == "--no-anchor") anchor = false;
+      else if (a == "--dtypes") {
+        dtypes.clear();
+        const std::string list = next();
+        for (size_t start = 0; start <= list.size();) {
+          size_t comma = list.find(',', start);
+          if (comma == std::string::npos) comma = list.size();
+          dtypes.push_back(parse_weight_dtype(list.substr(start, comma - start)));
+          start = comma + 1;
+        }
+      } else {
+        std::fprintf(stderr, "usage: e2e_bench [--threads N] [--tokens N] [--batch N] [--dtypes float32,bfloat16,int8]\n"
+                             "                 [--fixtures DIR] [--python PATH] [--no-anchor]\n");
+        return a == "--help" ? 0 : 1;
+      }
+    }
+    if (tokens < 2 || batch < 2) throw std::invalid_argument("--tokens and --batch must be at least 2");
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "e2e_bench: %s\n", e.what());
+    return 1;
+  }
+  ThreadSetup setup = configure_threads(threads);
+  nlohmann::json out;
+  out["benchmark"] = "e2e_bench";
+  out["cpu"] = cpu_model_name();
+  out["threads"] = setup.num_threads;
+  out["tokens"] = tokens;
+  out["beam"] = 5;
+  out["clip_seconds"] = 10;
+  torch::NoGradGuard no_grad;
+
+  const int samples = 10 * 16000;
+  const auto one = random_clips(1, samples, 7);
+  const auto many = random_clips(batch, samples, 8);
+  const int one_by_one = std::min(batch, 8);  // clips timed one at a time (per clip, then scaled)
+  for (WeightDtype dtype : dtypes) {
+    torch::manual_seed(0);
+    Captioner c = make_captioner(fixtures, tokens);
+    c.set_lm_dtype(dtype);
+    const DecodingOptions o = c.default_decoding();
+    nlohmann::json d;
+    c.caption_waveforms(one, o);  // warm-up
+    MapperInput features;
+    at::Tensor prefix;
+    d["encoder_ms"] = best_time(3, [&] { features = c.encode_waveforms(one); }) * 1e3;
+    d["mapper_ms"] = best_time(3, [&] { prefix = c.prefix(features); }) * 1e3;
+    d["decode_ms"] = best_time(3, [&] { c.caption(features, o); }) * 1e3 - d["mapper_ms"].get<double>();
+    std::vector<std::vector<Caption>> captions;
+    const double t1 = best_time(3, [&] { captions = c.caption_waveforms(one, o); });
+    d["clip_ms"] = t1 * 1e3;
+    if (captions.size() != 1 || captions[0].empty() || captions[0][0].ids.size() != static_cast<size_t>(tokens))
+      throw std::runtime_error("e2e_bench: the caption does not have " + std::to_string(tokens) + " tokens");
+    double t_single = now_seconds();
+    for (int i = 0; i < one_by_one; ++i) c.caption_waveforms({many[i]}, o);
+    t_single = (now_seconds() - t_single) / one_by_one;
+    const double t_batch = best_time(1, [&] { c.caption_waveforms(many, o); });
+    d["one_by_one_ms_per_clip"] = t_single * 1e3;
+    d["batch_ms_per_clip"] = t_batch * 1e3 / batch;
+    d["batch_speedup_over_one_by_one"] = t_single * batch / t_batch;
+    out["dtypes"][weight_dtype_name(dtype)] = d;
+  }
+  out["batch"] = batch;
+  out["peak_rss_MB"] = peak_rss_bytes() / 1e6;
+  if (anchor) {
+    const auto py = run_python_anchor<nlohmann::json>(python, std::string(PREFIXCAP_SOURCE_DIR) + "/bench/e2e_anchor.py",
+                                                      "--tokens " + std::to_string(tokens) + " --threads " +
+                                                          std::to_string(setup.num_threads),
+                                                      setup.num_threads);
+    out["anchor"] = py;
+    out["anchor"]["what"] = "Prefix-AAC's inference algorithm (bench/e2e_anchor.py), PyTorch 2.x, same shapes, same threads";
+    if (py.contains("clip_ms"))
+      for (auto& [name, d] : out["dtypes"].items()) {
+        d["clip_speedup_over_prefix_aac"] = py["clip_ms"].get<double>() / d["clip_ms"].get<double>();
+        d["decode_speedup_over_prefix_aac"] = py["decode_ms"].get<double>() / d["decode_ms"].get<double>();
+        d["encoder_speedup_over_prefix_aac"] = py["encoder_ms"].get<double>() / d["encoder_ms"].get<double>();
+      }
+  }
+  std::printf("%s\n", out.dump(2).c_str());
+  return 0;
+}
