@@ -376,7 +376,7 @@ namespace {
 // Above the fused kernel's rows (batches of clips times beams): a few output rows of the weight
 // at a time are dequantised into one float32 block of about 1 MiB, which stays in cache while
 // BLAS multiplies every input row by it, instead of a float32 copy of the whole matrix per call
-// (~0.5 GB written and read back per step for GPT-2 124M). At 320 rows this costs 1.2-1.5x the
+// (~0.5 GB written and read back per step for GPT-2 124M). At 320 rows this costs 1.1-1.5x the
 // float32 product (docs/decoding.md): packed weights pay at small batches, not large ones.
 at::Tensor blockwise_dequantized_linear(const at::Tensor& x_in, const PackedWeight& w, const at::Tensor& bias) {
   const at::Tensor x = x_in.contiguous();
