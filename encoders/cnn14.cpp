@@ -106,7 +106,7 @@ std::vector<Cnn14Impl::FoldedConv> Cnn14Impl::folded_convs() {
     for (const at::Tensor& t : {block->conv1->weight, block->bn1->weight, block->bn1->bias, block->bn1->running_mean,
                                 block->bn1->running_var, block->conv2->weight, block->bn2->weight, block->bn2->bias,
                                 block->bn2->running_mean, block->bn2->running_var})
-      sources.emplace_back(t.data_ptr(), t._version());
+      sources.emplace_back(t.data_ptr(), t.is_inference() ? -1 : t._version());  // inference tensors have no version
   std::lock_guard<std::mutex> lock(fold_mutex_);
   if (sources == folded_from_) return folded_;
   at::NoGradGuard no_grad;

@@ -5,6 +5,8 @@
 
 #include <cmath>
 
+#include <c10/core/InferenceMode.h>
+
 #include "core/errors.h"
 #include "core/safetensors.h"
 #include "core/weights.h"
@@ -339,6 +341,15 @@ TEST(Cnn14, FoldedPathsFollowTheReferenceAndItsWeights) {
   const at::Tensor auto_double = model->forward(batch.to(at::kDouble)).embedding;
   EXPECT_EQ(auto_double.scalar_type(), at::kDouble);
   EXPECT_LT(relative_error(auto_double, in_double), 1e-12);
+}
+
+// A model built and run under c10::InferenceMode (inference tensors carry no version counter)
+// folds and runs like any other.
+TEST(Cnn14, AModelMadeUnderInferenceModeRunsFolded) {
+  c10::InferenceMode inference;
+  Cnn14 model = load_cnn14(fixture_dir("cnn14-tiny"));
+  SafetensorsFile golden(fixture_dir("cnn14-tiny") + "/golden.safetensors");
+  EXPECT_LE(excess_over(model->forward(golden.tensor("rec.waveform")).embedding, golden.tensor("rec.embedding"), 1e-4, 1e-3), 0);
 }
 
 TEST(Cnn14, ConvPathNamesRoundTripAndUnknownOnesAreRefused) {
