@@ -69,13 +69,7 @@ int main(int argc, char** argv) {
       else if (a == "--python" && i + 1 < argc) python = argv[++i];
       else if (a == "--conv-paths" && i + 1 < argc) {
         paths.clear();
-        std::string list = argv[++i];
-        for (size_t start = 0; start <= list.size();) {
-          size_t comma = list.find(',', start);
-          if (comma == std::string::npos) comma = list.size();
-          paths.push_back(parse_cnn14_conv_path(list.substr(start, comma - start)));
-          start = comma + 1;
-        }
+        for (const std::string& name : split_list(argv[++i])) paths.push_back(parse_cnn14_conv_path(name));
       } else {
         std::fprintf(stderr, "usage: audio_bench [--threads N] [--skip-cnn] [--conv-paths auto,reference,nchw,channels-last,gemm]\n"
                              "                   [--bfloat16] [--python PATH] [--no-anchor]\n");

@@ -43,20 +43,25 @@ template <typename Json>
 Json run_python_anchor(const std::string& python, const std::string& script, const std::string& args, int threads) {
   const std::string cmd = "OMP_NUM_THREADS=" + std::to_string(threads) + " MKL_NUM_THREADS=" + std::to_string(threads) +
                           " " + python + " -W ignore " + script + " " + args + " 2>&1";
-  std::string text;
-  FILE* p = popen(cmd.c_str(), "r");
-  if (p) {
-    char buf[4096];
-    size_t n;
-    while ((n = fread(buf, 1, sizeof buf, p)) > 0) text.append(buf, n);
-    pclose(p);
-  }
+  const std::string text = run_capture(cmd);
   try {
     const size_t last = text.rfind("\n{");
     return Json::parse(text.substr(last == std::string::npos ? 0 : last + 1));
   } catch (const std::exception& e) {
     return Json{{"error", "could not run " + cmd + ": " + e.what()}, {"output", text.substr(0, 4000)}};
   }
+}
+
+// "a,b,c" -> {"a", "b", "c"}; empty items are kept (so that the caller's parser refuses them).
+inline std::vector<std::string> split_list(const std::string& list) {
+  std::vector<std::string> items;
+  for (size_t start = 0; start <= list.size();) {
+    size_t comma = list.find(',', start);
+    if (comma == std::string::npos) comma = list.size();
+    items.push_back(list.substr(start, comma - start));
+    start = comma + 1;
+  }
+  return items;
 }
 
 inline double now_seconds() {

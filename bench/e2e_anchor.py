@@ -19,13 +19,13 @@ import json
 import math
 import os
 import sys
-import time
 
 import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from encoder_anchor import Cnn14, best_time  # noqa: E402
+from anchor_timing import best_time  # noqa: E402
+from encoder_anchor import Cnn14  # noqa: E402
 from train_bench import PrefixAac  # noqa: E402
 
 

@@ -91,13 +91,7 @@ int main(int argc, char** argv) {
       else if (a == "--no-anchor") anchor = false;
       else if (a == "--dtypes") {
         dtypes.clear();
-        const std::string list = next();
-        for (size_t start = 0; start <= list.size();) {
-          size_t comma = list.find(',', start);
-          if (comma == std::string::npos) comma = list.size();
-          dtypes.push_back(parse_weight_dtype(list.substr(start, comma - start)));
-          start = comma + 1;
-        }
+        for (const std::string& name : split_list(next())) dtypes.push_back(parse_weight_dtype(name));
       } else {
         std::fprintf(stderr, "usage: e2e_bench [--threads N] [--tokens N] [--batch N] [--dtypes float32,bfloat16,int8]\n"
                              "                 [--fixtures DIR] [--python PATH] [--no-anchor]\n");

@@ -13,20 +13,12 @@ channels-last (CNN14 only) and bfloat16 autocast (channels-last for CNN14). Prin
 import argparse
 import json
 import math
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def best_time(repeats, fn):
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+from anchor_timing import best_time
 
 
 def mel_matrix(sample_rate, n_fft, n_mels, fmin, fmax):

@@ -277,26 +277,26 @@ int main(int argc, char** argv) {
   out["baseline_rss_MB"] = baseline_rss / 1e6;
 
   if (anchor) {
-    const std::string cmd = "OMP_NUM_THREADS=" + std::to_string(setup.num_threads) + " MKL_NUM_THREADS=" +
-                            std::to_string(setup.num_threads) + " " + python + " -W ignore " +
-                            std::string(PREFIXCAP_SOURCE_DIR) + "/bench/lm_bench.py --threads " +
-                            std::to_string(setup.num_threads) + " --tokens " + std::to_string(tokens) + " 2>&1";
-    const std::string text = run_capture(cmd);
-    try {
-      const auto hf = nlohmann::json::parse(text.substr(text.rfind("\n{") == std::string::npos ? 0 : text.rfind("\n{") + 1));
-      out["anchor"] = hf;
+    const auto hf = run_python_anchor<nlohmann::json>(python, std::string(PREFIXCAP_SOURCE_DIR) + "/bench/lm_bench.py",
+                                                      "--threads " + std::to_string(setup.num_threads) + " --tokens " +
+                                                          std::to_string(tokens),
+                                                      setup.num_threads);
+    out["anchor"] = hf;
+    if (!hf.contains("error")) {
       out["anchor"]["what"] = "Hugging Face generate with KV cache (bench/lm_bench.py), same shape, same threads";
-      nlohmann::json ratios;
-      for (auto& [name, d] : out["dtypes"].items()) {
-        const std::string same = hf.contains(name) ? name : "float32";  // int8: against float32
-        ratios[name + "_greedy_over_hf_" + same] =
-            d["greedy_b1_tokens_per_s"].get<double>() / hf[same]["greedy_tokens_per_s"].get<double>();
-        ratios[name + "_beam5_step_speedup_over_hf_" + same] =
-            hf[same]["beam5_step_ms"].get<double>() / d["beam5_step_ms"].get<double>();
+      try {
+        nlohmann::json ratios;
+        for (auto& [name, d] : out["dtypes"].items()) {
+          const std::string same = hf.contains(name) ? name : "float32";  // int8: against float32
+          ratios[name + "_greedy_over_hf_" + same] =
+              d["greedy_b1_tokens_per_s"].get<double>() / hf.at(same).at("greedy_tokens_per_s").get<double>();
+          ratios[name + "_beam5_step_speedup_over_hf_" + same] =
+              hf.at(same).at("beam5_step_ms").get<double>() / d["beam5_step_ms"].get<double>();
+        }
+        out["ratios"] = ratios;
+      } catch (const std::exception& e) {
+        out["anchor"]["error"] = std::string("unexpected anchor output: ") + e.what();
       }
-      out["ratios"] = ratios;
-    } catch (const std::exception& e) {
-      out["anchor"] = {{"error", std::string("could not run ") + cmd + ": " + e.what()}, {"output", text}};
     }
   }
   std::printf("%s\n", out.dump(2).c_str());

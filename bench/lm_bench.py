@@ -9,19 +9,11 @@ divided by tokens - 1), and the torch version and thread count it ran with.
 """
 import argparse
 import json
-import time
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-
-def best_time(repeats, fn):
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+from anchor_timing import best_time
 
 
 def main():
