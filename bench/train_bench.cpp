@@ -202,15 +202,13 @@ int run(int argc, char** argv) {
                                                 std::to_string(setup.num_threads) + " --batch " + std::to_string(B),
                                             setup.num_threads);
     out["python"] = py;
-    for (const char* head : {"caption", "full"})
+    for (const std::string head : {"caption", "full"})
       if (py.contains(head)) {
         const Json& p = py[head];
         // "caption": the same work as ours; "full": the reference scripts' step (logits everywhere).
-        out["speedup_over_torch_" + std::string(head)] = out["step"]["samples_per_s"].get<double>() / p["samples_per_s"].get<double>();
-        out["best_step_speedup_over_torch_" + std::string(head)] =
-            p["ms_best_step"].get<double>() / out["step"]["ms_best_step"].get<double>();
-        out["same_first_loss_" + std::string(head)] =
-            std::abs(p["first_loss"].get<double>() - first_loss) < 1e-3 * std::abs(first_loss);
+        out["speedup_over_torch_" + head] = out["step"]["samples_per_s"].get<double>() / p["samples_per_s"].get<double>();
+        out["best_step_speedup_over_torch_" + head] = p["ms_best_step"].get<double>() / out["step"]["ms_best_step"].get<double>();
+        out["same_first_loss_" + head] = std::abs(p["first_loss"].get<double>() - first_loss) < 1e-3 * std::abs(first_loss);
       }
   }
 
