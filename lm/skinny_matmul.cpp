@@ -376,25 +376,32 @@ namespace {
 // Above the fused kernel's rows (batches of clips times beams): a few output rows of the weight
 // at a time are dequantised into one float32 block of about 1 MiB, which stays in cache while
 // BLAS multiplies every input row by it, instead of a float32 copy of the whole matrix per call
-// (~0.5 GB written and read back per step for GPT-2 124M). At 320 rows this costs 1.1-1.5x the
-// float32 product (docs/decoding.md): packed weights pay at small batches, not large ones.
+// (~0.5 GB written and read back per step for GPT-2 124M). At 80-320 rows this still costs
+// 1.05-1.3x the float32 product (bench/linear_bench, docs/decoding.md): packed weights pay at
+// small batches, not large ones.
 at::Tensor blockwise_dequantized_linear(const at::Tensor& x_in, const PackedWeight& w, const at::Tensor& bias) {
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.rows();
   const int64_t block = std::max<int64_t>(16, ((int64_t(1) << 18) / std::max<int64_t>(K, 1)) / 16 * 16);
   at::Tensor y = at::empty({M, N}, x.options());
-  at::Tensor buffer = at::empty({block, K}, x.options());
-  for (int64_t n0 = 0; n0 < N; n0 += block) {
-    const int64_t n = std::min(block, N - n0);
-    if (w.dtype == WeightDtype::Int8)
-      dequantize_block(w.data.data_ptr<int8_t>() + n0 * K, w.scale.data_ptr<float>() + n0, buffer.data_ptr<float>(), n, K);
-    else
-      dequantize_block(reinterpret_cast<const uint16_t*>(w.data.data_ptr<at::BFloat16>()) + n0 * K, nullptr,
-                       buffer.data_ptr<float>(), n, K);
-    const at::Tensor wb = buffer.narrow(0, 0, n);
-    at::Tensor yb = bias.defined() ? at::addmm(bias.narrow(0, n0, n), x, wb.t()) : at::mm(x, wb.t());
-    y.narrow(1, n0, n).copy_(yb);
-  }
+  const int64_t blocks = (N + block - 1) / block;
+  // Each thread dequantises its own blocks into its own buffer and multiplies them with a
+  // one-thread BLAS call (BLAS runs single-threaded inside LibTorch's parallel region), so
+  // dequantising no longer leaves the other cores idle between the products.
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::Tensor buffer = at::empty({block, K}, x.options());
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      const int64_t n0 = bi * block, n = std::min(block, N - n0);
+      if (w.dtype == WeightDtype::Int8)
+        dequantize_block(w.data.data_ptr<int8_t>() + n0 * K, w.scale.data_ptr<float>() + n0, buffer.data_ptr<float>(), n, K);
+      else
+        dequantize_block(reinterpret_cast<const uint16_t*>(w.data.data_ptr<at::BFloat16>()) + n0 * K, nullptr,
+                         buffer.data_ptr<float>(), n, K);
+      const at::Tensor wb = buffer.narrow(0, 0, n);
+      at::Tensor yb = bias.defined() ? at::addmm(bias.narrow(0, n0, n), x, wb.t()) : at::mm(x, wb.t());
+      y.narrow(1, n0, n).copy_(yb);
+    }
+  });
   return y;
 }
 }  // namespace

@@ -1,0 +1,77 @@
+// linear_bench: one linear layer of GPT-2 124M's decoding (the shapes a step multiplies) through
+// packed_linear per weight type, beside at::linear on the float32 weight in the same run, at the
+// row counts decoding meets: 1 (greedy), 5 (a beam), 16, 80 (16 beams of 5) and 320 (64 clips
+// x beam 5). Prints JSON: microseconds per call and the ratio to float32 at::linear.
+//   build/bench/linear_bench [--threads N] [--rows 1,5,16,80,320]
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+#include <torch/types.h>
+
+#include "bench/bench_util.h"
+#include "core/threads.h"
+#include "lm/skinny_matmul.h"
+
+using namespace prefixcap;
+using namespace prefixcap::bench;
+
+int main(int argc, char** argv) {
+  prefixcap::select_blas_kernels(argv);  // before anything else: may re-execute (core/threads.h)
+  ThreadOptions threads;
+  std::vector<int64_t> rows = {1, 5, 16, 80, 320};
+  try {
+    for (int i = 1; i < argc; ++i) {
+      std::string a = argv[i];
+      if (a == "--threads" && i + 1 < argc) threads.num_threads = std::stoi(argv[++i]);
+      else if (a == "--rows" && i + 1 < argc) {
+        rows.clear();
+        for (const std::string& r : split_list(argv[++i])) rows.push_back(std::stoll(r));
+      } else {
+        std::fprintf(stderr, "usage: linear_bench [--threads N] [--rows 1,5,16,80,320]\n");
+        return a == "--help" ? 0 : 1;
+      }
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "linear_bench: %s\n", e.what());
+    return 1;
+  }
+  ThreadSetup setup = configure_threads(threads);
+  torch::NoGradGuard no_grad;
+  nlohmann::json out;
+  out["benchmark"] = "linear_bench";
+  out["cpu"] = cpu_model_name();
+  out["threads"] = setup.num_threads;
+  struct Shape {
+    const char* name;
+    int64_t n, k;
+  };
+  // GPT-2 124M: attention in (c_attn), MLP up (c_fc), MLP down (c_proj), the 50257-row header.
+  const std::vector<Shape> shapes = {{"c_attn", 2304, 768}, {"mlp_c_fc", 3072, 768}, {"mlp_c_proj", 768, 3072},
+                                     {"header", 50257, 768}};
+  torch::manual_seed(0);
+  for (const Shape& s : shapes) {
+    const at::Tensor w = at::randn({s.n, s.k}) * 0.02, b = at::randn({s.n}) * 0.02;
+    const PackedWeight bf16 = pack_weight(w, WeightDtype::BFloat16), int8 = pack_weight(w, WeightDtype::Int8);
+    for (int64_t m : rows) {
+      const at::Tensor x = at::randn({m, s.k});
+      const int repeats = s.n > 10000 ? 5 : 20;
+      at::linear(x, w, b);
+      const double t_ref = best_time(repeats, [&] { at::linear(x, w, b); });
+      nlohmann::json r;
+      r["float32_at_linear_us"] = t_ref * 1e6;
+      for (const auto* p : {&bf16, &int8}) {
+        const std::string name = weight_dtype_name(p->dtype);
+        packed_linear(x, *p, b);
+        const double t = best_time(repeats, [&] { packed_linear(x, *p, b); });
+        r[name + "_us"] = t * 1e6;
+        r[name + "_speedup_over_float32"] = t_ref / t;
+      }
+      out["shapes"][s.name][std::to_string(m)] = r;
+    }
+  }
+  std::printf("%s\n", out.dump(2).c_str());
+  return 0;
+}
