@@ -12,7 +12,15 @@ log(softmax), scores averaged by length, clips one at a time. Here every caption
 Prints one JSON object: ms for the encoder, the mapper and the decoding of one clip, best of
 --repeats, under torch.inference_mode(), float32.
 
-    python bench/e2e_anchor.py --threads 2 [--tokens 15] [--repeats 2]
+--image: one 640x480 image captioned the way ClipCap's predict.py does it (rmokady/
+CLIP_prefix_caption, ClipCaptionModel + generate_beam) with its COCO model's shapes: Pillow
+bicubic resize of the shorter side to 224, centre crop, CLIP's normalisation, the CLIP ViT-B/32
+image tower (transformers' CLIPVisionModelWithProjection: the same network as openai/CLIP's
+encode_image), the MLP mapper (512 -> 3840 -> 7680, tanh) to 10 prefix vectors, and
+GPT2LMHeadModel (header tied to the token embeddings) rerun over the whole sequence at every
+step, as generate_beam does. The encoder's time includes the preprocessing.
+
+    python bench/e2e_anchor.py --threads 2 [--image] [--tokens 15] [--repeats 2]
 """
 import argparse
 import json
@@ -67,14 +75,65 @@ def beam_search_without_cache(gpt, header, prefix, beam, steps):
     return tokens
 
 
+def clip_preprocess(image, size=224):
+    """openai/CLIP's _transform on a PIL image: [1, 3, size, size] float32."""
+    import numpy as np
+    from PIL import Image
+    w, h = image.size
+    scale = size / min(w, h)
+    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = image.size
+    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+    image = image.crop((left, top, left + size, top + size))
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+    return ((x - mean) / std)[None]
+
+
+def image_main(args):
+    import numpy as np
+    from PIL import Image
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                            num_attention_heads=12, image_size=224, patch_size=32,
+                                                            projection_dim=512)).eval()
+    prefix_length = 10
+    clip_project = nn.Sequential(nn.Linear(512, 768 * prefix_length // 2), nn.Tanh(),
+                                 nn.Linear(768 * prefix_length // 2, 768 * prefix_length)).eval()
+    lm = GPT2LMHeadModel(GPT2Config()).eval()
+    rng = np.random.default_rng(7)
+    image = Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8), "RGB")
+
+    def encode():
+        return vision(pixel_values=clip_preprocess(image)).image_embeds
+
+    with torch.inference_mode():
+        embedding = encode()
+        prefix = clip_project(embedding).view(1, prefix_length, -1)
+        beam_search_without_cache(lm.transformer, lm.lm_head, prefix, args.beam, 2)  # warm-up
+        t_encoder = best_time(args.repeats, encode)
+        t_mapper = best_time(args.repeats, lambda: clip_project(embedding).view(1, prefix_length, -1))
+        t_decode = best_time(args.repeats,
+                             lambda: beam_search_without_cache(lm.transformer, lm.lm_head, prefix, args.beam, args.tokens))
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "tokens": args.tokens, "beam": args.beam,
+            "prefix_length": prefix_length, "encoder_ms": t_encoder * 1e3, "mapper_ms": t_mapper * 1e3,
+            "decode_ms": t_decode * 1e3, "image_ms": (t_encoder + t_mapper + t_decode) * 1e3}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=15)
     ap.add_argument("--beam", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--image", action="store_true", help="ClipCap's COCO model on one image")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.image:
+        print(json.dumps(image_main(args)))
+        return
     from transformers import GPT2Config, GPT2Model
     torch.manual_seed(0)
     encoder = Cnn14(sample_rate=16000, n_fft=512, hop=320, n_mels=64, fmax=8000).eval()

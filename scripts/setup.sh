@@ -129,10 +129,11 @@ if [[ "$torch_choice" == pypi ]]; then
     python3 -m venv "$torch_env" && "$torch_env/bin/pip" install -q --disable-pip-version-check "torch==$torch_pin" ||
       { echo "setup: could not install torch==$torch_pin from PyPI (no network?)" >&2; exit 1; }
   fi
-  # The anchor of bench/lm_bench (Hugging Face generate on this PyTorch 2.x).
-  if ! "$torch_env/bin/python" -W ignore -c "import transformers, numpy; assert transformers.__version__ == '4.46.3'" >/dev/null 2>&1; then
-    echo "setup: installing transformers==4.46.3 and numpy (PyPI) into .venv-torch (lm_bench's anchor)"
-    "$torch_env/bin/pip" install -q --disable-pip-version-check "transformers==4.46.3" numpy ||
+  # The anchors of bench/ on this PyTorch 2.x: Hugging Face generate and CLIP (transformers),
+  # ClipCap's image preprocessing (Pillow).
+  if ! "$torch_env/bin/python" -W ignore -c "import transformers, numpy, PIL; assert transformers.__version__ == '4.46.3'; assert PIL.__version__ == '11.0.0'" >/dev/null 2>&1; then
+    echo "setup: installing transformers==4.46.3, pillow==11.0.0 and numpy (PyPI) into .venv-torch (the benchmarks' anchors)"
+    "$torch_env/bin/pip" install -q --disable-pip-version-check "transformers==4.46.3" "pillow==11.0.0" numpy ||
       { echo "setup: could not install transformers into .venv-torch (no network?)" >&2; exit 1; }
   fi
   torch_prefix=$("$torch_env/bin/python" -W ignore -c 'import torch; print(torch.utils.cmake_prefix_path)')
