@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <limits>
 #include <random>
 #include <string>
 
@@ -25,23 +27,29 @@ namespace fs = std::filesystem;
 
 int main(int argc, char** argv) {
   prefixcap::select_blas_kernels(argv);  // before anything else: may re-execute (core/threads.h)
-  std::string model, fixtures = "../shared/fixtures";
+  std::string python = std::string(PREFIXCAP_SOURCE_DIR) + "/.venv-ref/bin/python";
+  bool anchor = true;
+  std::string model, fixtures = std::string(PREFIXCAP_SOURCE_DIR) + "/../shared/fixtures";
   int clips = 200, batch = 16;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--model" && i + 1 < argc) model = argv[++i];
     else if (a == "--fixtures" && i + 1 < argc) fixtures = argv[++i];
     else if (a == "--clips" && i + 1 < argc) clips = std::stoi(argv[++i]);
+    else if (a == "--python" && i + 1 < argc) python = argv[++i];
+    else if (a == "--no-anchor") anchor = false;
     else {
-      std::fprintf(stderr, "usage: caption_bench [--model BUNDLE | --fixtures DIR] [--clips N]\n");
+      std::fprintf(stderr, "usage: caption_bench [--model BUNDLE | --fixtures DIR] [--clips N] [--python PATH] [--no-anchor]\n");
       return a == "--help" ? 0 : 1;
     }
   }
-  configure_threads();
+  ThreadSetup setup = configure_threads();
   const fs::path dir = fs::temp_directory_path() / ("prefixcap-caption-bench-" + std::to_string(::getpid()));
   fs::create_directories(dir);
   nlohmann::json out;
   out["benchmark"] = "caption_bench";
+  out["cpu"] = cpu_model_name();
+  out["threads"] = setup.num_threads;
   try {
     if (model.empty()) {
       model = import_fixture_aac_bundle(fixtures, (dir / "bundle").string());
@@ -82,6 +90,7 @@ int main(int argc, char** argv) {
     out["clips"] = clips;
     out["files_per_s_batched"] = clips / batched;
     out["files_per_s_one_by_one"] = clips / single;
+    out["batched_speedup_over_one_by_one"] = single / batched;  // the anchor: the same files, one call each
     out["batch_size"] = batch;
     // Decoding alone, to show how much of a file's time is pipeline overhead.
     t0 = now_seconds();
@@ -113,8 +122,30 @@ int main(int argc, char** argv) {
     EvalReport report = evaluate(items, EvalOptions{});
     out["eval_10000_items_s"] = now_seconds() - t0;
     out["eval_metrics"] = {"BLEU-1..4", "ROUGE-L", "CIDEr-D", "tokenization"};
+    if (anchor) {
+      nlohmann::json list = nlohmann::json::array();
+      for (const auto& it : items) list.push_back({{"id", it.id}, {"references", it.references}, {"candidate", it.candidate}});
+      const fs::path file = dir / "items.json";
+      std::ofstream(file) << list.dump();
+      const auto py = run_python_anchor<nlohmann::json>(python, std::string(PREFIXCAP_SOURCE_DIR) + "/bench/eval_anchor.py",
+                                                        file.string(), 1);
+      out["eval_anchor"] = py;
+      out["eval_anchor"]["what"] = "pycocoevalcap (bench/eval_anchor.py, .venv-ref): PTBTokenizer (Java) + Bleu(4), Rouge, Cider";
+      if (py.contains("total_s")) {
+        out["eval_speedup_over_pycocoevalcap"] = py["total_s"].get<double>() / out["eval_10000_items_s"].get<double>();
+        double worst = 0;  // both sides' corpus scores: the same work, or the ratio means nothing
+        for (const auto& [name, value] : py["corpus"].items()) {
+          if (!report.corpus.count(name)) {
+            worst = std::numeric_limits<double>::infinity();  // a metric prefixcap did not report
+            continue;
+          }
+          worst = std::max(worst, std::abs(report.corpus.at(name) - value.get<double>()));
+        }
+        out["eval_largest_corpus_score_difference"] = worst;
+      }
+    }
   }
   fs::remove_all(dir);
   std::printf("%s\n", out.dump(2).c_str());
-  return 0;
+  return out.contains("captioning_error") ? 1 : 0;
 }

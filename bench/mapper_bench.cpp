@@ -1,5 +1,10 @@
 // mapper_bench: forward + backward of each mapper at the anchors' sizes (batch 32), next to one
-// GPT-2 124M forward on the same batch (prefix + 20 caption tokens). Prints one JSON object.
+// GPT-2 124M forward on the same batch (prefix + 20 caption tokens), and beside the anchor
+// measured in the same run: the upstream mapping networks (ClipCap's MLP and transformer mapper,
+// Prefix-AAC's mapping networks) on PyTorch 2.x (bench/mapper_anchor.py through the PyPI wheel in
+// .venv-torch; --python PATH to choose another interpreter, --no-anchor to skip). The
+// query-guided mapper is prefixcap's own and has no anchor. Prints one JSON object.
+//   build/bench/mapper_bench [--threads N] [--python PATH] [--no-anchor]
 #include <cstdio>
 #include <string>
 
@@ -18,12 +23,24 @@ using namespace prefixcap::bench;
 int main(int argc, char** argv) {
   prefixcap::select_blas_kernels(argv);  // before anything else: may re-execute (core/threads.h)
   ThreadOptions threads;
-  if (int rc = parse_threads_only(argc, argv, "mapper_bench", &threads.num_threads); rc >= 0) return rc;
+  bool anchor = true;
+  std::string python = std::string(PREFIXCAP_SOURCE_DIR) + "/.venv-torch/bin/python";
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--threads" && i + 1 < argc) threads.num_threads = std::atoi(argv[++i]);
+    else if (a == "--python" && i + 1 < argc) python = argv[++i];
+    else if (a == "--no-anchor") anchor = false;
+    else {
+      std::fprintf(stderr, "usage: mapper_bench [--threads N] [--python PATH] [--no-anchor]\n");
+      return a == "--help" ? 0 : 1;
+    }
+  }
   ThreadSetup setup = configure_threads(threads);
   const int64_t B = 32;
   torch::manual_seed(0);
   nlohmann::json out;
   out["benchmark"] = "mapper_bench";
+  out["cpu"] = cpu_model_name();
   out["threads"] = setup.num_threads;
   out["batch"] = B;
 
@@ -91,6 +108,22 @@ int main(int argc, char** argv) {
     out["mappers"][c.name]["mapper_over_gpt2_forward"] = out["mappers"][c.name]["forward_backward_ms"].get<double>() / (t * 1e3);
   }
   out["peak_rss_MB"] = peak_rss_bytes() / 1e6;
+  if (anchor) {
+    const auto py = run_python_anchor<nlohmann::json>(python, std::string(PREFIXCAP_SOURCE_DIR) + "/bench/mapper_anchor.py",
+                                                      "--batch " + std::to_string(B) + " --threads " +
+                                                          std::to_string(setup.num_threads),
+                                                      setup.num_threads);
+    out["anchor"] = py;
+    out["anchor"]["what"] = "the upstream mapping networks (bench/mapper_anchor.py), PyTorch 2.x, training mode, same threads";
+    if (py.contains("mappers"))
+      for (const auto& [name, a] : py["mappers"].items()) {
+        if (!out["mappers"].contains(name)) continue;
+        auto& m = out["mappers"][name];
+        // The same network on both sides, or the ratio means nothing.
+        m["parameters_equal_anchor"] = m["parameters"] == a["parameters"];
+        m["speedup_over_torch"] = a["forward_backward_ms"].get<double>() / m["forward_backward_ms"].get<double>();
+      }
+  }
   std::printf("%s\n", out.dump(2).c_str());
   return 0;
 }
