@@ -2,7 +2,9 @@
 // (encoders/cnn14.h) with its agreement with the reference path, beside the anchor measured in
 // the same run: the same network in PyTorch 2.x (bench/encoder_anchor.py through the PyPI wheel
 // in .venv-torch) as float32 eager, float32 channels-last and bfloat16 autocast. Then the log-mel
-// front end, and decode + resample of 60 s MP3 and FLAC files written here. Prints one JSON object.
+// front end (beside the anchor's torch.stft front end), and decode + resample of 60 s MP3 and
+// FLAC files written here (no anchor: the originals' librosa is not installed here). Prints one
+// JSON object.
 // Options: --threads N, --skip-cnn (front end and decoding only), --conv-paths auto,reference,...,
 // --bfloat16 (also CNN14 in bfloat16 after the float32 front end), --python PATH (the anchor's
 // interpreter), --no-anchor.
@@ -95,6 +97,15 @@ int main(int argc, char** argv) {
     front_end(minute);
     double t = best_time(5, [&] { front_end(minute); });
     out["logmel_x_realtime"] = 60.0 / t;
+    if (anchor) {
+      const auto py = run_python_anchor<nlohmann::json>(python, std::string(PREFIXCAP_SOURCE_DIR) + "/bench/encoder_anchor.py",
+                                                        "--models logmel --threads " + std::to_string(setup.num_threads),
+                                                        setup.num_threads);
+      out["logmel_anchor"] = py;
+      out["logmel_anchor"]["what"] = "CNN14's front end in PyTorch 2.x (torch.stft + mel matrix + log), same threads";
+      if (py.contains("logmel"))
+        out["logmel_speedup_over_torch"] = out["logmel_x_realtime"].get<double>() / py["logmel"]["x_realtime"].get<double>();
+    }
   }
   if (!skip_cnn) {
     torch::manual_seed(0);

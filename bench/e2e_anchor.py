@@ -33,7 +33,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from anchor_timing import best_time  # noqa: E402
-from encoder_anchor import Cnn14  # noqa: E402
+from encoder_anchor import Cnn14, clip_preprocess  # noqa: E402
 from train_bench import PrefixAac  # noqa: E402
 
 
@@ -73,22 +73,6 @@ def beam_search_without_cache(gpt, header, prefix, beam, steps):
             scores = average * lengths
         sequence = torch.cat((sequence, gpt.wte(next_tokens.squeeze(1)).view(beam, 1, -1)), dim=1)
     return tokens
-
-
-def clip_preprocess(image, size=224):
-    """openai/CLIP's _transform on a PIL image: [1, 3, size, size] float32."""
-    import numpy as np
-    from PIL import Image
-    w, h = image.size
-    scale = size / min(w, h)
-    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    w, h = image.size
-    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
-    image = image.crop((left, top, left + size, top + size))
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
-    return ((x - mean) / std)[None]
 
 
 def image_main(args):

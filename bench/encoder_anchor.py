@@ -4,15 +4,22 @@
   cnn14: PANNs CNN14 on 10 s clips at 32 kHz (log-mel through torch.stft + a mel matrix, then
          bn0, six conv blocks, the global pooling and fc1), batch 1 and batch 8, ms per clip.
   vit:   CLIP ViT-B/32 (transformers' CLIPVisionModelWithProjection), images/s at batch 1 and 16.
-
 Each under torch.inference_mode(), in three settings: float32 eager (NCHW), float32 with
-channels-last (CNN14 only) and bfloat16 autocast (channels-last for CNN14). Prints one JSON object.
+channels-last (CNN14 only) and bfloat16 autocast (channels-last for CNN14).
 
-    python bench/encoder_anchor.py --threads 2 [--models cnn14,vit] [--repeats 3]
+  logmel:     CNN14's front end alone (torch.stft, power, mel matrix, 10 log10: what PANNs'
+              torchlibrosa layers compute) on 60 s at 32 kHz, as a multiple of real time.
+  preprocess: openai/CLIP's preprocessing as ClipCap runs it (Pillow: decode the JPEG given with
+              --jpeg, bicubic resize of the shorter side to 224, centre crop, to a normalised
+              float tensor), images/s.
+Prints one JSON object.
+
+    python bench/encoder_anchor.py --threads 2 [--models cnn14,vit,logmel,preprocess] [--jpeg PATH] [--repeats 3]
 """
 import argparse
 import json
 import math
+import sys
 
 import torch
 import torch.nn as nn
@@ -116,6 +123,52 @@ def bench_cnn14(repeats):
     return settings
 
 
+def bench_logmel(repeats):
+    model = Cnn14().eval()
+    minute = torch.randn(1, 60 * 32000) * 0.1
+
+    def front_end():
+        spec = torch.stft(minute, model.n_fft, model.hop, window=model.window, center=True, pad_mode="reflect",
+                          return_complex=True).abs().pow(2)
+        return 10.0 * torch.log10(torch.clamp(spec.transpose(1, 2) @ model.mel, min=1e-10))
+
+    with torch.inference_mode():
+        front_end()
+        return {"x_realtime": 60.0 / best_time(repeats + 2, front_end)}
+
+
+def clip_preprocess(image, size=224):
+    """openai/CLIP's _transform on a PIL image: [1, 3, size, size] float32."""
+    import numpy as np
+    from PIL import Image
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = size / min(w, h)
+    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = image.size
+    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+    image = image.crop((left, top, left + size, top + size))
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+    return ((x - mean) / std)[None]
+
+
+def bench_preprocess(jpeg, repeats):
+    import io
+    from PIL import Image
+    with open(jpeg, "rb") as f:
+        data = f.read()
+    n = 40
+
+    def run():
+        for _ in range(n):
+            clip_preprocess(Image.open(io.BytesIO(data)))
+
+    run()
+    return {"images_per_s": n / best_time(repeats, run)}
+
+
 def bench_vit(repeats):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
     torch.manual_seed(0)
@@ -142,6 +195,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", default="cnn14,vit")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--jpeg", help="the JPEG for --models preprocess")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = {"torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -151,6 +205,12 @@ def main():
         out["cnn14"] = bench_cnn14(args.repeats)
     if "vit" in models:
         out["vit"] = bench_vit(args.repeats)
+    if "logmel" in models:
+        out["logmel"] = bench_logmel(args.repeats)
+    if "preprocess" in models:
+        if not args.jpeg:
+            sys.exit("encoder_anchor.py: --models preprocess needs --jpeg PATH")
+        out["preprocess"] = bench_preprocess(args.jpeg, args.repeats)
     print(json.dumps(out))
 
 

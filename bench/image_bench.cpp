@@ -2,9 +2,14 @@
 // measured in the same run (transformers' CLIPVisionModelWithProjection of the same shape in
 // PyTorch 2.x, float32 eager and bfloat16 autocast: bench/encoder_anchor.py through the PyPI wheel
 // in .venv-torch), and CLIP preprocessing (JPEG decode + Pillow bicubic resize + crop +
-// normalise) images/s for a 1024x768 JPEG made here. Prints one JSON object.
+// normalise) images/s for a 1024x768 JPEG made here, beside Pillow + openai/CLIP's transform on
+// the same file (encoder_anchor.py --models preprocess). Prints one JSON object.
 // Options: --threads N, --python PATH (the anchor's interpreter), --no-anchor.
+#include <unistd.h>
+
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -63,6 +68,19 @@ int main(int argc, char** argv) {
     for (int i = 0; i < n; ++i) decode_image_bytes(jpeg, "bench.jpg");
   });
   out["jpeg_decode_only_images_per_s"] = n / td;
+  if (anchor) {  // the same JPEG through Pillow and openai/CLIP's transform
+    const std::string path = (std::filesystem::temp_directory_path() /
+                              ("prefixcap-image-bench-" + std::to_string(::getpid()) + ".jpg")).string();
+    std::ofstream(path, std::ios::binary) << jpeg;
+    const auto py = run_python_anchor<nlohmann::json>(python, std::string(PREFIXCAP_SOURCE_DIR) + "/bench/encoder_anchor.py",
+                                                      "--models preprocess --jpeg " + path, setup.num_threads);
+    std::filesystem::remove(path);
+    out["preprocess_anchor"] = py;
+    out["preprocess_anchor"]["what"] = "Pillow decode + openai/CLIP's transform (bench/encoder_anchor.py)";
+    if (py.contains("preprocess"))
+      out["preprocess_speedup_over_pillow"] =
+          out["preprocess_1024x768_jpeg_images_per_s"].get<double>() / py["preprocess"]["images_per_s"].get<double>();
+  }
 
   ClipVisionConfig config;  // ViT-B/32
   config.projection_dim = 512;
