@@ -132,7 +132,9 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(1, 4096));
   app.add_option("--device", fense.device, "where the BERT models run: cpu, cuda or cuda:N")->capture_default_str();
-  app.add_option("--threads", threads, "CPU threads for the BERT models (0 = all cores)")->capture_default_str();
+  app.add_option("--threads", threads, "CPU threads for tokenization, the native metrics and the BERT models (0 = all cores)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   app.add_flag("--no-tokenize", no_tokenize, "captions are already tokenized (skip pycocoevalcap's PTB tokenization)");
   try {
     app.parse(argc, argv);
@@ -161,6 +163,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "caption-eval: warning: %zu of %zu referenced items have no prediction\n", refs.size() - used.size(),
                    refs.size());
     if (items.empty()) throw std::runtime_error("no prediction matches a reference (keys are file names without extension)");
+    options.threads = threads;
     EvalReport report = evaluate(items, options);
     if (!fense.sbert.empty() || !fense.echecker.empty() || !fense.echecker_bert.empty()) configure_threads({threads, 0});
     add_fense(report, items, fense);

@@ -7,6 +7,7 @@
 #include <ctime>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -14,6 +15,10 @@
 #include <regex>
 #include <sstream>
 #include <stdexcept>
+#include <thread>
+#include <exception>
+#include <functional>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -94,6 +99,30 @@ struct Child {
     if (to || from) finish();
   }
 };
+
+// Runs fn(begin, end) over [0, n) cut into at most `threads` contiguous spans, the first on the
+// calling thread; rethrows the first exception once every span has finished.
+void parallel_spans(size_t n, size_t threads, const std::function<void(size_t, size_t)>& fn) {
+  const size_t parts = std::max<size_t>(1, std::min(threads, n));
+  if (parts == 1) {
+    if (n > 0) fn(0, n);
+    return;
+  }
+  std::vector<std::exception_ptr> errors(parts);
+  std::vector<std::thread> workers;
+  auto run = [&](size_t p) {
+    try {
+      fn(n * p / parts, n * (p + 1) / parts);
+    } catch (...) {
+      errors[p] = std::current_exception();
+    }
+  };
+  for (size_t p = 1; p < parts; ++p) workers.emplace_back(run, p);
+  run(0);
+  for (auto& w : workers) w.join();
+  for (const auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
 
 std::string run_capture(const std::string& command) {
   std::string out;
@@ -220,6 +249,8 @@ std::string java_version(const std::string& java) {
 }
 
 EvalReport evaluate(const std::vector<CaptionItem>& raw, const EvalOptions& o) {
+  if (o.threads < 0) throw std::invalid_argument("evaluate: threads must be 0 (every core) or more, got " + std::to_string(o.threads));
+  const size_t threads = o.threads > 0 ? static_cast<size_t>(o.threads) : std::max(1u, std::thread::hardware_concurrency());
   EvalReport r;
   std::vector<CaptionItem> items = raw;
   if (o.tokenize && !o.ptb_jar.empty()) {
@@ -235,13 +266,23 @@ EvalReport evaluate(const std::vector<CaptionItem>& raw, const EvalOptions& o) {
       it.candidate = tokenized[k++];
     }
   } else if (o.tokenize) {
-    for (auto& it : items) {
-      it.candidate = coco_tokenize(it.candidate);
-      for (auto& ref : it.references) ref = coco_tokenize(ref);
-    }
+    // Items in contiguous spans, one per thread (each item is tokenized on its own).
+    parallel_spans(items.size(), threads, [&](size_t begin, size_t end) {
+      for (size_t i = begin; i < end; ++i) {
+        items[i].candidate = coco_tokenize(items[i].candidate);
+        for (auto& ref : items[i].references) ref = coco_tokenize(ref);
+      }
+    });
   }
   for (const auto& it : items) r.ids.push_back(it.id);
-  for (const auto& part : {bleu(items), rouge_l(items), cider_d(items)}) {
+  // The three native metrics are independent: each on a thread of its own when there are threads.
+  std::vector<MetricResult> parts(3);
+  const std::vector<std::function<MetricResult()>> metrics = {[&] { return bleu(items); }, [&] { return rouge_l(items); },
+                                                              [&] { return cider_d(items); }};
+  parallel_spans(metrics.size(), threads, [&](size_t begin, size_t end) {
+    for (size_t m = begin; m < end; ++m) parts[m] = metrics[m]();
+  });
+  for (const auto& part : parts) {
     r.corpus.insert(part.corpus.begin(), part.corpus.end());
     r.per_item.insert(part.per_item.begin(), part.per_item.end());
   }

@@ -20,6 +20,8 @@ struct EvalOptions {
                                // does; "" = the native tokenizer (coco_tokenize; docs/evaluation.md
                                // says where it differs)
   std::string java = "java";   // the Java to run the jars with
+  int threads = 0;             // native tokenization and BLEU / ROUGE-L / CIDEr-D run on up to this
+                               // many threads (0 = every core); the scores do not depend on it
 };
 
 struct EvalReport {

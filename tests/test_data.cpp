@@ -5,6 +5,7 @@
 
 #include "data/datasets.h"
 #include "data/references.h"
+#include "metrics/evaluate.h"
 #include "tests/test_helpers.h"
 
 using namespace prefixcap;
@@ -77,4 +78,50 @@ TEST(References, CsvQuotingAndPredictionWindows) {
   auto preds = read_predictions(dir.file("p.jsonl"));
   EXPECT_EQ(preds.size(), 2u);
   EXPECT_EQ(media_key("a/b/clip.final.wav"), "clip.final");
+}
+
+// evaluate() tokenizes and scores on several threads; the report must not depend on how many
+// (test_reference checks the scores themselves against pycocoevalcap), and an item's error must
+// come out of a worker thread as the error it is.
+TEST(Evaluate, ScoresDoNotDependOnTheThreadCountAndErrorsComeThrough) {
+  const std::vector<std::string> words = {"a", "Dog", "barks,", "while", "cars", "pass", "by.", "rain", "falls", "on",
+                                          "the", "roof", "birds", "chirp!", "in", "distance", "man's", "speaks"};
+  std::vector<CaptionItem> items;
+  uint32_t state = 7;
+  auto sentence = [&] {
+    std::string s;
+    const int n = 3 + state % 9;
+    for (int i = 0; i < n; ++i) {
+      state = state * 1664525u + 1013904223u;
+      s += (i ? " " : "") + words[(state >> 8) % words.size()];
+    }
+    return s;
+  };
+  for (int i = 0; i < 57; ++i) {
+    CaptionItem it;
+    it.id = std::to_string(i);
+    for (int r = 0; r < 1 + i % 5; ++r) it.references.push_back(sentence());
+    it.candidate = sentence();
+    items.push_back(it);
+  }
+  EvalOptions one;
+  one.threads = 1;
+  const EvalReport serial = evaluate(items, one);
+  ASSERT_EQ(serial.corpus.size(), 6u);  // BLEU-1..4, ROUGE-L, CIDEr
+  for (int threads : {2, 5, 0}) {
+    EvalOptions o;
+    o.threads = threads;
+    const EvalReport r = evaluate(items, o);
+    EXPECT_EQ(r.ids, serial.ids) << threads;
+    EXPECT_EQ(r.corpus, serial.corpus) << threads;
+    EXPECT_EQ(r.per_item, serial.per_item) << threads;
+  }
+  items[40].references.clear();  // in the last span of 3
+  EvalOptions three;
+  three.threads = 3;
+  EXPECT_NE(prefixcap::testing::message_of([&] { evaluate(items, three); }).find("item '40' has no references"),
+            std::string::npos);
+  EvalOptions negative;
+  negative.threads = -1;
+  EXPECT_THROW(evaluate(items, negative), std::invalid_argument);
 }
