@@ -26,6 +26,10 @@ using namespace prefixcap;
 
 int main(int argc, char** argv) {
   prefixcap::select_blas_kernels(argv);  // before anything else: may re-execute (core/threads.h)
+  // A rank that dies closes its sockets; the others' next write to them must fail as an error
+  // that names the rank (DistributedError), not kill the process with SIGPIPE (exit 141) before
+  // it can say so. Python ignores SIGPIPE at start-up, which is why torchrun runs never see it.
+  std::signal(SIGPIPE, SIG_IGN);
   CLI::App app{"Train a prefix captioner's mapper (task caption) or a GPT-2-architecture language model (task lm).\n"
                "Options can also come from a JSON config (--config); the command line wins.",
                "caption-train"};
