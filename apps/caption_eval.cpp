@@ -163,7 +163,8 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "caption-eval: warning: %zu of %zu referenced items have no prediction\n", refs.size() - used.size(),
                    refs.size());
     if (items.empty()) throw std::runtime_error("no prediction matches a reference (keys are file names without extension)");
-    options.threads = threads;
+    // 0: the cores this process may run on, counted as the other apps count them (affinity).
+    options.threads = threads > 0 ? threads : available_cores();
     EvalReport report = evaluate(items, options);
     if (!fense.sbert.empty() || !fense.echecker.empty() || !fense.echecker_bert.empty()) configure_threads({threads, 0});
     add_fense(report, items, fense);

@@ -115,6 +115,23 @@ inline int parse_threads_only(int argc, char** argv, const char* name, int* thre
   return -1;
 }
 
+// Parses the options of a benchmark whose only other input is its Python anchor: --threads N,
+// --python PATH (the anchor's interpreter), --no-anchor. Returns -1 to go on, else the exit code
+// (0 after --help, 1 on a bad argument) after printing the usage line.
+inline int parse_anchor_options(int argc, char** argv, const char* name, int* threads, std::string* python, bool* anchor) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--threads" && i + 1 < argc) *threads = std::atoi(argv[++i]);
+    else if (a == "--python" && i + 1 < argc) *python = argv[++i];
+    else if (a == "--no-anchor") *anchor = false;
+    else {
+      std::fprintf(stderr, "usage: %s [--threads N] [--python PATH] [--no-anchor]\n", name);
+      return a == "--help" ? 0 : 1;
+    }
+  }
+  return -1;
+}
+
 // Current resident set size, bytes (/proc/self/statm).
 inline double current_rss_bytes() {
   long pages = 0, resident = 0;

@@ -28,6 +28,24 @@ using namespace prefixcap;
 using namespace prefixcap::bench;
 
 namespace {
+// What both models share below the encoder: GPT-2 124M (random weights; `tie_header` as
+// GPT2LMHeadModel, else Prefix-AAC's separate language_header), the mapper `mc` frozen, the GPT-2
+// tokenizer, beam 5 and every caption exactly `tokens` long (no stop token), as in the anchor.
+void add_lm_and_mapper(Captioner& c, bool tie_header, const MapperConfig& mc, const std::string& fixtures, int tokens) {
+  Gpt2Config lc;
+  lc.tie_word_embeddings = tie_header;
+  c.lm = Gpt2Model(lc);
+  c.lm->init_weights();
+  c.lm->freeze();
+  c.mapper = make_mapper(mc);
+  c.mapper->eval();
+  for (auto& p : c.mapper->parameters()) p.set_requires_grad(false);
+  c.tokenizer = std::make_shared<Gpt2Tokenizer>(Gpt2Tokenizer::from_folder(fixtures + "/gpt2-tokenizer"));
+  c.decoding_.beam_size = 5;
+  c.decoding_.max_tokens = tokens;
+  c.decoding_.stop_token_ids = {};
+}
+
 // Prefix-AAC's AudioCaps model at the published shapes, random weights.
 Captioner make_captioner(const std::string& fixtures, int tokens) {
   Captioner c;
@@ -43,22 +61,11 @@ Captioner make_captioner(const std::string& fixtures, int tokens) {
   c.encoder_kind_ = "cnn14";
   c.cnn14 = Cnn14(ec);
   c.cnn14->freeze();
-  Gpt2Config lc;
-  lc.tie_word_embeddings = false;  // Prefix-AAC's language_header
-  c.lm = Gpt2Model(lc);
-  c.lm->init_weights();
-  c.lm->freeze();
   MapperConfig mc;
   mc.type = "prefix_aac";
   mc.input_dim = 2048;
   mc.prefix_length = mc.temporal_prefix_length + mc.global_prefix_length;
-  c.mapper = make_mapper(mc);
-  c.mapper->eval();
-  for (auto& p : c.mapper->parameters()) p.set_requires_grad(false);
-  c.tokenizer = std::make_shared<Gpt2Tokenizer>(Gpt2Tokenizer::from_folder(fixtures + "/gpt2-tokenizer"));
-  c.decoding_.beam_size = 5;
-  c.decoding_.max_tokens = tokens;
-  c.decoding_.stop_token_ids = {};  // every caption exactly `tokens` long, as in the anchor
+  add_lm_and_mapper(c, /*tie_header=*/false, mc, fixtures, tokens);
   return c;
 }
 
@@ -71,21 +78,11 @@ Captioner make_image_captioner(const std::string& fixtures, int tokens) {
   c.encoder_kind_ = "clip";
   c.clip = ClipVisionTransformer(vc).ptr();
   c.clip->freeze();
-  Gpt2Config lc;  // tied header, as GPT2LMHeadModel
-  c.lm = Gpt2Model(lc);
-  c.lm->init_weights();
-  c.lm->freeze();
   MapperConfig mc;
   mc.type = "mlp";
   mc.input_dim = 512;
   mc.prefix_length = 10;
-  c.mapper = make_mapper(mc);
-  c.mapper->eval();
-  for (auto& p : c.mapper->parameters()) p.set_requires_grad(false);
-  c.tokenizer = std::make_shared<Gpt2Tokenizer>(Gpt2Tokenizer::from_folder(fixtures + "/gpt2-tokenizer"));
-  c.decoding_.beam_size = 5;
-  c.decoding_.max_tokens = tokens;
-  c.decoding_.stop_token_ids = {};
+  add_lm_and_mapper(c, /*tie_header=*/true, mc, fixtures, tokens);
   return c;
 }
 

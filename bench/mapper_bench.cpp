@@ -25,16 +25,7 @@ int main(int argc, char** argv) {
   ThreadOptions threads;
   bool anchor = true;
   std::string python = std::string(PREFIXCAP_SOURCE_DIR) + "/.venv-torch/bin/python";
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--threads" && i + 1 < argc) threads.num_threads = std::atoi(argv[++i]);
-    else if (a == "--python" && i + 1 < argc) python = argv[++i];
-    else if (a == "--no-anchor") anchor = false;
-    else {
-      std::fprintf(stderr, "usage: mapper_bench [--threads N] [--python PATH] [--no-anchor]\n");
-      return a == "--help" ? 0 : 1;
-    }
-  }
+  if (int rc = parse_anchor_options(argc, argv, "mapper_bench", &threads.num_threads, &python, &anchor); rc >= 0) return rc;
   ThreadSetup setup = configure_threads(threads);
   const int64_t B = 32;
   torch::manual_seed(0);

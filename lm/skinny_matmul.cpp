@@ -376,9 +376,9 @@ namespace {
 // Above the fused kernel's rows (batches of clips times beams): a few output rows of the weight
 // at a time are dequantised into one float32 block of about 1 MiB, which stays in cache while
 // BLAS multiplies every input row by it, instead of a float32 copy of the whole matrix per call
-// (~0.5 GB written and read back per step for GPT-2 124M). At 80-320 rows this still costs
-// 1.05-1.3x the float32 product (bench/linear_bench, docs/decoding.md): packed weights pay at
-// small batches, not large ones.
+// (~0.5 GB written and read back per step for GPT-2 124M). At 80-320 rows int8 runs at
+// 0.68-1.15x the float32 product's speed (bench/linear_bench, docs/decoding.md): packed weights
+// pay at small batches, not large ones.
 at::Tensor blockwise_dequantized_linear(const at::Tensor& x_in, const PackedWeight& w, const at::Tensor& bias) {
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.rows();
