@@ -2,9 +2,9 @@
 // (encoders/cnn14.h) with its agreement with the reference path, beside the anchor measured in
 // the same run: the same network in PyTorch 2.x (bench/encoder_anchor.py through the PyPI wheel
 // in .venv-torch) as float32 eager, float32 channels-last and bfloat16 autocast. Then the log-mel
-// front end (beside the anchor's torch.stft front end), and decode + resample of 60 s MP3 and
-// FLAC files written here (no anchor: the originals' librosa is not installed here). Prints one
-// JSON object.
+// front end (beside the anchor's torch.stft front end), and decode + resample to 32 kHz of 60 s
+// MP3 and FLAC files written here, beside librosa.load on the same files (the originals' data
+// preparation; librosa in .venv-torch) with the largest sample difference. Prints one JSON object.
 // Options: --threads N, --skip-cnn (front end and decoding only), --conv-paths auto,reference,...,
 // --bfloat16 (also CNN14 in bfloat16 after the float32 front end), --python PATH (the anchor's
 // interpreter), --no-anchor.
@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -173,16 +174,59 @@ int main(int argc, char** argv) {
   std::string dir = (std::filesystem::temp_directory_path() / ("prefixcap-audio-bench-" + std::to_string(::getpid()))).string();
   std::filesystem::create_directories(dir);
   try {
-    const std::string flac = write_test_file(dir + "/minute.flac", SF_FORMAT_FLAC | SF_FORMAT_PCM_16);
-    double t = best_time(3, [&] { decode_audio(flac, {32000}); });
-    out["decode_resample_flac_60s_x_realtime"] = 60.0 / t;
+    // Each file: ours (libsndfile/FFmpeg + libsoxr VHQ) as a multiple of real time; the anchor
+    // decodes the same files with librosa.load(sr=32000) as PANNs' and Prefix-AAC's data
+    // preparation does, and its VHQ waveform is compared sample by sample with ours.
+    std::vector<std::pair<std::string, std::string>> files;  // (label, path)
+    files.emplace_back("flac", write_test_file(dir + "/minute.flac", SF_FORMAT_FLAC | SF_FORMAT_PCM_16));
     try {
-      const std::string mp3 = write_test_file(dir + "/minute.mp3", SF_FORMAT_MPEG | SF_FORMAT_MPEG_LAYER_III);
-      t = best_time(3, [&] { decode_audio(mp3, {32000}); });
-      out["decode_resample_mp3_60s_x_realtime"] = 60.0 / t;
+      files.emplace_back("mp3", write_test_file(dir + "/minute.mp3", SF_FORMAT_MPEG | SF_FORMAT_MPEG_LAYER_III));
     } catch (const std::exception& e) {
       out["decode_resample_mp3_60s_x_realtime"] = nullptr;
       out["mp3_note"] = e.what();
+    }
+    std::map<std::string, std::vector<float>> ours;
+    std::string paths_arg;
+    for (const auto& [label, path] : files) {
+      ours[label] = decode_audio(path, {32000}).samples;
+      const double t = best_time(3, [&] { decode_audio(path, {32000}); });
+      out["decode_resample_" + label + "_60s_x_realtime"] = 60.0 / t;
+      paths_arg += (paths_arg.empty() ? "" : ",") + path;
+    }
+    if (anchor) {
+      const auto py = run_python_anchor<nlohmann::json>(python, std::string(PREFIXCAP_SOURCE_DIR) + "/bench/encoder_anchor.py",
+                                                        "--models decode --audio " + paths_arg + " --dump " + dir +
+                                                            " --threads " + std::to_string(setup.num_threads),
+                                                        setup.num_threads);
+      nlohmann::json& a = out["decode_anchor"];
+      a = py;
+      a["what"] = "librosa.load(path, sr=32000, mono=True) on the same files: its default resampler (soxr_hq) and soxr_vhq (ours)";
+      for (const auto& [label, path] : files) {
+        const std::string name = std::filesystem::path(path).filename().string();
+        if (!py.contains("decode") || !py["decode"].contains(name)) continue;
+        const nlohmann::json& d = py["decode"][name];
+        for (const char* q : {"soxr_hq", "soxr_vhq"})
+          out["decode_resample_" + label + "_speedup_over_librosa_" + q] =
+              out["decode_resample_" + label + "_60s_x_realtime"].get<double>() / d[std::string(q) + "_x_realtime"].get<double>();
+        // Agreement with librosa's VHQ waveform (written by the anchor as raw float32).
+        std::vector<float> theirs;
+        if (FILE* f = std::fopen((path + ".f32").c_str(), "rb")) {
+          float buf[4096];
+          for (size_t n; (n = std::fread(buf, sizeof(float), 4096, f)) > 0;) theirs.insert(theirs.end(), buf, buf + n);
+          std::fclose(f);
+        }
+        const std::vector<float>& mine = ours[label];
+        nlohmann::json& agree = out["decode_resample_" + label + "_vs_librosa_vhq"];
+        agree["samples_ours"] = mine.size();
+        agree["samples_librosa"] = theirs.size();
+        double max_diff = 0, peak = 0;
+        for (size_t i = 0; i < std::min(mine.size(), theirs.size()); ++i) {
+          max_diff = std::max(max_diff, double(std::fabs(mine[i] - theirs[i])));
+          peak = std::max(peak, double(std::fabs(theirs[i])));
+        }
+        agree["max_abs_diff"] = max_diff;
+        agree["librosa_peak_abs"] = peak;
+      }
     }
   } catch (...) {
     std::filesystem::remove_all(dir);

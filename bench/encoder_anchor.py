@@ -12,9 +12,16 @@ channels-last (CNN14 only) and bfloat16 autocast (channels-last for CNN14).
   preprocess: openai/CLIP's preprocessing as ClipCap runs it (Pillow: decode the JPEG given with
               --jpeg, bicubic resize of the shorter side to 224, centre crop, to a normalised
               float tensor), images/s.
+  decode:     the files given with --audio (FLAC, MP3...) decoded and resampled to 32 kHz mono as
+              PANNs' and Prefix-AAC's data preparation does it: librosa.load(path, sr=32000,
+              mono=True), librosa's default resampler (soxr "HQ"), and again with soxr "VHQ" (the
+              quality prefixcap uses), as multiples of real time; with --dump DIR each file's
+              VHQ waveform is also written to DIR/<file name>.f32 (raw float32) for the caller to
+              compare with its own decoding.
 Prints one JSON object.
 
-    python bench/encoder_anchor.py --threads 2 [--models cnn14,vit,logmel,preprocess] [--jpeg PATH] [--repeats 3]
+    python bench/encoder_anchor.py --threads 2 [--models cnn14,vit,logmel,preprocess,decode] [--jpeg PATH]
+        [--audio PATH,PATH] [--dump DIR] [--repeats 3]
 """
 import argparse
 import json
@@ -190,12 +197,33 @@ def bench_vit(repeats):
     return settings
 
 
+def bench_decode(paths, dump, repeats):
+    import os
+    import librosa
+    out = {"librosa": librosa.__version__}
+    for path in paths:
+        name = os.path.basename(path)
+        d = {"duration_s": librosa.get_duration(path=path)}
+        for res_type in ["soxr_hq", "soxr_vhq"]:
+            def run():
+                return librosa.load(path, sr=32000, mono=True, res_type=res_type)[0]
+
+            wave = run()
+            d[res_type + "_x_realtime"] = d["duration_s"] / best_time(repeats, run)
+        if dump:
+            wave.astype("float32").tofile(os.path.join(dump, name + ".f32"))
+        out[name] = d
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", default="cnn14,vit")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--jpeg", help="the JPEG for --models preprocess")
+    ap.add_argument("--audio", help="comma-separated audio files for --models decode")
+    ap.add_argument("--dump", help="--models decode: write each file's 32 kHz waveform to DIR/<name>.f32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = {"torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -211,6 +239,10 @@ def main():
         if not args.jpeg:
             sys.exit("encoder_anchor.py: --models preprocess needs --jpeg PATH")
         out["preprocess"] = bench_preprocess(args.jpeg, args.repeats)
+    if "decode" in models:
+        if not args.audio:
+            sys.exit("encoder_anchor.py: --models decode needs --audio PATH[,PATH]")
+        out["decode"] = bench_decode(args.audio.split(","), args.dump, args.repeats)
     print(json.dumps(out))
 
 

@@ -4,6 +4,8 @@
 #include <cstdio>
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/complex.h>
 
 #include "core/log.h"
 #include "encoders/feature_cuda.h"
@@ -104,6 +106,28 @@ LogMelFrontEndImpl::LogMelFrontEndImpl(const LogMelConfig& config) : config_(con
   mel_basis_ = register_buffer("mel_basis", slaney_mel_filterbank(config).t().contiguous().to(at::kFloat));
 }
 
+namespace {
+// |X|^2 of a complex spectrum [B, T, F] as [B, 1, T, F]. For contiguous complex float (the CPU
+// path) one parallel pass over the bins: the same arithmetic as re*re + im*im on the real view,
+// several times faster than the elementwise ops over its strided halves.
+at::Tensor power_of(const at::Tensor& spec) {
+  if (spec.device().is_cpu() && spec.scalar_type() == at::kComplexFloat && spec.is_contiguous()) {
+    at::Tensor power = at::empty({spec.size(0), 1, spec.size(1), spec.size(2)}, spec.options().dtype(at::kFloat));
+    const auto* in = spec.data_ptr<c10::complex<float>>();
+    float* out = power.data_ptr<float>();
+    at::parallel_for(0, spec.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const float re = in[i].real(), im = in[i].imag();
+        out[i] = re * re + im * im;
+      }
+    });
+    return power;
+  }
+  at::Tensor parts = at::view_as_real(spec);  // [B, T, F, 2]
+  return (parts.select(-1, 0).square() + parts.select(-1, 1).square()).unsqueeze(1);
+}
+}  // namespace
+
 LogMelOutput LogMelFrontEndImpl::forward_all(const at::Tensor& waveform) {
   TORCH_CHECK(waveform.dim() == 2, "log-mel: expected a waveform [B, N], got ", waveform.sizes());
   const int64_t pad = config_.window_size / 2;
@@ -115,9 +139,8 @@ LogMelOutput LogMelFrontEndImpl::forward_all(const at::Tensor& waveform) {
   // Frames t*hop .. t*hop + n_fft of the padded signal, windowed, real FFT: [B, T, F].
   // (unfold + rfft: the same numbers as at::stft, about 2x faster here, already time-major)
   at::Tensor frames = padded.unfold(/*dimension=*/1, config_.window_size, config_.hop_size) * window_;
-  at::Tensor spec = at::view_as_real(at::fft_rfft(frames));  // [B, T, F, 2]
   LogMelOutput out;
-  out.power_spectrogram = (spec.select(-1, 0).square() + spec.select(-1, 1).square()).unsqueeze(1);  // [B, 1, T, F]
+  out.power_spectrogram = power_of(at::fft_rfft(frames));                // [B, 1, T, F]
   out.mel_power = at::matmul(out.power_spectrogram, mel_basis_);                                       // [B, 1, T, M]
   out.logmel = 10.0 * at::log10(at::clamp_min(out.mel_power, config_.amin));
   if (config_.ref != 1.0) out.logmel = out.logmel - 10.0 * std::log10(std::max(config_.amin, config_.ref));

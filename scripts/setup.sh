@@ -6,7 +6,8 @@
 #   scripts/setup.sh --no-build   install only
 #   PREFIXCAP_TORCH=pypi scripts/setup.sh   the second configuration: LibTorch 2.15 (CUDA 13 build)
 #                                 from the PyPI torch wheel, pinned, in .venv-torch/ (installed once,
-#                                 then reused, with transformers for lm_bench's anchor), built into
+#                                 then reused, with the benchmarks' anchors: transformers, Pillow,
+#                                 librosa), built into
 #                                 build-pypi/ (runs on CPUs without a GPU)
 #   Torch_DIR=/opt/libtorch/share/cmake/Torch scripts/setup.sh   use another LibTorch (CUDA too)
 #   PREFIXCAP_CMAKE_ARGS="-DPREFIXCAP_SANITIZE=ON" scripts/setup.sh   extra CMake options
@@ -130,10 +131,10 @@ if [[ "$torch_choice" == pypi ]]; then
       { echo "setup: could not install torch==$torch_pin from PyPI (no network?)" >&2; exit 1; }
   fi
   # The anchors of bench/ on this PyTorch 2.x: Hugging Face generate and CLIP (transformers),
-  # ClipCap's image preprocessing (Pillow).
-  if ! "$torch_env/bin/python" -W ignore -c "import transformers, numpy, PIL; assert transformers.__version__ == '4.46.3'; assert PIL.__version__ == '11.0.0'" >/dev/null 2>&1; then
-    echo "setup: installing transformers==4.46.3, pillow==11.0.0 and numpy (PyPI) into .venv-torch (the benchmarks' anchors)"
-    "$torch_env/bin/pip" install -q --disable-pip-version-check "transformers==4.46.3" "pillow==11.0.0" numpy ||
+  # ClipCap's image preprocessing (Pillow), PANNs' and Prefix-AAC's audio loading (librosa).
+  if ! "$torch_env/bin/python" -W ignore -c "import transformers, numpy, PIL, librosa; assert transformers.__version__ == '4.46.3'; assert PIL.__version__ == '11.0.0'; assert librosa.__version__ == '0.11.0'" >/dev/null 2>&1; then
+    echo "setup: installing transformers==4.46.3, pillow==11.0.0, librosa==0.11.0 and numpy (PyPI) into .venv-torch (the benchmarks' anchors)"
+    "$torch_env/bin/pip" install -q --disable-pip-version-check "transformers==4.46.3" "pillow==11.0.0" "librosa==0.11.0" numpy ||
       { echo "setup: could not install transformers into .venv-torch (no network?)" >&2; exit 1; }
   fi
   torch_prefix=$("$torch_env/bin/python" -W ignore -c 'import torch; print(torch.utils.cmake_prefix_path)')
