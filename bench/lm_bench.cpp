@@ -5,7 +5,8 @@
 //
 // Figures per dtype: batch-1 greedy tokens/s and its fraction of the bandwidth floor (measured
 // read bandwidth / weight bytes a step reads), a beam-5 step over a greedy step, batch-16 greedy,
-// and against float32 on the same weights: the first step's largest logit error (in units of
+// the same steps with the fused decode step turned off (Gpt2ModelImpl::set_fused_decoding), and
+// against float32 on the same weights: the first step's largest logit error (in units of
 // the logits' standard deviation) and the agreement of greedy captions from 8 random prefixes.
 //   build/bench/lm_bench [--threads N] [--tokens N] [--dtypes float32,bfloat16,int8]
 //                        [--isa generic|avx512] [--config config.json] [--python PATH] [--no-anchor]
@@ -213,6 +214,11 @@ int main(int argc, char** argv) {
     one.max_tokens = 1;
     const double beam_prompt = best_time(2, [&] { generate(*lm, prompt, one); });
     const double beam_step = (best_time(2, [&] { generate(*lm, prompt, beam); }) - beam_prompt) / (tokens - 1);
+    // The same steps with the fused decode step off (every operation through LibTorch), in this run.
+    lm->set_fused_decoding(false);
+    const double greedy_step_unfused = (time_steps(*lm, prefix1, tokens, 3) - base1) / tokens;
+    const double beam_step_unfused = (best_time(2, [&] { generate(*lm, prompt, beam); }) - beam_prompt) / (tokens - 1);
+    lm->set_fused_decoding(true);
 
     nlohmann::json d;
     d["weight_MB_read_per_step"] = step_bytes / 1e6;
@@ -221,6 +227,10 @@ int main(int argc, char** argv) {
     d["weight_products_only_ms"] = matmuls * 1e3;
     d["beam5_step_ms"] = beam_step * 1e3;
     d["beam5_step_over_greedy_step"] = beam_step / greedy_step;
+    d["unfused_greedy_b1_step_ms"] = greedy_step_unfused * 1e3;
+    d["unfused_beam5_step_ms"] = beam_step_unfused * 1e3;
+    d["fused_step_speedup_greedy_b1"] = greedy_step_unfused / greedy_step;
+    d["fused_step_speedup_beam5"] = beam_step_unfused / beam_step;
     d["greedy_b16_tokens_per_s"] = 16.0 / step16;
     d["rss_with_model_MB"] = rss_model / 1e6;
 

@@ -217,14 +217,8 @@ bool few_rows_layer_norm_applicable(const at::Tensor& x, const torch::nn::LayerN
          ln->weight.scalar_type() == at::kFloat && !(c10::GradMode::is_enabled() && (x.requires_grad() || ln->weight.requires_grad()));
 }
 
-at::Tensor few_rows_layer_norm(const at::Tensor& x, const torch::nn::LayerNorm& ln) {
-  const int64_t C = x.size(-1), rows = x.numel() / C;
-  const double eps = ln->options.eps();
-  at::Tensor y = at::empty_like(x);
-  const float* xp = x.data_ptr<float>();
-  const float* g = ln->weight.data_ptr<float>();
-  const float* b = ln->bias.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+// y = LayerNorm(x) over `rows` rows of C floats (weight g, bias b).
+void layer_norm_rows(const float* xp, const float* g, const float* b, double eps, float* yp, int64_t rows, int64_t C) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = xp + r * C;
     double sum = 0, sq = 0;
@@ -235,6 +229,13 @@ at::Tensor few_rows_layer_norm(const at::Tensor& x, const torch::nn::LayerNorm& 
     float* yr = yp + r * C;
     for (int64_t c = 0; c < C; ++c) yr[c] = (xr[c] - m) * inv * g[c] + b[c];
   }
+}
+
+at::Tensor few_rows_layer_norm(const at::Tensor& x, const torch::nn::LayerNorm& ln) {
+  const int64_t C = x.size(-1), rows = x.numel() / C;
+  at::Tensor y = at::empty_like(x);
+  layer_norm_rows(x.data_ptr<float>(), ln->weight.data_ptr<float>(), ln->bias.data_ptr<float>(), ln->options.eps(),
+                  y.data_ptr<float>(), rows, C);
   return y;
 }
 
@@ -357,6 +358,7 @@ at::Tensor Gpt2ModelImpl::head(const at::Tensor& hidden) {
 }
 
 Gpt2Output Gpt2ModelImpl::forward(const Gpt2Input& input) {
+  if (fused_decode_applicable(input)) return fused_decode_step(input);
   // Input vectors: prefix embeddings, then token embeddings. [B, N, C]
   std::vector<at::Tensor> parts;
   if (input.prefix_embeds.defined()) {
@@ -465,6 +467,191 @@ Gpt2Output Gpt2ModelImpl::forward(const Gpt2Input& input) {
   if (input.logits == LogitsMode::All) out.logits = head(x);
   else if (input.logits == LogitsMode::Last) out.logits = head(x.select(1, N - 1));
   return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// The fused decode step: one token per sequence after a KV cache, on the CPU, without
+// gradients. The same arithmetic as forward() above (the same kernels: packed_linear's and
+// skinny_matmul_nk's products, decode_attention's heads, the few-row LayerNorm, gelu_tanh's
+// kernel) on raw buffers, so that a step costs 5 parallel kernels per block and no tensor
+// operations between them: forward() spends ~25 LibTorch calls per block on views, splits,
+// cache writes and residual sums, about 2 ms a step for GPT-2 124M, a quarter of an int8 step.
+
+namespace {
+
+bool float_cpu_contiguous(const at::Tensor& t) {
+  return t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous();
+}
+
+bool conv_ready(const Conv1DImpl& c) {
+  return (c.packed.defined() || float_cpu_contiguous(c.weight)) && float_cpu_contiguous(c.bias);
+}
+
+bool layer_norm_ready(const torch::nn::LayerNorm& ln) {
+  return float_cpu_contiguous(ln->weight) && float_cpu_contiguous(ln->bias);
+}
+
+WeightRows conv_rows(const Conv1DImpl& c) { return c.packed.defined() ? weight_rows(c.packed) : weight_rows(c.weight); }
+
+// A cache layer the step can append to in place: key/value view float32 CPU storage.
+bool kv_ready(const LayerKv& l, int64_t B, int64_t S) {
+  for (const auto* pair : {&l.key, &l.value}) {
+    const at::Tensor& kv = *pair;
+    const at::Tensor& storage = pair == &l.key ? l.key_storage : l.value_storage;
+    if (!views_storage(kv, storage) || !float_cpu_contiguous(storage) || kv.size(0) != B || kv.size(2) != S)
+      return false;
+  }
+  return true;
+}
+
+// Room in `storage` for position `S` (append_kv's growth: 16 more positions at a time).
+void ensure_room(const at::Tensor& past, at::Tensor& storage, int64_t S) {
+  if (storage.size(2) > S) return;
+  at::Tensor grown = at::empty({past.size(0), past.size(1), S + 1 + 16, past.size(3)}, storage.options());
+  grown.narrow(2, 0, S).copy_(past);
+  storage = grown;
+}
+
+}  // namespace
+
+bool Gpt2ModelImpl::fused_decode_applicable(const Gpt2Input& in) const {
+  if (!fused_decoding_ || !in.cache || in.prefix_embeds.defined() || in.attention_mask.defined() ||
+      in.position_ids.defined() || in.output_hidden_states || at::GradMode::is_enabled())
+    return false;
+  const at::Tensor& ids = in.input_ids;
+  if (!ids.defined() || ids.dim() != 2 || ids.size(1) != 1 || ids.scalar_type() != at::kLong || !ids.device().is_cpu())
+    return false;
+  const int64_t B = ids.size(0);
+  if (B < 1 || B > (weight_dtype_ == WeightDtype::Float32 ? kMaxSkinnyRows : kMaxPackedFusedRows)) return false;
+  const KvCache& cache = *in.cache;
+  const int64_t S = cache.length();
+  if (static_cast<int64_t>(cache.layers.size()) != config_.n_layer || S == 0 || cache.key_mask.defined() ||
+      cache.next_position < 0 || cache.next_position >= config_.n_positions)
+    return false;
+  if (cache.row_index.defined() &&
+      !(cache.row_index.dim() == 2 && cache.row_index.size(0) == B && cache.row_index.size(1) == S &&
+        cache.row_index.scalar_type() == at::kLong && cache.row_index.device().is_cpu()))
+    return false;
+  // Token ids out of range: forward() reports them.
+  const at::Tensor flat = ids.contiguous();
+  const int64_t* id = flat.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    if (id[b] < 0 || id[b] >= config_.vocab_size) return false;
+  if (!(wte_packed_.defined() || float_cpu_contiguous(wte->weight)) || !float_cpu_contiguous(wpe->weight) ||
+      !layer_norm_ready(ln_f))
+    return false;
+  if (!head_packed_.defined() && !float_cpu_contiguous(lm_head ? lm_head->weight : wte->weight)) return false;
+  for (int64_t i = 0; i < config_.n_layer; ++i) {
+    const Gpt2BlockImpl& block = *blocks_[i];
+    if (!layer_norm_ready(block.ln_1) || !layer_norm_ready(block.ln_2) || !conv_ready(*block.attn->c_attn) ||
+        !conv_ready(*block.attn->c_proj) || !conv_ready(*block.mlp->c_fc) || !conv_ready(*block.mlp->c_proj) ||
+        !kv_ready(cache.layers[i], B, S))
+      return false;
+  }
+  return true;
+}
+
+Gpt2Output Gpt2ModelImpl::fused_decode_step(const Gpt2Input& in) {
+  KvCache& cache = *in.cache;
+  const int64_t B = in.input_ids.size(0), C = config_.n_embd, H = config_.n_head, D = config_.head_dim();
+  const int64_t F = config_.mlp_width(), V = config_.vocab_size, S = cache.length(), position = cache.next_position;
+  const at::Tensor ids = in.input_ids.contiguous();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  if (cache.row_index.defined())  // as forward(): the new position of sequence b is written by row b
+    cache.row_index = at::cat({cache.row_index, at::arange(B, cache.row_index.options()).unsqueeze(1)}, 1).contiguous();
+  const int64_t* row_index = cache.row_index.defined() ? cache.row_index.data_ptr<int64_t>() : nullptr;
+
+  std::vector<float> x(B * C), a(B * C), qkv(B * 3 * C), att(B * C), out(B * C), hidden(B * F);
+  // Token embedding + position embedding.
+  const WeightRows embedding = wte_packed_.defined() ? weight_rows(wte_packed_) : weight_rows(wte->weight);
+  const float* wpe_row = wpe->weight.data_ptr<float>() + position * C;
+  for (int64_t b = 0; b < B; ++b) {
+    float* xb = x.data() + b * C;
+    weight_row(embedding, id[b], xb);
+    for (int64_t c = 0; c < C; ++c) xb[c] = xb[c] + wpe_row[c];
+  }
+  auto norm = [&](const torch::nn::LayerNorm& ln, const float* src, float* dst) {
+    layer_norm_rows(src, ln->weight.data_ptr<float>(), ln->bias.data_ptr<float>(), ln->options.eps(), dst, B, C);
+  };
+  const std::string& activation = config_.activation_function;
+  const bool tanh_gelu = activation == "gelu_new" || activation == "gelu_pytorch_tanh";
+  const std::function<void(int64_t, int64_t)> activate = [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < B; ++m) {
+      float* h = hidden.data() + m * F;
+      if (tanh_gelu) {
+        gelu_tanh_in_place(h + n0, n1 - n0);
+      } else if (activation == "gelu") {
+        for (int64_t n = n0; n < n1; ++n) h[n] = 0.5f * h[n] * (1.0f + std::erf(h[n] * float(M_SQRT1_2)));
+      } else {
+        for (int64_t n = n0; n < n1; ++n) h[n] = std::max(h[n], 0.0f);
+      }
+    }
+  };
+  const float scale = static_cast<float>(1.0 / std::sqrt(double(D)));
+  for (int64_t i = 0; i < config_.n_layer; ++i) {
+    Gpt2BlockImpl& block = *blocks_[i];
+    const Conv1DImpl &c_attn = *block.attn->c_attn, &attn_proj = *block.attn->c_proj;
+    const Conv1DImpl &c_fc = *block.mlp->c_fc, &mlp_proj = *block.mlp->c_proj;
+    // Attention: LayerNorm, q/k/v, the new key and value into the cache, the heads, c_proj.
+    norm(block.ln_1, x.data(), a.data());
+    fused_rows_product(a.data(), conv_rows(c_attn), c_attn.bias.data_ptr<float>(), qkv.data(), B);
+    LayerKv& layer = cache.layers[i];
+    ensure_room(layer.key, layer.key_storage, S);
+    ensure_room(layer.value, layer.value_storage, S);
+    const int64_t room = layer.key_storage.size(2);
+    float* keys = layer.key_storage.data_ptr<float>();
+    float* values = layer.value_storage.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h) {
+        const float* k = qkv.data() + b * 3 * C + C + h * D;
+        std::copy(k, k + D, keys + ((b * H + h) * room + S) * D);
+        std::copy(k + C, k + C + D, values + ((b * H + h) * room + S) * D);
+      }
+    layer.key = layer.key_storage.narrow(2, 0, S + 1);
+    layer.value = layer.value_storage.narrow(2, 0, S + 1);
+    DecodeAttentionArgs args;
+    args.q = qkv.data();
+    args.q_stride_b = 3 * C;
+    args.q_stride_h = D;
+    args.k = keys;
+    args.v = values;
+    args.k_stride_b = args.v_stride_b = H * room * D;
+    args.k_stride_h = args.v_stride_h = room * D;
+    args.k_stride_s = args.v_stride_s = D;
+    args.row_index = row_index;
+    args.B = B;
+    args.H = H;
+    args.S = S + 1;
+    args.D = D;
+    args.scale = scale;
+    args.y = att.data();
+    at::parallel_for(0, B * H, 4, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch;
+      decode_attention_heads(args, begin, end, scratch);
+    });
+    fused_rows_product(att.data(), conv_rows(attn_proj), attn_proj.bias.data_ptr<float>(), out.data(), B);
+    for (int64_t j = 0; j < B * C; ++j) x[j] = x[j] + out[j];
+    // MLP: LayerNorm, c_fc with the activation on each block of outputs, c_proj.
+    norm(block.ln_2, x.data(), a.data());
+    fused_rows_product(a.data(), conv_rows(c_fc), c_fc.bias.data_ptr<float>(), hidden.data(), B, activate);
+    fused_rows_product(hidden.data(), conv_rows(mlp_proj), mlp_proj.bias.data_ptr<float>(), out.data(), B);
+    for (int64_t j = 0; j < B * C; ++j) x[j] = x[j] + out[j];
+  }
+  cache.next_position = position + 1;
+  ++fused_steps_;
+
+  Gpt2Output result;
+  result.last_hidden_state = at::empty({B, 1, C}, wpe->weight.options());
+  float* last = result.last_hidden_state.data_ptr<float>();
+  norm(ln_f, x.data(), last);
+  if (in.logits != LogitsMode::None) {
+    at::Tensor logits = at::empty({B, V}, wpe->weight.options());
+    const WeightRows header = head_packed_.defined() ? weight_rows(head_packed_)
+                                                     : weight_rows(lm_head ? lm_head->weight : wte->weight);
+    fused_rows_product(last, header, nullptr, logits.data_ptr<float>(), B);
+    result.logits = in.logits == LogitsMode::Last ? logits : logits.view({B, 1, V});
+  }
+  return result;
 }
 
 // The one mapping table between checkpoint names/layouts and ours:

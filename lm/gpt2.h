@@ -189,6 +189,13 @@ class Gpt2ModelImpl : public torch::nn::Module {
   void init_weights();
 
   const Gpt2Config& config() const { return config_; }
+  // forward() of one token per sequence after a KV cache (decoding), float32 CPU, no gradients,
+  // no padding mask, at most kMaxPackedFusedRows sequences (kMaxSkinnyRows unpacked) runs as one
+  // fused step: the same arithmetic, without the ~25 tensor operations per block between the
+  // kernels (gpt2.cpp). On by default; off: every step through the general path (tests, lm_bench).
+  void set_fused_decoding(bool on) { fused_decoding_ = on; }
+  bool fused_decoding() const { return fused_decoding_; }
+  int64_t fused_steps_taken() const { return fused_steps_; }  // how many forward() calls took it
 
   torch::nn::Embedding wte{nullptr}, wpe{nullptr};
   torch::nn::ModuleList h{nullptr};
@@ -200,6 +207,10 @@ class Gpt2ModelImpl : public torch::nn::Module {
   std::vector<Gpt2Block> blocks_;
   WeightDtype weight_dtype_ = WeightDtype::Float32;
   PackedWeight wte_packed_, head_packed_;  // the same tensors when tied
+  bool fused_decoding_ = true;
+  int64_t fused_steps_ = 0;
+  bool fused_decode_applicable(const Gpt2Input& input) const;
+  Gpt2Output fused_decode_step(const Gpt2Input& input);
 };
 TORCH_MODULE(Gpt2Model);
 

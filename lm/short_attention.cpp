@@ -149,6 +149,44 @@ bool decode_attention_applicable(const at::Tensor& q, const at::Tensor& k, const
          k.size(1) == q.size(1) && k.size(3) == q.size(3) && k.size(2) > 0;
 }
 
+void decode_attention_heads(const DecodeAttentionArgs& a, int64_t bh0, int64_t bh1, std::vector<float>& p) {
+  p.resize(static_cast<size_t>(a.S));
+  for (int64_t bh = bh0; bh < bh1; ++bh) {
+    const int64_t b = bh / a.H, h = bh % a.H;
+    const float* qr = a.q + b * a.q_stride_b + h * a.q_stride_h;
+    const float* br = a.bias ? a.bias + (a.bias_rows == 1 ? 0 : b) * a.S : nullptr;
+    const int64_t* row = a.row_index ? a.row_index + b * a.S : nullptr;
+    if (row)  // checked here, in the pass that reads them, rather than by two reductions per call
+      for (int64_t s = 0; s < a.S; ++s)
+        TORCH_CHECK(row[s] >= 0 && row[s] < a.B, "decode_attention: row_index ", row[s], " out of range [0, ", a.B, ")");
+    auto key = [&](int64_t s) { return a.k + (row ? row[s] : b) * a.k_stride_b + h * a.k_stride_h + s * a.k_stride_s; };
+    auto value = [&](int64_t s) { return a.v + (row ? row[s] : b) * a.v_stride_b + h * a.v_stride_h + s * a.v_stride_s; };
+    const int64_t D = a.D;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t s = 0; s < a.S; ++s) {
+      const float* kr = key(s);
+      float acc[16] = {0};
+      int64_t j = 0;
+      for (; j + 16 <= D; j += 16)
+        for (int l = 0; l < 16; ++l) acc[l] += qr[j + l] * kr[j + l];
+      float dot = 0.f;
+      for (; j < D; ++j) dot += qr[j] * kr[j];
+      for (int l = 0; l < 16; ++l) dot += acc[l];
+      p[s] = dot * a.scale + (br ? br[s] : 0.f);
+      mx = std::max(mx, p[s]);
+    }
+    float sum = 0.f;
+    for (int64_t s = 0; s < a.S; ++s) {
+      p[s] = std::exp(p[s] - mx);
+      sum += p[s];
+    }
+    const float inv = 1.f / sum;
+    float* out = a.y + bh * D;
+    for (int64_t j = 0; j < D; ++j) out[j] = 0.f;
+    for (int64_t s = 0; s < a.S; ++s) axpy(D, p[s] * inv, value(s), out);
+  }
+}
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias_in,
                             double scale_in, const at::Tensor& row_index_in) {
   TORCH_CHECK(decode_attention_applicable(q, k, v), "decode_attention: unsupported inputs q ", q.sizes(), ", k ",
@@ -165,50 +203,31 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     TORCH_CHECK(rows.dim() == 2 && rows.size(0) == B && rows.size(1) == S, "decode_attention: row_index ",
                 rows.sizes(), " for batch ", B, " and ", S, " keys");
   }
-  const int64_t* rp = rows.defined() ? rows.data_ptr<int64_t>() : nullptr;
   at::Tensor y = at::empty({B, H, D}, q.options());
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  const int64_t bias_rows = bias.defined() ? bias.size(0) : 0;
-  float* yp = y.data_ptr<float>();
-  const float scale = static_cast<float>(scale_in);
+  DecodeAttentionArgs a;
+  a.q = q.data_ptr<float>();
+  a.q_stride_b = q.stride(0);
+  a.q_stride_h = q.stride(1);
+  a.k = k.data_ptr<float>();
+  a.k_stride_b = k.stride(0);
+  a.k_stride_h = k.stride(1);
+  a.k_stride_s = k.stride(2);
+  a.v = v.data_ptr<float>();
+  a.v_stride_b = v.stride(0);
+  a.v_stride_h = v.stride(1);
+  a.v_stride_s = v.stride(2);
+  a.row_index = rows.defined() ? rows.data_ptr<int64_t>() : nullptr;
+  a.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  a.bias_rows = bias.defined() ? bias.size(0) : 0;
+  a.B = B;
+  a.H = H;
+  a.S = S;
+  a.D = D;
+  a.scale = static_cast<float>(scale_in);
+  a.y = y.data_ptr<float>();
   at::parallel_for(0, B * H, 4, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(static_cast<size_t>(S));
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      const float* qr = qp + b * q.stride(0) + h * q.stride(1);
-      const float* br = bp ? bp + (bias_rows == 1 ? 0 : b) * S : nullptr;
-      const int64_t* row = rp ? rp + b * S : nullptr;
-      if (row)  // checked here, in the pass that reads them, rather than by two reductions per call
-        for (int64_t s = 0; s < S; ++s)
-          TORCH_CHECK(row[s] >= 0 && row[s] < B, "decode_attention: row_index ", row[s], " out of range [0, ", B, ")");
-      auto key = [&](int64_t s) { return kp + (row ? row[s] : b) * k.stride(0) + h * k.stride(1) + s * k.stride(2); };
-      auto value = [&](int64_t s) { return vp + (row ? row[s] : b) * v.stride(0) + h * v.stride(1) + s * v.stride(2); };
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t s = 0; s < S; ++s) {
-        const float* kr = key(s);
-        float acc[16] = {0};
-        int64_t j = 0;
-        for (; j + 16 <= D; j += 16)
-          for (int l = 0; l < 16; ++l) acc[l] += qr[j + l] * kr[j + l];
-        float dot = 0.f;
-        for (; j < D; ++j) dot += qr[j] * kr[j];
-        for (int l = 0; l < 16; ++l) dot += acc[l];
-        p[s] = dot * scale + (br ? br[s] : 0.f);
-        mx = std::max(mx, p[s]);
-      }
-      float sum = 0.f;
-      for (int64_t s = 0; s < S; ++s) {
-        p[s] = std::exp(p[s] - mx);
-        sum += p[s];
-      }
-      const float inv = 1.f / sum;
-      float* out = yp + bh * D;
-      for (int64_t j = 0; j < D; ++j) out[j] = 0.f;
-      for (int64_t s = 0; s < S; ++s) axpy(D, p[s] * inv, value(s), out);
-    }
+    std::vector<float> p;
+    decode_attention_heads(a, begin, end, p);
   });
   return y;
 }

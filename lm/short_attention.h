@@ -4,6 +4,9 @@
 // costs); training a mapper through a frozen GPT-2 spends ~15 % of a step there.
 #pragma once
 
+#include <cstdint>
+#include <vector>
+
 #include <ATen/Tensor.h>
 
 namespace prefixcap {
@@ -27,5 +30,23 @@ at::Tensor short_attention(const at::Tensor& q, const at::Tensor& k, const at::T
 bool decode_attention_applicable(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
                             double scale, const at::Tensor& row_index = {});
+
+// decode_attention on raw pointers, for a fused decode step: heads bh0..bh1 (bh = b * H + h) of
+// y [B, H, D] on the calling thread; `scratch` is resized to S. Strides are in floats; keys and
+// values have a contiguous last dimension.
+struct DecodeAttentionArgs {
+  const float* q = nullptr;
+  int64_t q_stride_b = 0, q_stride_h = 0;
+  const float *k = nullptr, *v = nullptr;
+  int64_t k_stride_b = 0, k_stride_h = 0, k_stride_s = 0;
+  int64_t v_stride_b = 0, v_stride_h = 0, v_stride_s = 0;
+  const int64_t* row_index = nullptr;  // [B, S] or null
+  const float* bias = nullptr;         // [bias_rows, S] or null; bias_rows 1 or B
+  int64_t bias_rows = 0;
+  int64_t B = 0, H = 0, S = 0, D = 0;
+  float scale = 1.f;
+  float* y = nullptr;
+};
+void decode_attention_heads(const DecodeAttentionArgs& args, int64_t bh0, int64_t bh1, std::vector<float>& scratch);
 
 }  // namespace prefixcap

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <stdexcept>
 
@@ -214,19 +215,22 @@ PREFIXCAP_AVX512 void row_topk_logsumexp(const float* x, int64_t V, int64_t k, f
 }
 
 // In place: 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), tanh(u) = 1 - 2 / (exp(2u) + 1).
-PREFIXCAP_AVX512 void gelu_tanh_rows(float* x, int64_t n) {
+// The tail goes through the same vector arithmetic (masked), so each value's result does not
+// depend on where a block of work starts (the fused decode step activates blocks of outputs).
+PREFIXCAP_AVX512 inline __m512 gelu_tanh16(__m512 v) {
   const __m512 c = _mm512_set1_ps(0.7978845608028654f), a = _mm512_set1_ps(0.044715f);
   const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f), half = _mm512_set1_ps(0.5f);
+  const __m512 u = _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(a, v), _mm512_mul_ps(v, v), v));
+  const __m512 t = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(exp16(_mm512_add_ps(u, u)), one)));
+  return _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, t));
+}
+
+PREFIXCAP_AVX512 void gelu_tanh_rows(float* x, int64_t n) {
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512 v = _mm512_loadu_ps(x + i);
-    const __m512 u = _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(a, v), _mm512_mul_ps(v, v), v));
-    const __m512 t = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(exp16(_mm512_add_ps(u, u)), one)));
-    _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, t)));
-  }
-  for (; i < n; ++i) {
-    const float v = x[i];
-    x[i] = 0.5f * v * (1.0f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, gelu_tanh16(_mm512_loadu_ps(x + i)));
+  if (i < n) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(x + i, tail, gelu_tanh16(_mm512_maskz_loadu_ps(tail, x + i)));
   }
 }
 #if defined(__GNUC__) && !defined(__clang__)
@@ -247,19 +251,23 @@ std::atomic<SkinnyIsa>& isa_choice() {
   return isa;
 }
 
-// y = scale * (x @ w^T) + bias, split over LibTorch's threads in blocks of 4 weight rows.
+// y = scale * (x @ w^T) + bias, split over LibTorch's threads in blocks of 4 weight rows;
+// `epilogue(n0, n1)` (if given) runs right after outputs [n0, n1) of every row, on their thread.
 template <typename W>
 void run_rows(const float* x, const W* w, const float* scale, const float* bias, float* y, int64_t M, int64_t K,
-              int64_t N) {
+              int64_t N, const std::function<void(int64_t, int64_t)>* epilogue = nullptr) {
   const bool avx512 = isa_choice().load() == SkinnyIsa::Avx512 && K % 16 == 0;
   const int64_t blocks = (N + 3) / 4;
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
     const int64_t n0 = b0 * 4, n1 = std::min(N, b1 * 4);
 #if PREFIXCAP_X86_KERNELS
-    if (avx512) return avx512_rows(x, w, scale, bias, y, M, K, N, n0, n1);
+    if (avx512)
+      avx512_rows(x, w, scale, bias, y, M, K, N, n0, n1);
+    else
 #endif
+      generic_rows(x, w, scale, bias, y, M, K, N, n0, n1);
     (void)avx512;
-    generic_rows(x, w, scale, bias, y, M, K, N, n0, n1);
+    if (epilogue) (*epilogue)(n0, n1);
   });
 }
 
@@ -432,6 +440,90 @@ at::Tensor packed_linear(const at::Tensor& x_in, const PackedWeight& w, const at
       break;
   }
   return y;
+}
+
+// ---------------------------------------------------------------------------------------
+// raw products for a fused decode step
+
+WeightRows weight_rows(const PackedWeight& w) {
+  TORCH_CHECK(w.defined(), "weight_rows: the weight is empty");
+  WeightRows r;
+  r.dtype = w.dtype;
+  r.rows = w.rows();
+  r.cols = w.cols();
+  switch (w.dtype) {
+    case WeightDtype::Float32: r.data = w.data.data_ptr<float>(); break;
+    case WeightDtype::BFloat16: r.data = w.data.data_ptr<at::BFloat16>(); break;
+    case WeightDtype::Int8:
+      r.data = w.data.data_ptr<int8_t>();
+      r.scale = w.scale.data_ptr<float>();
+      break;
+  }
+  return r;
+}
+
+WeightRows weight_rows(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.device().is_cpu() && w.is_contiguous(),
+              "weight_rows: expected a contiguous float32 CPU matrix, got ", w.scalar_type(), " ", w.sizes());
+  WeightRows r;
+  r.data = w.data_ptr<float>();
+  r.rows = w.size(0);
+  r.cols = w.size(1);
+  return r;
+}
+
+void fused_rows_product(const float* x, const WeightRows& w, const float* bias, float* y, int64_t M,
+                        const std::function<void(int64_t, int64_t)>& epilogue) {
+  const int64_t limit = w.dtype == WeightDtype::Float32 ? kMaxSkinnyRows : kMaxPackedFusedRows;
+  TORCH_CHECK(M >= 1 && M <= limit, "fused_rows_product: ", M, " rows (1 to ", limit, " for ",
+              weight_dtype_name(w.dtype), " weights)");
+  const auto* e = epilogue ? &epilogue : nullptr;
+  switch (w.dtype) {
+    case WeightDtype::Float32:
+      run_rows(x, static_cast<const float*>(w.data), nullptr, bias, y, M, w.cols, w.rows, e);
+      break;
+    case WeightDtype::BFloat16:
+      run_rows(x, static_cast<const uint16_t*>(w.data), nullptr, bias, y, M, w.cols, w.rows, e);
+      break;
+    case WeightDtype::Int8:
+      run_rows(x, static_cast<const int8_t*>(w.data), w.scale, bias, y, M, w.cols, w.rows, e);
+      break;
+  }
+}
+
+void weight_row(const WeightRows& w, int64_t n, float* out) {
+  const int64_t K = w.cols;
+  switch (w.dtype) {
+    case WeightDtype::Float32: std::memcpy(out, static_cast<const float*>(w.data) + n * K, K * sizeof(float)); break;
+    case WeightDtype::BFloat16: {
+      const uint16_t* row = static_cast<const uint16_t*>(w.data) + n * K;
+      for (int64_t k = 0; k < K; ++k) out[k] = to_float(row[k]);
+      break;
+    }
+    case WeightDtype::Int8: {
+      const int8_t* row = static_cast<const int8_t*>(w.data) + n * K;
+      for (int64_t k = 0; k < K; ++k) out[k] = to_float(row[k]) * w.scale[n];
+      break;
+    }
+  }
+}
+
+bool gelu_tanh_rows_available() {
+#if PREFIXCAP_X86_KERNELS
+  return isa_choice().load() == SkinnyIsa::Avx512;
+#else
+  return false;
+#endif
+}
+
+void gelu_tanh_in_place(float* x, int64_t n) {
+#if PREFIXCAP_X86_KERNELS
+  if (isa_choice().load() == SkinnyIsa::Avx512) return gelu_tanh_rows(x, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    x[i] = 0.5f * v * (1.0f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+  }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstddef>
+#include <functional>
 #include <string>
 #include <tuple>
 
@@ -67,6 +68,30 @@ PackedWeight pack_weight(const at::Tensor& weight, WeightDtype dtype);
 // y = x @ w^T (+ bias), x float32 [M, K] -> [M, N] float32. Fused kernels up to
 // kMaxPackedFusedRows rows; above, the weight is dequantised once and BLAS multiplies.
 at::Tensor packed_linear(const at::Tensor& x, const PackedWeight& w, const at::Tensor& bias = {});
+
+// For a decode step fused into few calls (Gpt2ModelImpl's fused step): a weight matrix as raw
+// pointers (valid while its tensors live) and the kernels above on raw rows.
+struct WeightRows {
+  WeightDtype dtype = WeightDtype::Float32;
+  const void* data = nullptr;     // [rows, cols]: float | bfloat16 bits (uint16_t) | int8_t
+  const float* scale = nullptr;   // int8: [rows]
+  int64_t rows = 0, cols = 0;
+};
+WeightRows weight_rows(const PackedWeight& w);
+WeightRows weight_rows(const at::Tensor& w);  // contiguous float32 CPU [N, K]; throws otherwise
+
+// y [M, N] = x [M, K] @ w^T (+ bias) with the packed_linear / skinny_matmul_nk kernels (so the
+// same numbers), M from 1 to kMaxPackedFusedRows (kMaxSkinnyRows for float32 weights), split over
+// LibTorch's threads in blocks of outputs; `epilogue(n0, n1)`, if given, runs on the thread that
+// computed outputs [n0, n1) of every row, right after it (an activation, while they are in cache).
+void fused_rows_product(const float* x, const WeightRows& w, const float* bias, float* y, int64_t M,
+                        const std::function<void(int64_t, int64_t)>& epilogue = nullptr);
+// Row n of the matrix as float32 (an embedding lookup; as PackedWeight::lookup_rows).
+void weight_row(const WeightRows& w, int64_t n, float* out);
+// gelu_new on n floats in place, on the calling thread (gelu_tanh's arithmetic when its AVX-512
+// kernel is in use, which gelu_tanh_rows_available() tells).
+void gelu_tanh_in_place(float* x, int64_t n);
+bool gelu_tanh_rows_available();
 
 // The rest of a decode step's arithmetic that LibTorch spends more on than the weights need.
 // Both have an AVX-512 kernel (SkinnyIsa::Avx512) and otherwise call LibTorch.

@@ -663,3 +663,106 @@ TEST(Gpt2, ReorderingThroughRowIndexEqualsCopyingTheRows) {
   EXPECT_TRUE(at::allclose(a, lm->forward(two).logits, 1e-5, 1e-5));
   EXPECT_FALSE(indexed.row_index.defined());
 }
+
+// The fused decode step (one token per sequence after a cache, no gradients) computes what the
+// general path computes: every dtype, both kernels, 1 and 6 sequences, each activation, across
+// the cache's growth (16 positions at a time) and beam reorderings through row_index.
+TEST(Gpt2, FusedDecodeStepEqualsTheGeneralPath) {
+  torch::NoGradGuard no_grad;
+  for_each_kernel([](SkinnyIsa isa) {
+    for (const char* activation : {"gelu_new", "gelu", "relu"}) {
+      for (WeightDtype dtype : {WeightDtype::Float32, WeightDtype::BFloat16, WeightDtype::Int8}) {
+        Gpt2Config config;
+        config.vocab_size = 300;
+        config.n_positions = 64;
+        config.n_embd = 64;
+        config.n_head = 4;
+        config.n_layer = 2;
+        config.activation_function = activation;
+        config.tie_word_embeddings = std::string(activation) != "relu";  // both head kinds
+        at::manual_seed(21);
+        Gpt2Model lm(config);
+        lm->init_weights();
+        for (auto& p : lm->parameters()) p.set_data(p + 0.05 * at::randn_like(p));  // non-zero biases and LayerNorms
+        lm->freeze();
+        lm->pack_weights(dtype);
+        for (int64_t B : {1, 6}) {
+          const std::string where = std::string(skinny_isa_name(isa)) + " " + activation + " " +
+                                    weight_dtype_name(dtype) + " B=" + std::to_string(B);
+          KvCache fused, general;
+          Gpt2Input first;
+          first.prefix_embeds = random_prefix(B, 3, 64, 5);
+          first.logits = LogitsMode::Last;
+          first.cache = &fused;
+          at::Tensor ids = lm->forward(first).logits.argmax(-1);
+          first.cache = &general;
+          lm->forward(first);
+          const int64_t taken = lm->fused_steps_taken();
+          for (int step = 0; step < 24; ++step) {
+            if (step % 5 == 4) {  // a beam-like reordering: rows repeated and dropped
+              std::vector<int64_t> rows;
+              for (int64_t b = 0; b < B; ++b) rows.push_back((b * 7 + step) % B / 2 * 2);
+              const at::Tensor order = at::tensor(rows, at::kLong);
+              fused.select_rows(order);
+              general.select_rows(order);
+              ids = ids.index_select(0, order);
+            }
+            Gpt2Input in;
+            in.input_ids = ids.unsqueeze(1);
+            in.logits = step == 7 ? LogitsMode::All : LogitsMode::Last;
+            in.cache = &general;
+            lm->set_fused_decoding(false);
+            const Gpt2Output want = lm->forward(in);
+            in.cache = &fused;
+            lm->set_fused_decoding(true);
+            const Gpt2Output got = lm->forward(in);
+            ASSERT_EQ(got.logits.sizes(), want.logits.sizes()) << where;
+            const double diff = (got.logits - want.logits).abs().max().item<double>();
+            EXPECT_LE(diff, 1e-5 * want.logits.abs().max().item<double>()) << where << " step " << step;
+            EXPECT_TRUE(at::allclose(got.last_hidden_state, want.last_hidden_state, 1e-5, 1e-6)) << where;
+            EXPECT_EQ(fused.next_position, general.next_position);
+            ids = want.logits.reshape({B, -1}).argmax(-1);
+          }
+          // Every step after the first (which makes the cache growable) took the fused path,
+          // and the caches hold the same keys and values.
+          EXPECT_EQ(lm->fused_steps_taken() - taken, 23) << where;
+          fused.materialize_rows();
+          general.materialize_rows();
+          for (size_t l = 0; l < fused.layers.size(); ++l) {
+            EXPECT_TRUE(at::allclose(fused.layers[l].key, general.layers[l].key, 1e-5, 1e-6)) << where;
+            EXPECT_TRUE(at::allclose(fused.layers[l].value, general.layers[l].value, 1e-5, 1e-6)) << where;
+          }
+        }
+      }
+    }
+  });
+}
+
+// Inputs the fused step does not take go through the general path (and its errors).
+TEST(Gpt2, FusedDecodeStepLeavesOtherInputsToTheGeneralPath) {
+  auto lm = tiny_lm();
+  torch::NoGradGuard no_grad;
+  KvCache cache;
+  Gpt2Input first;
+  first.prefix_embeds = random_prefix(2, 3, 64, 3);
+  first.cache = &cache;
+  lm->forward(first);
+  Gpt2Input step;
+  step.input_ids = at::tensor({7, 8}, at::kLong).view({2, 1});
+  step.cache = &cache;
+  lm->forward(step);  // makes the cache growable
+  const int64_t before = lm->fused_steps_taken();
+  step.input_ids = at::tensor({7, 50257}, at::kLong).view({2, 1});
+  EXPECT_THROW(lm->forward(step), std::exception);  // out of range: the general path's error
+  step.input_ids = at::tensor({7, 8}, at::kLong).view({2, 1});
+  step.output_hidden_states = true;
+  EXPECT_EQ(lm->forward(step).hidden_states.size(), 3u);
+  step.output_hidden_states = false;
+  {
+    c10::AutoGradMode grad(true);  // gradients possible: the general path
+    lm->forward(step);
+  }
+  EXPECT_EQ(lm->fused_steps_taken(), before);
+  lm->forward(step);
+  EXPECT_EQ(lm->fused_steps_taken(), before + 1);
+}
