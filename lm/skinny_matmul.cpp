@@ -13,6 +13,8 @@
 #include <ATen/Parallel.h>
 #include <c10/core/GradMode.h>
 
+#include "lm/short_attention.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define PREFIXCAP_X86_KERNELS 1
 #include <immintrin.h>
@@ -231,6 +233,48 @@ PREFIXCAP_AVX512 void gelu_tanh_rows(float* x, int64_t n) {
   if (i < n) {
     const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
     _mm512_mask_storeu_ps(x + i, tail, gelu_tanh16(_mm512_maskz_loadu_ps(tail, x + i)));
+  }
+}
+// One decode-attention head (decode_attention_heads' arithmetic, 16 lanes at a time): scores
+// q.k_s * scale + bias_s, softmax with exp16, out = sum_s p_s v_s. D % 16 == 0.
+PREFIXCAP_AVX512 void attention_head(const DecodeAttentionArgs& a, int64_t b, int64_t h, float* p) {
+  const int64_t S = a.S, D = a.D;
+  const float* qr = a.q + b * a.q_stride_b + h * a.q_stride_h;
+  const float* br = a.bias ? a.bias + (a.bias_rows == 1 ? 0 : b) * S : nullptr;
+  const int64_t* row = a.row_index ? a.row_index + b * S : nullptr;
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  float mx_tail = -std::numeric_limits<float>::infinity();
+  for (int64_t s = 0; s < S; ++s) {
+    const float* kr = a.k + (row ? row[s] : b) * a.k_stride_b + h * a.k_stride_h + s * a.k_stride_s;
+    __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qr), _mm512_loadu_ps(kr));
+    for (int64_t j = 16; j < D; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qr + j), _mm512_loadu_ps(kr + j), acc);
+    p[s] = _mm512_reduce_add_ps(acc) * a.scale + (br ? br[s] : 0.f);
+    mx_tail = std::max(mx_tail, p[s]);
+  }
+  (void)mx;
+  const __m512 m = _mm512_set1_ps(mx_tail);
+  __m512 sum = _mm512_setzero_ps();
+  int64_t s = 0;
+  for (; s + 16 <= S; s += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p + s), m));
+    _mm512_storeu_ps(p + s, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (s < S) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (S - s)) - 1);
+    const __m512 e = _mm512_maskz_mov_ps(tail, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, p + s), m)));
+    _mm512_mask_storeu_ps(p + s, tail, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  const float inv = 1.f / _mm512_reduce_add_ps(sum);
+  float* out = a.y + (b * a.H + h) * D;
+  for (int64_t j = 0; j < D; j += 16) {
+    __m512 o = _mm512_setzero_ps();
+    for (int64_t t = 0; t < S; ++t) {
+      const float* vr = a.v + (row ? row[t] : b) * a.v_stride_b + h * a.v_stride_h + t * a.v_stride_s;
+      o = _mm512_fmadd_ps(_mm512_set1_ps(p[t] * inv), _mm512_loadu_ps(vr + j), o);
+    }
+    _mm512_storeu_ps(out + j, o);
   }
 }
 #if defined(__GNUC__) && !defined(__clang__)
@@ -506,6 +550,17 @@ void weight_row(const WeightRows& w, int64_t n, float* out) {
       break;
     }
   }
+}
+
+bool attention_head_avx512(const DecodeAttentionArgs& args, int64_t b, int64_t h, float* scratch) {
+#if PREFIXCAP_X86_KERNELS
+  if (isa_choice().load() == SkinnyIsa::Avx512 && args.D % 16 == 0 && args.D > 0) {
+    attention_head(args, b, h, scratch);
+    return true;
+  }
+#endif
+  (void)args, (void)b, (void)h, (void)scratch;
+  return false;
 }
 
 bool gelu_tanh_rows_available() {

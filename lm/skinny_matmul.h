@@ -92,6 +92,10 @@ void weight_row(const WeightRows& w, int64_t n, float* out);
 // kernel is in use, which gelu_tanh_rows_available() tells).
 void gelu_tanh_in_place(float* x, int64_t n);
 bool gelu_tanh_rows_available();
+// decode_attention's AVX-512 kernel for head (b, h) (lm/short_attention.h); false, doing
+// nothing, when the kernels are not AVX-512 or the head size is not a multiple of 16.
+struct DecodeAttentionArgs;
+bool attention_head_avx512(const DecodeAttentionArgs& args, int64_t b, int64_t h, float* scratch);
 
 // The rest of a decode step's arithmetic that LibTorch spends more on than the weights need.
 // Both have an AVX-512 kernel (SkinnyIsa::Avx512) and otherwise call LibTorch.

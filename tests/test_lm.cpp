@@ -404,30 +404,6 @@ TEST(ShortAttention, EqualsTheMatmulFormulaWithGradients) {
   }
 }
 
-TEST(DecodeAttention, EqualsTheSoftmaxFormulaOnCacheViews) {
-  at::manual_seed(6);
-  torch::NoGradGuard no_grad;
-  for (auto [B, H, S, D] : {std::tuple<int64_t, int64_t, int64_t, int64_t>{1, 4, 1, 16}, {5, 12, 37, 64}, {3, 2, 9, 20}}) {
-    // k, v as the first S positions of a longer cache (strided, as decoding keeps them)
-    at::Tensor k = at::randn({B, H, S + 7, D}).narrow(2, 0, S), v = at::randn({B, H, S + 7, D}).narrow(2, 0, S);
-    at::Tensor q = at::randn({B, 1, H, D}).transpose(1, 2);  // [B, H, 1, D] from [B, 1, H, D], like c_attn's split
-    at::Tensor bias = at::zeros({B, 1, 1, S});
-    if (S > 1) bias.select(0, B - 1).select(-1, 0).fill_(std::numeric_limits<float>::lowest());  // a padded key
-    const double scale = 1.0 / std::sqrt(double(D));
-    at::Tensor ref = at::matmul(at::softmax(at::matmul(q, k.transpose(-2, -1)) * scale + bias, -1), v).squeeze(2);
-    ASSERT_TRUE(decode_attention_applicable(q, k, v));
-    EXPECT_TRUE(at::allclose(decode_attention(q, k, v, bias, scale), ref, 1e-5, 1e-5));
-    EXPECT_TRUE(at::allclose(decode_attention(q, k, v, {}, scale),
-                             at::matmul(at::softmax(at::matmul(q, k.transpose(-2, -1)) * scale, -1), v).squeeze(2), 1e-5,
-                             1e-5));
-    // A row index that points outside the batch is refused, not read.
-    at::Tensor rows = at::zeros({B, S}, at::kLong);
-    rows[B - 1][S - 1] = B;
-    EXPECT_THROW(decode_attention(q, k, v, bias, scale, rows), c10::Error);
-    EXPECT_THROW(decode_attention(q, k, v, bias, scale, rows.narrow(1, 0, S - 1)), c10::Error);  // wrong shape
-  }
-}
-
 namespace {
 
 struct IsaRestore {
@@ -765,4 +741,40 @@ TEST(Gpt2, FusedDecodeStepLeavesOtherInputsToTheGeneralPath) {
   EXPECT_EQ(lm->fused_steps_taken(), before);
   lm->forward(step);
   EXPECT_EQ(lm->fused_steps_taken(), before + 1);
+}
+// Both kernels (AVX-512 and the generic loops), on strided cache views, with a padded key, and
+// with beams reordered through a row index (against the rows gathered first).
+TEST(DecodeAttention, EqualsTheSoftmaxFormulaOnCacheViews) {
+  at::manual_seed(6);
+  torch::NoGradGuard no_grad;
+  for_each_kernel([](SkinnyIsa isa) {
+    for (auto [B, H, S, D] : {std::tuple<int64_t, int64_t, int64_t, int64_t>{1, 4, 1, 16}, {5, 12, 37, 64}, {3, 2, 9, 20}}) {
+      const std::string where = std::string(skinny_isa_name(isa)) + " S=" + std::to_string(S) + " D=" + std::to_string(D);
+      // k, v as the first S positions of a longer cache (strided, as decoding keeps them)
+      at::Tensor k = at::randn({B, H, S + 7, D}).narrow(2, 0, S), v = at::randn({B, H, S + 7, D}).narrow(2, 0, S);
+      at::Tensor q = at::randn({B, 1, H, D}).transpose(1, 2);  // [B, H, 1, D] from [B, 1, H, D], like c_attn's split
+      at::Tensor bias = at::zeros({B, 1, 1, S});
+      if (S > 1) bias.select(0, B - 1).select(-1, 0).fill_(std::numeric_limits<float>::lowest());  // a padded key
+      const double scale = 1.0 / std::sqrt(double(D));
+      at::Tensor ref = at::matmul(at::softmax(at::matmul(q, k.transpose(-2, -1)) * scale + bias, -1), v).squeeze(2);
+      ASSERT_TRUE(decode_attention_applicable(q, k, v));
+      EXPECT_TRUE(at::allclose(decode_attention(q, k, v, bias, scale), ref, 1e-5, 1e-5)) << where;
+      EXPECT_TRUE(at::allclose(decode_attention(q, k, v, {}, scale),
+                               at::matmul(at::softmax(at::matmul(q, k.transpose(-2, -1)) * scale, -1), v).squeeze(2),
+                               1e-5, 1e-5))
+          << where;
+      // Sequence b's position s in row rows[b, s]: equal to attending over the gathered rows.
+      at::Tensor rows = at::randint(0, B, {B, S}, at::kLong);
+      auto gather = [&](const at::Tensor& t) {
+        return t.gather(0, rows.view({B, 1, S, 1}).expand({B, H, S, D}));
+      };
+      at::Tensor gathered = at::matmul(at::softmax(at::matmul(q, gather(k).transpose(-2, -1)) * scale, -1), gather(v));
+      EXPECT_TRUE(at::allclose(decode_attention(q, k, v, {}, scale, rows), gathered.squeeze(2), 1e-5, 1e-5)) << where;
+      // A row index that points outside the batch is refused, not read.
+      rows.zero_();
+      rows[B - 1][S - 1] = B;
+      EXPECT_THROW(decode_attention(q, k, v, bias, scale, rows), c10::Error);
+      EXPECT_THROW(decode_attention(q, k, v, bias, scale, rows.narrow(1, 0, S - 1)), c10::Error);  // wrong shape
+    }
+  });
 }
