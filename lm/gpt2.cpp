@@ -638,7 +638,7 @@ Gpt2Output Gpt2ModelImpl::fused_decode_step(const Gpt2Input& in) {
     for (int64_t j = 0; j < B * C; ++j) x[j] = x[j] + out[j];
   }
   cache.next_position = position + 1;
-  ++fused_steps_;
+  fused_steps_.fetch_add(1, std::memory_order_relaxed);
 
   Gpt2Output result;
   result.last_hidden_state = at::empty({B, 1, C}, wpe->weight.options());

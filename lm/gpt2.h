@@ -4,6 +4,7 @@
 // ref: karpathy/nanoGPT model.py (3adf61e); huggingface/transformers modeling_gpt2.py.
 #pragma once
 
+#include <atomic>
 #include <string>
 #include <utility>
 #include <vector>
@@ -195,7 +196,7 @@ class Gpt2ModelImpl : public torch::nn::Module {
   // kernels (gpt2.cpp). On by default; off: every step through the general path (tests, lm_bench).
   void set_fused_decoding(bool on) { fused_decoding_ = on; }
   bool fused_decoding() const { return fused_decoding_; }
-  int64_t fused_steps_taken() const { return fused_steps_; }  // how many forward() calls took it
+  int64_t fused_steps_taken() const { return fused_steps_.load(); }  // how many forward() calls took it
 
   torch::nn::Embedding wte{nullptr}, wpe{nullptr};
   torch::nn::ModuleList h{nullptr};
@@ -208,7 +209,7 @@ class Gpt2ModelImpl : public torch::nn::Module {
   WeightDtype weight_dtype_ = WeightDtype::Float32;
   PackedWeight wte_packed_, head_packed_;  // the same tensors when tied
   bool fused_decoding_ = true;
-  int64_t fused_steps_ = 0;
+  std::atomic<int64_t> fused_steps_{0};  // (forward() may run on several threads at once)
   bool fused_decode_applicable(const Gpt2Input& input) const;
   Gpt2Output fused_decode_step(const Gpt2Input& input);
 };
