@@ -195,15 +195,20 @@ namespace {
 // past [B, H, S, D] followed by new_kv [B, H, T, D] along dim 2. Inference writes into `storage`
 // (room for 16 more positions each time it grows) instead of copying the whole past each step;
 // with gradients, a plain cat.
+// New storage holding `past` [B, H, S, D] with room for `T` more positions and 16 after them.
+at::Tensor grown_storage(const at::Tensor& past, int64_t T, const at::TensorOptions& options) {
+  const int64_t S = past.size(2);
+  at::Tensor grown = at::empty({past.size(0), past.size(1), S + T + 16, past.size(3)}, options);
+  grown.narrow(2, 0, S).copy_(past);
+  return grown;
+}
+
 at::Tensor append_kv(const at::Tensor& past, at::Tensor& storage, const at::Tensor& new_kv) {
   if (c10::GradMode::is_enabled() && (past.requires_grad() || new_kv.requires_grad()))
     return at::cat({past, new_kv}, 2);
   const int64_t S = past.size(2), T = new_kv.size(2);
-  if (!views_storage(past, storage) || storage.scalar_type() != new_kv.scalar_type() || storage.size(2) < S + T) {
-    at::Tensor grown = at::empty({past.size(0), past.size(1), S + T + 16, past.size(3)}, new_kv.options());
-    grown.narrow(2, 0, S).copy_(past);
-    storage = grown;
-  }
+  if (!views_storage(past, storage) || storage.scalar_type() != new_kv.scalar_type() || storage.size(2) < S + T)
+    storage = grown_storage(past, T, new_kv.options());
   storage.narrow(2, S, T).copy_(new_kv);
   return storage.narrow(2, 0, S + T);
 }
@@ -495,21 +500,15 @@ WeightRows conv_rows(const Conv1DImpl& c) { return c.packed.defined() ? weight_r
 
 // A cache layer the step can append to in place: key/value view float32 CPU storage.
 bool kv_ready(const LayerKv& l, int64_t B, int64_t S) {
-  for (const auto* pair : {&l.key, &l.value}) {
-    const at::Tensor& kv = *pair;
-    const at::Tensor& storage = pair == &l.key ? l.key_storage : l.value_storage;
-    if (!views_storage(kv, storage) || !float_cpu_contiguous(storage) || kv.size(0) != B || kv.size(2) != S)
-      return false;
-  }
-  return true;
+  auto ready = [&](const at::Tensor& kv, const at::Tensor& storage) {
+    return views_storage(kv, storage) && float_cpu_contiguous(storage) && kv.size(0) == B && kv.size(2) == S;
+  };
+  return ready(l.key, l.key_storage) && ready(l.value, l.value_storage);
 }
 
-// Room in `storage` for position `S` (append_kv's growth: 16 more positions at a time).
+// Room in `storage` for position `S` (append_kv's growth).
 void ensure_room(const at::Tensor& past, at::Tensor& storage, int64_t S) {
-  if (storage.size(2) > S) return;
-  at::Tensor grown = at::empty({past.size(0), past.size(1), S + 1 + 16, past.size(3)}, storage.options());
-  grown.narrow(2, 0, S).copy_(past);
-  storage = grown;
+  if (storage.size(2) <= S) storage = grown_storage(past, 1, storage.options());
 }
 
 }  // namespace
@@ -574,13 +573,13 @@ Gpt2Output Gpt2ModelImpl::fused_decode_step(const Gpt2Input& in) {
     layer_norm_rows(src, ln->weight.data_ptr<float>(), ln->bias.data_ptr<float>(), ln->options.eps(), dst, B, C);
   };
   const std::string& activation = config_.activation_function;
-  const bool tanh_gelu = activation == "gelu_new" || activation == "gelu_pytorch_tanh";
+  const bool tanh_gelu = activation == "gelu_new" || activation == "gelu_pytorch_tanh", erf_gelu = activation == "gelu";
   const std::function<void(int64_t, int64_t)> activate = [&](int64_t n0, int64_t n1) {
     for (int64_t m = 0; m < B; ++m) {
       float* h = hidden.data() + m * F;
       if (tanh_gelu) {
         gelu_tanh_in_place(h + n0, n1 - n0);
-      } else if (activation == "gelu") {
+      } else if (erf_gelu) {
         for (int64_t n = n0; n < n1; ++n) h[n] = 0.5f * h[n] * (1.0f + std::erf(h[n] * float(M_SQRT1_2)));
       } else {
         for (int64_t n = n0; n < n1; ++n) h[n] = std::max(h[n], 0.0f);

@@ -155,15 +155,13 @@ void decode_attention_heads(const DecodeAttentionArgs& a, int64_t bh0, int64_t b
   p.resize(static_cast<size_t>(a.S));
   for (int64_t bh = bh0; bh < bh1; ++bh) {
     const int64_t b = bh / a.H, h = bh % a.H;
-    const int64_t* row_check = a.row_index ? a.row_index + b * a.S : nullptr;
-    if (row_check)  // checked here, in the pass that reads them, rather than by two reductions per call
+    const int64_t* row = a.row_index ? a.row_index + b * a.S : nullptr;
+    if (row)  // checked here, in the pass that reads them, rather than by two reductions per call
       for (int64_t s = 0; s < a.S; ++s)
-        TORCH_CHECK(row_check[s] >= 0 && row_check[s] < a.B, "decode_attention: row_index ", row_check[s],
-                    " out of range [0, ", a.B, ")");
+        TORCH_CHECK(row[s] >= 0 && row[s] < a.B, "decode_attention: row_index ", row[s], " out of range [0, ", a.B, ")");
     if (attention_head_avx512(a, b, h, p.data())) continue;
     const float* qr = a.q + b * a.q_stride_b + h * a.q_stride_h;
     const float* br = a.bias ? a.bias + (a.bias_rows == 1 ? 0 : b) * a.S : nullptr;
-    const int64_t* row = a.row_index ? a.row_index + b * a.S : nullptr;
     auto key = [&](int64_t s) { return a.k + (row ? row[s] : b) * a.k_stride_b + h * a.k_stride_h + s * a.k_stride_s; };
     auto value = [&](int64_t s) { return a.v + (row ? row[s] : b) * a.v_stride_b + h * a.v_stride_h + s * a.v_stride_s; };
     const int64_t D = a.D;

@@ -242,17 +242,15 @@ PREFIXCAP_AVX512 void attention_head(const DecodeAttentionArgs& a, int64_t b, in
   const float* qr = a.q + b * a.q_stride_b + h * a.q_stride_h;
   const float* br = a.bias ? a.bias + (a.bias_rows == 1 ? 0 : b) * S : nullptr;
   const int64_t* row = a.row_index ? a.row_index + b * S : nullptr;
-  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  float mx_tail = -std::numeric_limits<float>::infinity();
+  float mx = -std::numeric_limits<float>::infinity();
   for (int64_t s = 0; s < S; ++s) {
     const float* kr = a.k + (row ? row[s] : b) * a.k_stride_b + h * a.k_stride_h + s * a.k_stride_s;
     __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qr), _mm512_loadu_ps(kr));
     for (int64_t j = 16; j < D; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qr + j), _mm512_loadu_ps(kr + j), acc);
     p[s] = _mm512_reduce_add_ps(acc) * a.scale + (br ? br[s] : 0.f);
-    mx_tail = std::max(mx_tail, p[s]);
+    mx = std::max(mx, p[s]);
   }
-  (void)mx;
-  const __m512 m = _mm512_set1_ps(mx_tail);
+  const __m512 m = _mm512_set1_ps(mx);
   __m512 sum = _mm512_setzero_ps();
   int64_t s = 0;
   for (; s + 16 <= S; s += 16) {
@@ -470,19 +468,9 @@ at::Tensor packed_linear(const at::Tensor& x_in, const PackedWeight& w, const at
   if (M > fused_rows) return blockwise_dequantized_linear(x_in, w, float_bias(bias, N));
   const at::Tensor x = x_in.contiguous();
   const at::Tensor b = float_bias(bias, N);
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   at::Tensor y = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  switch (w.dtype) {
-    case WeightDtype::Float32: run_rows(xp, w.data.data_ptr<float>(), nullptr, bp, yp, M, K, N); break;
-    case WeightDtype::BFloat16:
-      run_rows(xp, reinterpret_cast<const uint16_t*>(w.data.data_ptr<at::BFloat16>()), nullptr, bp, yp, M, K, N);
-      break;
-    case WeightDtype::Int8:
-      run_rows(xp, w.data.data_ptr<int8_t>(), w.scale.data_ptr<float>(), bp, yp, M, K, N);
-      break;
-  }
+  fused_rows_product(x.data_ptr<float>(), weight_rows(w), b.defined() ? b.data_ptr<float>() : nullptr,
+                     y.data_ptr<float>(), M);
   return y;
 }
 
@@ -561,14 +549,6 @@ bool attention_head_avx512(const DecodeAttentionArgs& args, int64_t b, int64_t h
 #endif
   (void)args, (void)b, (void)h, (void)scratch;
   return false;
-}
-
-bool gelu_tanh_rows_available() {
-#if PREFIXCAP_X86_KERNELS
-  return isa_choice().load() == SkinnyIsa::Avx512;
-#else
-  return false;
-#endif
 }
 
 void gelu_tanh_in_place(float* x, int64_t n) {

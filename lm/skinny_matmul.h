@@ -89,9 +89,8 @@ void fused_rows_product(const float* x, const WeightRows& w, const float* bias, 
 // Row n of the matrix as float32 (an embedding lookup; as PackedWeight::lookup_rows).
 void weight_row(const WeightRows& w, int64_t n, float* out);
 // gelu_new on n floats in place, on the calling thread (gelu_tanh's arithmetic when its AVX-512
-// kernel is in use, which gelu_tanh_rows_available() tells).
+// kernel is in use).
 void gelu_tanh_in_place(float* x, int64_t n);
-bool gelu_tanh_rows_available();
 // decode_attention's AVX-512 kernel for head (b, h) (lm/short_attention.h); false, doing
 // nothing, when the kernels are not AVX-512 or the head size is not a multiple of 16.
 struct DecodeAttentionArgs;
