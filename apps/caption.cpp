@@ -200,8 +200,10 @@ int main(int argc, char** argv) {
   app.add_option("-b,--batch-size", batch_size, "inputs captioned together")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--threads", threads, "CPU threads (0 = all cores)")->capture_default_str();
   app.add_option("--device", device, "cpu or cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
-  app.add_option("--lm-dtype", lm_dtype, "GPT-2 weights for CPU decoding: float32, bfloat16 or int8 (per-row scales; 2.5-2.9x the tokens/s of float32 in lm_bench)")
-      ->capture_default_str()->check(CLI::IsMember({"float32", "bfloat16", "int8"}));
+  app.add_option("--lm-dtype", lm_dtype,
+                 "GPT-2 weights for CPU decoding: float32, bfloat16, int8 (weight-only, per-row scales) or "
+                 "int8-dynamic (activations quantised per row too; integer products; fastest for beams and batches)")
+      ->capture_default_str()->check(CLI::IsMember({"float32", "bfloat16", "int8", "int8-dynamic"}));
   app.add_option("--beam", beam, "beam size (default: the bundle's)")->check(CLI::PositiveNumber);
   app.add_flag("--greedy", greedy, "greedy decoding (beam 1)");
   app.add_flag("--sample", sample, "sample tokens (with --top-k / --top-p / --temperature / --seed)");

@@ -502,8 +502,10 @@ int main(int argc, char** argv) {
   app.add_option("--port", port, "port (0: any free port; the chosen one is printed)")->capture_default_str()->check(CLI::Range(0, 65535));
   app.add_option("--threads", threads, "CPU threads for captioning (0 = all cores)")->capture_default_str();
   app.add_option("--device", device, "cpu or cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
-  app.add_option("--lm-dtype", lm_dtype, "GPT-2 weights for CPU decoding: float32, bfloat16 or int8 (per-row scales)")
-      ->capture_default_str()->check(CLI::IsMember({"float32", "bfloat16", "int8"}));
+  app.add_option("--lm-dtype", lm_dtype,
+                 "GPT-2 weights for CPU decoding: float32, bfloat16, int8 (weight-only, per-row scales) or "
+                 "int8-dynamic (activations quantised per row too)")
+      ->capture_default_str()->check(CLI::IsMember({"float32", "bfloat16", "int8", "int8-dynamic"}));
   app.add_option("--max-batch", max_batch, "clips, windows or images per batch (1 = no batching)")->capture_default_str()->check(CLI::Range(1, 256));
   app.add_option("--batch-wait-ms", batch_wait_ms, "how long a batch waits for more requests")->capture_default_str()->check(CLI::Range(0.0, 1000.0));
   app.add_option("--max-queue", max_queue, "clips and windows waiting, at most (then 429)")->capture_default_str()->check(CLI::Range(int64_t{1}, int64_t{1} << 20));

@@ -7,7 +7,7 @@
 // --image does the same for ClipCap's COCO model on one 640x480 image (CLIP preprocessing + CLIP
 // ViT-B/32 + the MLP mapper, 10 prefix vectors + GPT-2 124M with its tied header) against
 // ClipCap's own generate_beam on PyTorch 2.x (the anchor script's --image).
-// Options: --threads N, --tokens N, --batch N, --dtypes float32,int8, --image, --python PATH,
+// Options: --threads N, --tokens N, --batch N, --dtypes float32,int8,int8-dynamic (the default), --image, --python PATH,
 // --no-anchor.
 #include <cstdio>
 #include <string>
@@ -120,7 +120,7 @@ int main(int argc, char** argv) {
   bool anchor = true, image = false;
   std::string python = std::string(PREFIXCAP_SOURCE_DIR) + "/.venv-torch/bin/python";
   std::string fixtures = std::string(PREFIXCAP_SOURCE_DIR) + "/../shared/fixtures";
-  std::vector<WeightDtype> dtypes = {WeightDtype::Float32, WeightDtype::Int8};
+  std::vector<WeightDtype> dtypes = {WeightDtype::Float32, WeightDtype::Int8, WeightDtype::Int8Dynamic};
   try {
     for (int i = 1; i < argc; ++i) {
       std::string a = argv[i];
@@ -139,7 +139,7 @@ int main(int argc, char** argv) {
         dtypes.clear();
         for (const std::string& name : split_list(next())) dtypes.push_back(parse_weight_dtype(name));
       } else {
-        std::fprintf(stderr, "usage: e2e_bench [--threads N] [--tokens N] [--batch N] [--dtypes float32,bfloat16,int8]\n"
+        std::fprintf(stderr, "usage: e2e_bench [--threads N] [--tokens N] [--batch N] [--dtypes float32,bfloat16,int8,int8-dynamic]\n"
                              "                 [--image] [--fixtures DIR] [--python PATH] [--no-anchor]\n");
         return a == "--help" ? 0 : 1;
       }

@@ -1,7 +1,8 @@
 // linear_bench: one linear layer of GPT-2 124M's decoding (the shapes a step multiplies) through
 // packed_linear per weight type, beside at::linear on the float32 weight in the same run, at the
 // row counts decoding meets: 1 (greedy), 5 (a beam), 16, 80 (16 beams of 5) and 320 (64 clips
-// x beam 5). Prints JSON: microseconds per call and the ratio to float32 at::linear.
+// x beam 5); int8-dynamic quantises the activations too (W8A8, VNNI). Prints JSON: microseconds
+// per call and the ratio to float32 at::linear.
 //   build/bench/linear_bench [--threads N] [--rows 1,5,16,80,320]
 #include <cstdio>
 #include <string>
@@ -54,7 +55,8 @@ int main(int argc, char** argv) {
   torch::manual_seed(0);
   for (const Shape& s : shapes) {
     const at::Tensor w = at::randn({s.n, s.k}) * 0.02, b = at::randn({s.n}) * 0.02;
-    const PackedWeight bf16 = pack_weight(w, WeightDtype::BFloat16), int8 = pack_weight(w, WeightDtype::Int8);
+    const PackedWeight bf16 = pack_weight(w, WeightDtype::BFloat16), int8 = pack_weight(w, WeightDtype::Int8),
+                       dynamic = pack_weight(w, WeightDtype::Int8Dynamic);
     for (int64_t m : rows) {
       const at::Tensor x = at::randn({m, s.k});
       const int repeats = s.n > 10000 ? 5 : 20;
@@ -62,7 +64,7 @@ int main(int argc, char** argv) {
       const double t_ref = best_time(repeats, [&] { at::linear(x, w, b); });
       nlohmann::json r;
       r["float32_at_linear_us"] = t_ref * 1e6;
-      for (const auto* p : {&bf16, &int8}) {
+      for (const auto* p : {&bf16, &int8, &dynamic}) {
         const std::string name = weight_dtype_name(p->dtype);
         packed_linear(x, *p, b);
         const double t = best_time(repeats, [&] { packed_linear(x, *p, b); });

@@ -1,5 +1,5 @@
 // lm_bench: GPT-2 124M shape (random weights made in memory) decoding speed, memory and
-// accuracy per weight type (--lm-dtype float32 / bfloat16 / int8), beside the anchor measured
+// accuracy per weight type (--lm-dtype float32 / bfloat16 / int8 / int8-dynamic), beside the anchor measured
 // in the same run: Hugging Face `generate` with its KV cache (bench/lm_bench.py, PyTorch from
 // the PyPI wheel in .venv-torch; --python PATH to choose another interpreter, --no-anchor to skip).
 //
@@ -8,7 +8,7 @@
 // the same steps with the fused decode step turned off (Gpt2ModelImpl::set_fused_decoding), and
 // against float32 on the same weights: the first step's largest logit error (in units of
 // the logits' standard deviation) and the agreement of greedy captions from 8 random prefixes.
-//   build/bench/lm_bench [--threads N] [--tokens N] [--dtypes float32,bfloat16,int8]
+//   build/bench/lm_bench [--threads N] [--tokens N] [--dtypes float32,bfloat16,int8,int8-dynamic]
 //                        [--isa generic|avx512] [--config config.json] [--python PATH] [--no-anchor]
 #include <algorithm>
 #include <cstdio>
@@ -95,7 +95,7 @@ int main(int argc, char** argv) {
   prefixcap::select_blas_kernels(argv);  // before anything else: may re-execute (core/threads.h)
   ThreadOptions threads;
   int tokens = 48;
-  std::string config_path, dtypes_arg = "float32,bfloat16,int8", isa_arg;
+  std::string config_path, dtypes_arg = "float32,bfloat16,int8,int8-dynamic", isa_arg;
   std::string python = std::string(PREFIXCAP_SOURCE_DIR) + "/.venv-torch/bin/python";
   bool anchor = true;
   for (int i = 1; i < argc; ++i) {
@@ -117,7 +117,7 @@ int main(int argc, char** argv) {
     else if (a == "--no-anchor") anchor = false;
     else {
       std::fprintf(stderr,
-                   "usage: lm_bench [--threads N] [--blas-threads N] [--tokens N] [--dtypes float32,bfloat16,int8]\n"
+                   "usage: lm_bench [--threads N] [--blas-threads N] [--tokens N] [--dtypes float32,bfloat16,int8,int8-dynamic]\n"
                    "                [--isa generic|avx512] [--config config.json] [--python PATH] [--no-anchor]\n");
       return a == "--help" ? 0 : 1;
     }

@@ -521,7 +521,7 @@ bool Gpt2ModelImpl::fused_decode_applicable(const Gpt2Input& in) const {
   if (!ids.defined() || ids.dim() != 2 || ids.size(1) != 1 || ids.scalar_type() != at::kLong || !ids.device().is_cpu())
     return false;
   const int64_t B = ids.size(0);
-  if (B < 1 || B > (weight_dtype_ == WeightDtype::Float32 ? kMaxSkinnyRows : kMaxPackedFusedRows)) return false;
+  if (B < 1 || B > fused_rows_limit(weight_dtype_)) return false;
   const KvCache& cache = *in.cache;
   const int64_t S = cache.length();
   if (static_cast<int64_t>(cache.layers.size()) != config_.n_layer || S == 0 || cache.key_mask.defined() ||

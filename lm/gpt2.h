@@ -179,7 +179,8 @@ class Gpt2ModelImpl : public torch::nn::Module {
   // Inference in less memory (`--lm-dtype`): the four matrices of every block and the token
   // embedding / output head are kept as bfloat16, or int8 with one scale per output row (see
   // PackedWeight), and their float32 copies are released; activations, LayerNorms, biases and
-  // position embeddings stay float32. Float32 leaves the model as it is. CPU float32 models
+  // position embeddings stay float32 (Int8Dynamic: the rows multiplied by those matrices are
+  // quantised to int8 for each product). Float32 leaves the model as it is. CPU float32 models
   // only, once; afterwards the model cannot be saved, moved to another device or trained.
   void pack_weights(WeightDtype dtype);
   WeightDtype weight_dtype() const { return weight_dtype_; }

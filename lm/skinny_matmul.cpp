@@ -8,6 +8,7 @@
 #include <functional>
 #include <limits>
 #include <stdexcept>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -74,6 +75,49 @@ PREFIXCAP_CLONES void dequantize_block(const W* __restrict w, const float* __res
     const W* __restrict wr = w + r * K;
     float* __restrict o = out + r * K;
     for (int64_t k = 0; k < K; ++k) o[k] = to_float(wr[k]) * s;
+  }
+}
+
+// Int8Dynamic (W8A8). Activations: per row, amax = max |x|, p = nearbyint(x * (127 / amax))
+// (ties to even), stored as p + 128; sx = amax / 127 (0 and all p = 0 for a zero row).
+struct QuantRows {
+  const uint8_t* q = nullptr;  // [M, K]: p + 128
+  const float* scale = nullptr;  // [M]
+};
+
+// The end of one output: the integer dot product d = sum_k (p + 128) q minus 128 row_sum is
+// exact; both kernels scale it with the same float operations, so they give the same bits.
+inline float finish_dynamic(int32_t d, int32_t row_sum, float sx, float sw, const float* bias, int64_t n) {
+  const float v = static_cast<float>(d - 128 * row_sum);
+  return bias ? std::fma(v, sx * sw, bias[n]) : v * (sx * sw);
+}
+
+PREFIXCAP_CLONES void generic_quantize_rows(const float* __restrict x, uint8_t* __restrict q, float* __restrict sx,
+                                            int64_t M, int64_t K) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* __restrict xm = x + m * K;
+    float amax = 0;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xm[k]));
+    const float inv = amax > 0 ? 127.0f / amax : 0.0f;
+    sx[m] = amax / 127.0f;
+    for (int64_t k = 0; k < K; ++k) {
+      const float p = std::min(127.0f, std::max(-127.0f, std::nearbyint(xm[k] * inv)));
+      q[m * K + k] = static_cast<uint8_t>(static_cast<int32_t>(p) + 128);
+    }
+  }
+}
+
+PREFIXCAP_CLONES void generic_dynamic_rows(const QuantRows& x, const int8_t* __restrict w, const float* __restrict sw,
+                                           const int32_t* __restrict row_sum, const float* __restrict bias,
+                                           float* __restrict y, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* __restrict wn = w + n * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const uint8_t* __restrict xm = x.q + m * K;
+      int32_t d = 0;
+      for (int64_t k = 0; k < K; ++k) d += static_cast<int32_t>(xm[k]) * static_cast<int32_t>(wn[k]);
+      y[m * N + n] = finish_dynamic(d, row_sum[n], x.scale[m], sw[n], bias, n);
+    }
   }
 }
 
@@ -275,6 +319,132 @@ PREFIXCAP_AVX512 void attention_head(const DecodeAttentionArgs& a, int64_t b, in
     _mm512_storeu_ps(out + j, o);
   }
 }
+
+#define PREFIXCAP_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl,fma")))
+// generic_quantize_rows' arithmetic, 16 values at a time (cvtps_epi32 rounds to nearest even, as
+// nearbyint does in the default rounding mode).
+PREFIXCAP_VNNI void vnni_quantize_rows(const float* x, uint8_t* q, float* sx, int64_t M, int64_t K) {
+  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+  const __m512i offset = _mm512_set1_epi32(128);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * K;
+    uint8_t* qm = q + m * K;
+    __m512 vmax = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(xm + k)));
+    float amax = _mm512_reduce_max_ps(vmax);
+    for (int64_t t = k; t < K; ++t) amax = std::max(amax, std::fabs(xm[t]));
+    const float inv = amax > 0 ? 127.0f / amax : 0.0f;
+    sx[m] = amax / 127.0f;
+    const __m512 vinv = _mm512_set1_ps(inv);
+    for (k = 0; k + 16 <= K; k += 16) {
+      const __m512 p = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(_mm512_loadu_ps(xm + k), vinv)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qm + k),
+                       _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(p), offset)));
+    }
+    for (; k < K; ++k) {
+      const float p = std::min(127.0f, std::max(-127.0f, std::nearbyint(xm[k] * inv)));
+      qm[k] = static_cast<uint8_t>(static_cast<int32_t>(p) + 128);
+    }
+  }
+}
+
+// The sums of the 16 lanes of a, b, c and d, in that order (13 instructions where four
+// _mm512_reduce_add_epi32 take about 32): pairs of vectors are interleaved and added, then the
+// four 128-bit quarters.
+PREFIXCAP_VNNI inline __m128i reduce4_epi32(__m512i a, __m512i b, __m512i c, __m512i d) {
+  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+  // per quarter: [a0+a1+a2+a3, b..., c..., d...] (each sum over that quarter's four lanes)
+  const __m512i abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+  const __m256i half = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
+  return _mm_add_epi32(_mm256_castsi256_si128(half), _mm256_extracti128_si256(half, 1));
+}
+
+// acc += the 16 sums of four products u8 x s8 (vpdpbusd), in place: through the intrinsic GCC 12
+// copies each accumulator to a second register and to the stack on every use.
+PREFIXCAP_VNNI inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+  return acc;
+}
+
+// One tile of the integer product: NB weight rows from n times MB activation rows from m0. Each
+// 64 weights are loaded once and multiplied with 64 activations of each row by one vpdpbusd
+// (64 products summed in fours into 16 int32 lanes); the last K % 64 through byte masks (masked
+// bytes are 0 on both sides, so they add nothing). With dpbusd() above, the inner loop keeps its
+// 20-24 accumulators in registers (checked in the disassembly: 4 + MB loads, NB x MB vpdpbusd,
+// 4 prefetches, no stack traffic; masked loads in the main loop brought the spills back).
+template <int NB, int MB>
+PREFIXCAP_VNNI void vnni_tile(const QuantRows& x, const int8_t* __restrict w, const float* __restrict sw,
+                              const int32_t* __restrict row_sum, const float* __restrict bias, float* __restrict y,
+                              int64_t K, int64_t N, int64_t n, int64_t m0) {
+  __m512i acc[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_si512();
+  const int8_t* wrow = w + n * K;
+  const uint8_t* xrow = x.q + m0 * K;
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    __m512i wv[NB];
+    for (int j = 0; j < NB; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(wrow + (NB + j) * K + k), _MM_HINT_T0);  // the next tile
+      wv[j] = _mm512_loadu_si512(wrow + j * K + k);
+    }
+    for (int i = 0; i < MB; ++i) {
+      const __m512i xv = _mm512_loadu_si512(xrow + i * K + k);
+      for (int j = 0; j < NB; ++j) acc[i][j] = dpbusd(acc[i][j], xv, wv[j]);
+    }
+  }
+  if (k < K) {
+    const __mmask64 tail = (~uint64_t(0)) >> (64 - (K - k));
+    __m512i wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = _mm512_maskz_loadu_epi8(tail, wrow + j * K + k);
+    for (int i = 0; i < MB; ++i) {
+      const __m512i xv = _mm512_maskz_loadu_epi8(tail, xrow + i * K + k);
+      for (int j = 0; j < NB; ++j) acc[i][j] = dpbusd(acc[i][j], xv, wv[j]);
+    }
+  }
+  if constexpr (NB == 4) {
+    // finish_dynamic on four outputs at once (the same operations, so the same bits)
+    const __m128i rs = _mm_mullo_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row_sum + n)), _mm_set1_epi32(128));
+    const __m128 swv = _mm_loadu_ps(sw + n);
+    for (int i = 0; i < MB; ++i) {
+      const __m128i d = reduce4_epi32(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+      const __m128 v = _mm_cvtepi32_ps(_mm_sub_epi32(d, rs));
+      const __m128 s = _mm_mul_ps(_mm_set1_ps(x.scale[m0 + i]), swv);
+      float* out = y + (m0 + i) * N + n;
+      _mm_storeu_ps(out, bias ? _mm_fmadd_ps(v, s, _mm_loadu_ps(bias + n)) : _mm_mul_ps(v, s));
+    }
+  } else {
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NB; ++j)
+        y[(m0 + i) * N + n + j] = finish_dynamic(_mm512_reduce_add_epi32(acc[i][j]), row_sum[n + j], x.scale[m0 + i],
+                                                 sw[n + j], bias, n + j);
+  }
+}
+
+template <int NB>
+PREFIXCAP_VNNI void vnni_row_block(const QuantRows& x, const int8_t* w, const float* sw, const int32_t* row_sum,
+                                   const float* bias, float* y, int64_t M, int64_t K, int64_t N, int64_t n) {
+  int64_t m = 0;
+  for (; m + 6 <= M; m += 6) vnni_tile<NB, 6>(x, w, sw, row_sum, bias, y, K, N, n, m);
+  switch (M - m) {
+    case 5: vnni_tile<NB, 5>(x, w, sw, row_sum, bias, y, K, N, n, m); break;
+    case 4: vnni_tile<NB, 4>(x, w, sw, row_sum, bias, y, K, N, n, m); break;
+    case 3: vnni_tile<NB, 3>(x, w, sw, row_sum, bias, y, K, N, n, m); break;
+    case 2: vnni_tile<NB, 2>(x, w, sw, row_sum, bias, y, K, N, n, m); break;
+    case 1: vnni_tile<NB, 1>(x, w, sw, row_sum, bias, y, K, N, n, m); break;
+    default: break;
+  }
+}
+
+PREFIXCAP_VNNI void vnni_dynamic_rows(const QuantRows& x, const int8_t* w, const float* sw, const int32_t* row_sum,
+                                      const float* bias, float* y, int64_t M, int64_t K, int64_t N, int64_t n0,
+                                      int64_t n1) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) vnni_row_block<4>(x, w, sw, row_sum, bias, y, M, K, N, n);
+  for (; n < n1; ++n) vnni_row_block<1>(x, w, sw, row_sum, bias, y, M, K, N, n);
+}
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
@@ -283,6 +453,15 @@ PREFIXCAP_AVX512 void attention_head(const DecodeAttentionArgs& a, int64_t b, in
 bool detect_avx512f() {
 #if PREFIXCAP_X86_KERNELS
   return __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
+bool detect_avx512vnni() {
+#if PREFIXCAP_X86_KERNELS
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vnni");
 #else
   return false;
 #endif
@@ -313,6 +492,41 @@ void run_rows(const float* x, const W* w, const float* scale, const float* bias,
   });
 }
 
+// Int8Dynamic: x quantised by rows (on the calling thread), then the integer product split over
+// LibTorch's threads as run_rows splits its own (the VNNI kernel with the AVX-512 kernels on a
+// processor that has VNNI, else the generic loop: both give the same bits).
+void run_dynamic(const float* x, const WeightRows& w, const float* bias, float* y, int64_t M,
+                 const std::function<void(int64_t, int64_t)>* epilogue) {
+  const int64_t K = w.cols, N = w.rows;
+  thread_local std::vector<uint8_t> q_buffer;
+  thread_local std::vector<float> scale_buffer;
+  q_buffer.resize(static_cast<size_t>(M * K));
+  scale_buffer.resize(static_cast<size_t>(M));
+  const bool vnni = isa_choice().load() == SkinnyIsa::Avx512 && detect_avx512vnni();
+#if PREFIXCAP_X86_KERNELS
+  if (vnni)
+    vnni_quantize_rows(x, q_buffer.data(), scale_buffer.data(), M, K);
+  else
+#endif
+    generic_quantize_rows(x, q_buffer.data(), scale_buffer.data(), M, K);
+  QuantRows xq;
+  xq.q = q_buffer.data();
+  xq.scale = scale_buffer.data();
+  const int8_t* wq = static_cast<const int8_t*>(w.data);
+  const int64_t blocks = (N + 3) / 4;
+  at::parallel_for(0, blocks, M > 64 ? 1 : 16, [&](int64_t b0, int64_t b1) {
+    const int64_t n0 = b0 * 4, n1 = std::min(N, b1 * 4);
+#if PREFIXCAP_X86_KERNELS
+    if (vnni)
+      vnni_dynamic_rows(xq, wq, w.scale, w.row_sum, bias, y, M, K, N, n0, n1);
+    else
+#endif
+      generic_dynamic_rows(xq, wq, w.scale, w.row_sum, bias, y, M, K, N, n0, n1);
+    (void)vnni;
+    if (epilogue) (*epilogue)(n0, n1);
+  });
+}
+
 bool cpu_float_input(const at::Tensor& x) {
   return x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu();
 }
@@ -331,6 +545,7 @@ at::Tensor float_bias(const at::Tensor& bias, int64_t N) {
 }  // namespace
 
 bool cpu_has_avx512f() { return detect_avx512f(); }
+bool cpu_has_avx512vnni() { return detect_avx512vnni(); }
 
 SkinnyIsa skinny_isa() { return isa_choice().load(); }
 
@@ -368,13 +583,15 @@ WeightDtype parse_weight_dtype(const std::string& name) {
   if (name == "float32") return WeightDtype::Float32;
   if (name == "bfloat16") return WeightDtype::BFloat16;
   if (name == "int8") return WeightDtype::Int8;
-  throw std::invalid_argument("weight type '" + name + "' is not one of float32, bfloat16, int8");
+  if (name == "int8-dynamic") return WeightDtype::Int8Dynamic;
+  throw std::invalid_argument("weight type '" + name + "' is not one of float32, bfloat16, int8, int8-dynamic");
 }
 
 const char* weight_dtype_name(WeightDtype dtype) {
   switch (dtype) {
     case WeightDtype::BFloat16: return "bfloat16";
     case WeightDtype::Int8: return "int8";
+    case WeightDtype::Int8Dynamic: return "int8-dynamic";
     default: return "float32";
   }
 }
@@ -382,18 +599,19 @@ const char* weight_dtype_name(WeightDtype dtype) {
 size_t PackedWeight::bytes() const {
   size_t n = defined() ? data.numel() * data.element_size() : 0;
   if (scale.defined()) n += scale.numel() * scale.element_size();
+  if (row_sum.defined()) n += row_sum.numel() * row_sum.element_size();
   return n;
 }
 
 at::Tensor PackedWeight::dequantize() const {
   at::Tensor w = data.to(at::kFloat);
-  return dtype == WeightDtype::Int8 ? w.mul_(scale.unsqueeze(1)) : w;
+  return scale.defined() ? w.mul_(scale.unsqueeze(1)) : w;
 }
 
 at::Tensor PackedWeight::lookup_rows(const at::Tensor& index) const {
   const at::Tensor flat = index.reshape({-1});
   at::Tensor rows = data.index_select(0, flat).to(at::kFloat);
-  if (dtype == WeightDtype::Int8) rows.mul_(scale.index_select(0, flat).unsqueeze(1));
+  if (scale.defined()) rows.mul_(scale.index_select(0, flat).unsqueeze(1));
   auto shape = index.sizes().vec();
   shape.push_back(cols());
   return rows.view(shape);
@@ -410,12 +628,14 @@ PackedWeight pack_weight(const at::Tensor& weight, WeightDtype dtype) {
   switch (dtype) {
     case WeightDtype::Float32: p.data = w.contiguous().clone(); break;
     case WeightDtype::BFloat16: p.data = w.to(at::kBFloat16).contiguous(); break;
-    case WeightDtype::Int8: {
+    case WeightDtype::Int8:
+    case WeightDtype::Int8Dynamic: {
       const at::Tensor amax = w.abs().amax(1);
       p.scale = (amax / 127.0f).contiguous();
       // An all-zero row keeps scale 0 and q 0; divide by 1 there instead of 0.
       const at::Tensor divisor = at::where(amax > 0, p.scale, at::ones_like(p.scale));
       p.data = (w / divisor.unsqueeze(1)).round_().clamp_(-127, 127).to(at::kChar).contiguous();
+      if (dtype == WeightDtype::Int8Dynamic) p.row_sum = p.data.sum(1, /*keepdim=*/false, at::kInt).contiguous();
       break;
     }
   }
@@ -462,7 +682,7 @@ at::Tensor packed_linear(const at::Tensor& x_in, const PackedWeight& w, const at
               x_in.scalar_type(), " ", x_in.sizes(), " on ", x_in.device());
   const int64_t M = x_in.size(0), K = x_in.size(1), N = w.rows();
   TORCH_CHECK(w.cols() == K, "packed_linear: x ", x_in.sizes(), " and w [", N, ", ", w.cols(), "] do not fit");
-  const int64_t fused_rows = w.dtype == WeightDtype::Float32 ? kMaxSkinnyRows : kMaxPackedFusedRows;
+  const int64_t fused_rows = fused_rows_limit(w.dtype);
   if (M == 0 || wants_grad(x_in) || (M > fused_rows && w.dtype == WeightDtype::Float32))
     return at::linear(x_in, w.dequantize(), bias);
   if (M > fused_rows) return blockwise_dequantized_linear(x_in, w, float_bias(bias, N));
@@ -487,8 +707,10 @@ WeightRows weight_rows(const PackedWeight& w) {
     case WeightDtype::Float32: r.data = w.data.data_ptr<float>(); break;
     case WeightDtype::BFloat16: r.data = w.data.data_ptr<at::BFloat16>(); break;
     case WeightDtype::Int8:
+    case WeightDtype::Int8Dynamic:
       r.data = w.data.data_ptr<int8_t>();
       r.scale = w.scale.data_ptr<float>();
+      if (w.dtype == WeightDtype::Int8Dynamic) r.row_sum = w.row_sum.data_ptr<int32_t>();
       break;
   }
   return r;
@@ -504,9 +726,17 @@ WeightRows weight_rows(const at::Tensor& w) {
   return r;
 }
 
+int64_t fused_rows_limit(WeightDtype dtype) {
+  switch (dtype) {
+    case WeightDtype::Float32: return kMaxSkinnyRows;
+    case WeightDtype::Int8Dynamic: return std::numeric_limits<int64_t>::max();
+    default: return kMaxPackedFusedRows;
+  }
+}
+
 void fused_rows_product(const float* x, const WeightRows& w, const float* bias, float* y, int64_t M,
                         const std::function<void(int64_t, int64_t)>& epilogue) {
-  const int64_t limit = w.dtype == WeightDtype::Float32 ? kMaxSkinnyRows : kMaxPackedFusedRows;
+  const int64_t limit = fused_rows_limit(w.dtype);
   TORCH_CHECK(M >= 1 && M <= limit, "fused_rows_product: ", M, " rows (1 to ", limit, " for ",
               weight_dtype_name(w.dtype), " weights)");
   const auto* e = epilogue ? &epilogue : nullptr;
@@ -520,6 +750,7 @@ void fused_rows_product(const float* x, const WeightRows& w, const float* bias, 
     case WeightDtype::Int8:
       run_rows(x, static_cast<const int8_t*>(w.data), w.scale, bias, y, M, w.cols, w.rows, e);
       break;
+    case WeightDtype::Int8Dynamic: run_dynamic(x, w, bias, y, M, e); break;
   }
 }
 
@@ -532,7 +763,8 @@ void weight_row(const WeightRows& w, int64_t n, float* out) {
       for (int64_t k = 0; k < K; ++k) out[k] = to_float(row[k]);
       break;
     }
-    case WeightDtype::Int8: {
+    case WeightDtype::Int8:
+    case WeightDtype::Int8Dynamic: {
       const int8_t* row = static_cast<const int8_t*>(w.data) + n * K;
       for (int64_t k = 0; k < K; ++k) out[k] = to_float(row[k]) * w.scale[n];
       break;

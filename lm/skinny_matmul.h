@@ -5,10 +5,13 @@
 //
 // Weights may also be kept in a compact type (PackedWeight: bfloat16, or int8 with one scale
 // per output row); the kernels then convert each weight as they read it (fused
-// dequantise-multiply), so a decode step reads 2 or 1 bytes per weight instead of 4.
+// dequantise-multiply), so a decode step reads 2 or 1 bytes per weight instead of 4. With
+// Int8Dynamic the activations are quantised too (per row, at run time) and the products are
+// integer dot products (AVX-512 VNNI where the processor has it).
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <string>
 #include <tuple>
@@ -30,6 +33,8 @@ const char* skinny_isa_name(SkinnyIsa isa);
 // For tests and benchmarks: use `isa` from now on (Avx512 on a processor without it throws).
 void force_skinny_isa(SkinnyIsa isa);
 bool cpu_has_avx512f();
+// AVX-512 VNNI and BW (the Int8Dynamic kernel's vpdpbusd and byte masks), as the processor reports.
+bool cpu_has_avx512vnni();
 
 // True when the float32 kernel applies: CPU float32, contiguous, no gradient needed, rows <= max.
 bool skinny_applicable(const at::Tensor& x, const at::Tensor& weight);
@@ -37,20 +42,27 @@ bool skinny_applicable(const at::Tensor& x, const at::Tensor& weight);
 // y = x @ w^T (+ bias) with w stored [N, K] (Linear / embedding layout). x [M, K] -> [M, N].
 at::Tensor skinny_matmul_nk(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias = {});
 
-// The storage type of frozen inference weights (`--lm-dtype`).
-enum class WeightDtype { Float32, BFloat16, Int8 };
-// "float32" | "bfloat16" | "int8"; anything else throws std::invalid_argument naming the choices.
+// The storage type of frozen inference weights (`--lm-dtype`). Int8Dynamic stores the weights as
+// Int8 does and also quantises each row of activations to int8 when it multiplies (W8A8).
+enum class WeightDtype { Float32, BFloat16, Int8, Int8Dynamic };
+// "float32" | "bfloat16" | "int8" | "int8-dynamic"; anything else throws std::invalid_argument
+// naming the choices.
 WeightDtype parse_weight_dtype(const std::string& name);
 const char* weight_dtype_name(WeightDtype dtype);
 
 // A frozen [N, K] weight matrix in a compact type, for inference:
 //   BFloat16: each weight rounded to the nearest bfloat16 (ties to even);
 //   Int8: symmetric per output row, w[n, k] ~ q[n, k] * scale[n], scale[n] = max_k |w[n, k]| / 127,
-//         q = round(w / scale) (so |w - q * scale| <= scale / 2 for every weight).
+//         q = round(w / scale) (so |w - q * scale| <= scale / 2 for every weight);
+//   Int8Dynamic: the same q and scale, and row_sum[n] = sum_k q[n, k]. A product then quantises
+//         each row of x the same way (sx[m] = max_k |x[m, k]| / 127, p = round(x * 127 / max),
+//         ties to even) and computes y[m, n] = sx[m] * scale[n] * sum_k p[m, k] q[n, k] + bias[n]
+//         exactly in integers (p is stored as p + 128, unsigned, for vpdpbusd; row_sum removes the 128).
 struct PackedWeight {
   WeightDtype dtype = WeightDtype::Float32;
-  at::Tensor data;   // [N, K] contiguous CPU: float32 | bfloat16 | int8
-  at::Tensor scale;  // [N] float32, int8 only
+  at::Tensor data;     // [N, K] contiguous CPU: float32 | bfloat16 | int8
+  at::Tensor scale;    // [N] float32, int8 types only
+  at::Tensor row_sum;  // [N] int32, Int8Dynamic only
 
   bool defined() const { return data.defined(); }
   int64_t rows() const { return data.size(0); }
@@ -66,7 +78,8 @@ struct PackedWeight {
 PackedWeight pack_weight(const at::Tensor& weight, WeightDtype dtype);
 
 // y = x @ w^T (+ bias), x float32 [M, K] -> [M, N] float32. Fused kernels up to
-// kMaxPackedFusedRows rows; above, the weight is dequantised once and BLAS multiplies.
+// kMaxPackedFusedRows rows; above, the weight is dequantised a block at a time and BLAS
+// multiplies (Int8Dynamic: its integer kernel at any number of rows).
 at::Tensor packed_linear(const at::Tensor& x, const PackedWeight& w, const at::Tensor& bias = {});
 
 // For a decode step fused into few calls (Gpt2ModelImpl's fused step): a weight matrix as raw
@@ -74,14 +87,18 @@ at::Tensor packed_linear(const at::Tensor& x, const PackedWeight& w, const at::T
 struct WeightRows {
   WeightDtype dtype = WeightDtype::Float32;
   const void* data = nullptr;     // [rows, cols]: float | bfloat16 bits (uint16_t) | int8_t
-  const float* scale = nullptr;   // int8: [rows]
+  const float* scale = nullptr;   // int8 types: [rows]
+  const int32_t* row_sum = nullptr;  // Int8Dynamic: [rows]
   int64_t rows = 0, cols = 0;
 };
 WeightRows weight_rows(const PackedWeight& w);
+// The most rows fused_rows_product takes for weights of this type.
+int64_t fused_rows_limit(WeightDtype dtype);
 WeightRows weight_rows(const at::Tensor& w);  // contiguous float32 CPU [N, K]; throws otherwise
 
 // y [M, N] = x [M, K] @ w^T (+ bias) with the packed_linear / skinny_matmul_nk kernels (so the
-// same numbers), M from 1 to kMaxPackedFusedRows (kMaxSkinnyRows for float32 weights), split over
+// same numbers), M from 1 to kMaxPackedFusedRows (kMaxSkinnyRows for float32 weights, any for
+// Int8Dynamic), split over
 // LibTorch's threads in blocks of outputs; `epilogue(n0, n1)`, if given, runs on the thread that
 // computed outputs [n0, n1) of every row, right after it (an activation, while they are in cache).
 void fused_rows_product(const float* x, const WeightRows& w, const float* bias, float* y, int64_t M,

@@ -90,7 +90,7 @@ class Captioner {
   // Moves every model to `device` (e.g. CUDA); inputs are moved there as they arrive. A CPU
   // captioner whose LM is packed (set_lm_dtype) stays on the CPU: moving it throws.
   void to(const at::Device& device);
-  // `--lm-dtype`: the frozen GPT-2's weights kept as bfloat16 or int8 for faster CPU decoding
+  // `--lm-dtype`: the frozen GPT-2's weights kept as bfloat16 or int8 (int8-dynamic: int8 activations too) for faster CPU decoding
   // (Gpt2ModelImpl::pack_weights; float32 leaves them as they are). CPU only; the captioner can
   // then no longer be saved.
   void set_lm_dtype(WeightDtype dtype);

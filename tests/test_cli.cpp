@@ -63,7 +63,7 @@ TEST(CaptionCli, CaptionsEqualTheFixtureIdsDecoded) {
   EXPECT_TRUE(r.at("timings").contains("decode_ms"));
 }
 
-// --lm-dtype on both fixture bundles: the int8 and bfloat16 LMs give the fixtures' best beams
+// --lm-dtype on both fixture bundles: the int8, bfloat16 and int8-dynamic LMs give the fixtures' best beams
 // (their candidates are further apart than the packed weights move them), an unknown type is
 // a usage error.
 TEST(CaptionCli, PackedLmDtypesGiveTheFixtureCaptions) {
@@ -79,7 +79,7 @@ TEST(CaptionCli, PackedLmDtypesGiveTheFixtureCaptions) {
   SafetensorsFile aac(fixture_dir("prefix-aac-tiny") + "/golden.safetensors");
   const std::string image_caption = best_beam(clipcap.tensor("mlp.beam_sorted_ids")[0][0]);
   const std::string audio_caption = best_beam(aac.tensor("rec.beam_sorted_ids")[0]);
-  for (const char* dtype : {"int8", "bfloat16"}) {
+  for (const char* dtype : {"int8", "bfloat16", "int8-dynamic"}) {
     const std::string out = dir.file(std::string(dtype) + ".jsonl");
     ASSERT_EQ(run(std::string(PREFIXCAP_CAPTION_BIN) + " -m " + q(clipcap_bundle()) + " " +
                   q(fixture_dir("clip-vit-tiny") + "/astronaut.png") + " --max-tokens 20 --lm-dtype " + dtype +

@@ -1,5 +1,6 @@
 // GPT-2, tokenizer and decoding: properties that must hold beyond the golden cases
 // (cache equivalence, batching, errors). Golden comparisons live in test_fixtures.
+#include <map>
 #include <gtest/gtest.h>
 
 #include <functional>
@@ -495,6 +496,57 @@ TEST(PackedWeight, FusedProductsEqualTheDequantisedMatmulOnEveryKernel) {
   EXPECT_THROW(packed_linear(at::randn({2, 31}), pack_weight(w, WeightDtype::Int8)), c10::Error);
 }
 
+// Int8Dynamic (W8A8): the product is that of the row-quantised activations and the int8
+// weights, computed here from the definition in double (exact for these integers): per row of
+// x, p = round(x * (127 / max |x|)) (ties to even, as torch.round), sx = max |x| / 127. Every
+// kernel, K a multiple of 64 and not (masked tails), M past the other types' fused limit, an
+// all-zero row of x; the VNNI and generic kernels give the same bits.
+TEST(PackedWeight, Int8DynamicIsTheIntegerProductOfRowQuantisedActivations) {
+  at::manual_seed(9);
+  torch::NoGradGuard no_grad;
+  std::map<std::string, at::Tensor> by_kernel;
+  for_each_kernel([&](SkinnyIsa isa) {
+    for (int64_t K : {64, 40, 784}) {
+      for (int64_t N : {1, 7, 37}) {
+        at::manual_seed(K * 100 + N);
+        const at::Tensor w = at::randn({N, K}), bias = at::randn({N});
+        const PackedWeight p = pack_weight(w, WeightDtype::Int8Dynamic);
+        ASSERT_TRUE(p.row_sum.defined());
+        EXPECT_TRUE(p.row_sum.to(at::kLong).equal(p.data.to(at::kLong).sum(1)));
+        EXPECT_TRUE(p.data.equal(pack_weight(w, WeightDtype::Int8).data));  // the same weights as int8
+        EXPECT_EQ(p.bytes(), size_t(N * K + N * 4 + N * 4));
+        for (int64_t M : {1, 5, 6, 7, 13, 65, 130}) {
+          at::Tensor x = at::randn({M, K}) * at::rand({M, 1}) * 4;
+          if (M > 5) x[3].zero_();
+          const at::Tensor amax = x.abs().amax(1, /*keepdim=*/true);
+          const at::Tensor inv = at::where(amax > 0, 127.0f / amax, at::zeros_like(amax));
+          const at::Tensor px = (x * inv).round().clamp(-127, 127).to(at::kDouble);
+          const at::Tensor sx = (amax / 127.0f).to(at::kDouble);
+          const at::Tensor scale = p.scale.to(at::kDouble);
+          const at::Tensor ref = at::matmul(px, p.data.to(at::kDouble).t()) * sx * scale + bias.to(at::kDouble);
+          const at::Tensor got = packed_linear(x, p, bias);
+          ASSERT_EQ(got.sizes(), ref.sizes());
+          const std::string where = std::string(skinny_isa_name(isa)) + " M=" + std::to_string(M) +
+                                    " N=" + std::to_string(N) + " K=" + std::to_string(K);
+          EXPECT_TRUE(at::allclose(got.to(at::kDouble), ref, 1e-6, 1e-5))
+              << where << ": " << (got.to(at::kDouble) - ref).abs().max().item<double>();
+          EXPECT_TRUE(at::allclose(packed_linear(x, p), got - bias, 1e-5, 1e-5)) << where;
+          // Close to the float product too (both sides quantised to 8 bits).
+          const at::Tensor exact = at::linear(x, w, bias);
+          EXPECT_LT((got - exact).abs().max().item<double>(), 0.05 * exact.abs().max().item<double>() + 1e-3) << where;
+          const std::string shape = where.substr(where.find(' ') + 1);
+          if (isa == SkinnyIsa::Generic)
+            by_kernel[shape] = got;
+          else
+            EXPECT_TRUE(got.equal(by_kernel.at(shape))) << where << ": differs from the generic kernel";
+        }
+      }
+    }
+  });
+  EXPECT_EQ(parse_weight_dtype("int8-dynamic"), WeightDtype::Int8Dynamic);
+  EXPECT_STREQ(weight_dtype_name(WeightDtype::Int8Dynamic), "int8-dynamic");
+}
+
 namespace {
 
 at::Tensor logits_of(Gpt2ModelImpl& lm, const at::Tensor& ids) {
@@ -518,13 +570,15 @@ TEST(PackedLm, FixtureLogitsGreedyAndBeamStayWithinTheGate) {
   const at::Tensor ref = golden.at("ids.logits").to(at::kFloat);
   const double spread = ref.std().item<double>();
   const at::Tensor beam_ids = golden.at("beam.sorted_ids");
-  for (auto [dtype, bound] : {std::pair<WeightDtype, double>{WeightDtype::BFloat16, 0.15}, {WeightDtype::Int8, 0.5}}) {
+  for (auto [dtype, bound] : {std::pair<WeightDtype, double>{WeightDtype::BFloat16, 0.15},
+                              {WeightDtype::Int8, 0.5},
+                              {WeightDtype::Int8Dynamic, 0.5}}) {
     Gpt2Model lm = load_gpt2(fixture_dir("gpt2-tiny"));
     lm->pack_weights(dtype);
     EXPECT_EQ(lm->weight_dtype(), dtype);
     const at::Tensor got = logits_of(*lm, ids);
     const double err = (got - ref).abs().max().item<double>() / spread;
-    EXPECT_LE(err, bound) << weight_dtype_name(dtype);  // measured: bfloat16 0.078, int8 0.31
+    EXPECT_LE(err, bound) << weight_dtype_name(dtype);  // measured: bfloat16 0.078, int8 0.31, int8-dynamic 0.32
     EXPECT_GT(err, 1e-4) << "the weights were not packed";
     EXPECT_TRUE(got.argmax(-1).equal(ref.argmax(-1))) << weight_dtype_name(dtype);
 
@@ -536,7 +590,7 @@ TEST(PackedLm, FixtureLogitsGreedyAndBeamStayWithinTheGate) {
     EXPECT_EQ(generate(*lm, p, greedy)[0][0].ids, (std::vector<int64_t>{3997, 4202, 27106, 44000, 50256}))
         << weight_dtype_name(dtype);
 
-    if (dtype != WeightDtype::Int8) continue;
+    if (dtype == WeightDtype::BFloat16) continue;
     DecodingOptions beam;
     beam.beam_size = 5;
     beam.num_return = 5;
@@ -647,7 +701,8 @@ TEST(Gpt2, FusedDecodeStepEqualsTheGeneralPath) {
   torch::NoGradGuard no_grad;
   for_each_kernel([](SkinnyIsa isa) {
     for (const char* activation : {"gelu_new", "gelu", "relu"}) {
-      for (WeightDtype dtype : {WeightDtype::Float32, WeightDtype::BFloat16, WeightDtype::Int8}) {
+      for (WeightDtype dtype :
+           {WeightDtype::Float32, WeightDtype::BFloat16, WeightDtype::Int8, WeightDtype::Int8Dynamic}) {
         Gpt2Config config;
         config.vocab_size = 300;
         config.n_positions = 64;
