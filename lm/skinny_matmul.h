@@ -55,8 +55,8 @@ const char* weight_dtype_name(WeightDtype dtype);
 //   Int8: symmetric per output row, w[n, k] ~ q[n, k] * scale[n], scale[n] = max_k |w[n, k]| / 127,
 //         q = round(w / scale) (so |w - q * scale| <= scale / 2 for every weight);
 //   Int8Dynamic: the same q and scale, and row_sum[n] = sum_k q[n, k]. A product then quantises
-//         each row of x the same way (sx[m] = max_k |x[m, k]| / 127, p = round(x * 127 / max),
-//         ties to even) and computes y[m, n] = sx[m] * scale[n] * sum_k p[m, k] q[n, k] + bias[n]
+//         each row of x the same way (sx[m] = max_k |x[m, k]| / 127,
+//         p[m, k] = round(x[m, k] * (127 / max_k |x[m, k]|)), ties to even) and computes y[m, n] = sx[m] * scale[n] * sum_k p[m, k] q[n, k] + bias[n]
 //         exactly in integers (p is stored as p + 128, unsigned, for vpdpbusd; row_sum removes the 128).
 struct PackedWeight {
   WeightDtype dtype = WeightDtype::Float32;
@@ -92,14 +92,13 @@ struct WeightRows {
   int64_t rows = 0, cols = 0;
 };
 WeightRows weight_rows(const PackedWeight& w);
+WeightRows weight_rows(const at::Tensor& w);  // contiguous float32 CPU [N, K]; throws otherwise
 // The most rows fused_rows_product takes for weights of this type.
 int64_t fused_rows_limit(WeightDtype dtype);
-WeightRows weight_rows(const at::Tensor& w);  // contiguous float32 CPU [N, K]; throws otherwise
 
 // y [M, N] = x [M, K] @ w^T (+ bias) with the packed_linear / skinny_matmul_nk kernels (so the
-// same numbers), M from 1 to kMaxPackedFusedRows (kMaxSkinnyRows for float32 weights, any for
-// Int8Dynamic), split over
-// LibTorch's threads in blocks of outputs; `epilogue(n0, n1)`, if given, runs on the thread that
+// same numbers), M from 1 to fused_rows_limit(w.dtype), split over LibTorch's threads in blocks
+// of outputs; `epilogue(n0, n1)`, if given, runs on the thread that
 // computed outputs [n0, n1) of every row, right after it (an activation, while they are in cache).
 void fused_rows_product(const float* x, const WeightRows& w, const float* bias, float* y, int64_t M,
                         const std::function<void(int64_t, int64_t)>& epilogue = nullptr);
