@@ -570,7 +570,11 @@ Gpt2Output Gpt2ModelImpl::fused_decode_step(const Gpt2Input& in) {
     for (int64_t c = 0; c < C; ++c) xb[c] = xb[c] + wpe_row[c];
   }
   auto norm = [&](const torch::nn::LayerNorm& ln, const float* src, float* dst) {
-    layer_norm_rows(src, ln->weight.data_ptr<float>(), ln->bias.data_ptr<float>(), ln->options.eps(), dst, B, C);
+    // rows split over the threads in batches of clips x beams (int8-dynamic: hundreds of rows)
+    at::parallel_for(0, B, 16, [&](int64_t r0, int64_t r1) {
+      layer_norm_rows(src + r0 * C, ln->weight.data_ptr<float>(), ln->bias.data_ptr<float>(), ln->options.eps(),
+                      dst + r0 * C, r1 - r0, C);
+    });
   };
   const std::string& activation = config_.activation_function;
   const bool tanh_gelu = activation == "gelu_new" || activation == "gelu_pytorch_tanh", erf_gelu = activation == "gelu";

@@ -695,7 +695,8 @@ TEST(Gpt2, ReorderingThroughRowIndexEqualsCopyingTheRows) {
 }
 
 // The fused decode step (one token per sequence after a cache, no gradients) computes what the
-// general path computes: every dtype, both kernels, 1 and 6 sequences, each activation, across
+// general path computes: every dtype, both kernels, 1 and 6 sequences (and 70 for int8-dynamic,
+// which has no row limit), each activation, across
 // the cache's growth (16 positions at a time) and beam reorderings through row_index.
 TEST(Gpt2, FusedDecodeStepEqualsTheGeneralPath) {
   torch::NoGradGuard no_grad;
@@ -717,7 +718,16 @@ TEST(Gpt2, FusedDecodeStepEqualsTheGeneralPath) {
         for (auto& p : lm->parameters()) p.set_data(p + 0.05 * at::randn_like(p));  // non-zero biases and LayerNorms
         lm->freeze();
         lm->pack_weights(dtype);
-        for (int64_t B : {1, 6}) {
+        for (int64_t B : {1, 6, 70}) {
+          if (B > fused_rows_limit(dtype)) continue;  // 70 sequences: int8-dynamic's fused step only
+          // Past 64 rows the general path normalises with LibTorch's LayerNorm, which differs from
+          // the step's in the last bits, and int8-dynamic's rounding of activations to 8 bits can
+          // turn such a difference into one quantisation step (measured: up to 0.7 % of the
+          // logits' range): there the paths must agree to 2 %, which still fails on a wrong row.
+          const double tol = B > kMaxPackedFusedRows ? 2e-2 : 1e-5;
+          auto close = [tol](const at::Tensor& a, const at::Tensor& b) {
+            return (a - b).abs().max().item<double>() <= tol * b.abs().max().item<double>() + 1e-6;
+          };
           const std::string where = std::string(skinny_isa_name(isa)) + " " + activation + " " +
                                     weight_dtype_name(dtype) + " B=" + std::to_string(B);
           KvCache fused, general;
@@ -749,8 +759,8 @@ TEST(Gpt2, FusedDecodeStepEqualsTheGeneralPath) {
             const Gpt2Output got = lm->forward(in);
             ASSERT_EQ(got.logits.sizes(), want.logits.sizes()) << where;
             const double diff = (got.logits - want.logits).abs().max().item<double>();
-            EXPECT_LE(diff, 1e-5 * want.logits.abs().max().item<double>()) << where << " step " << step;
-            EXPECT_TRUE(at::allclose(got.last_hidden_state, want.last_hidden_state, 1e-5, 1e-6)) << where;
+            EXPECT_LE(diff, tol * want.logits.abs().max().item<double>()) << where << " step " << step;
+            EXPECT_TRUE(close(got.last_hidden_state, want.last_hidden_state)) << where;
             EXPECT_EQ(fused.next_position, general.next_position);
             ids = want.logits.reshape({B, -1}).argmax(-1);
           }
@@ -760,8 +770,8 @@ TEST(Gpt2, FusedDecodeStepEqualsTheGeneralPath) {
           fused.materialize_rows();
           general.materialize_rows();
           for (size_t l = 0; l < fused.layers.size(); ++l) {
-            EXPECT_TRUE(at::allclose(fused.layers[l].key, general.layers[l].key, 1e-5, 1e-6)) << where;
-            EXPECT_TRUE(at::allclose(fused.layers[l].value, general.layers[l].value, 1e-5, 1e-6)) << where;
+            EXPECT_TRUE(close(fused.layers[l].key, general.layers[l].key)) << where;
+            EXPECT_TRUE(close(fused.layers[l].value, general.layers[l].value)) << where;
           }
         }
       }
