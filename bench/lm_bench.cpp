@@ -162,6 +162,7 @@ int main(int argc, char** argv) {
   out["threads"] = {{"torch", setup.num_threads}, {"blas", setup.blas_threads},
                     {"blas_build", setup.blas_mode == 2 ? "openmp" : setup.blas_mode == 1 ? "pthreads" : "other"}};
   out["kernels"] = skinny_isa_name(skinny_isa());
+  out["int8_dynamic_kernel"] = skinny_isa() == SkinnyIsa::Avx512 && cpu_has_avx512vnni() ? "avx512-vnni" : "generic";
   out["prefix_length"] = P;
   out["tokens"] = tokens;
 

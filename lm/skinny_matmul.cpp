@@ -92,18 +92,26 @@ inline float finish_dynamic(int32_t d, int32_t row_sum, float sx, float sw, cons
   return bias ? std::fma(v, sx * sw, bias[n]) : v * (sx * sw);
 }
 
+// A row's scale sx = amax / 127 into *sx; returns the factor its values are multiplied by.
+inline float activation_step(float amax, float* sx) {
+  *sx = amax / 127.0f;
+  return amax > 0 ? 127.0f / amax : 0.0f;
+}
+
+// One activation as the integer kernels read it: nearbyint(x * inv), within +-127, plus 128.
+inline uint8_t quantize_activation(float x, float inv) {
+  const float p = std::min(127.0f, std::max(-127.0f, std::nearbyint(x * inv)));
+  return static_cast<uint8_t>(static_cast<int32_t>(p) + 128);
+}
+
 PREFIXCAP_CLONES void generic_quantize_rows(const float* __restrict x, uint8_t* __restrict q, float* __restrict sx,
                                             int64_t M, int64_t K) {
   for (int64_t m = 0; m < M; ++m) {
     const float* __restrict xm = x + m * K;
     float amax = 0;
     for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xm[k]));
-    const float inv = amax > 0 ? 127.0f / amax : 0.0f;
-    sx[m] = amax / 127.0f;
-    for (int64_t k = 0; k < K; ++k) {
-      const float p = std::min(127.0f, std::max(-127.0f, std::nearbyint(xm[k] * inv)));
-      q[m * K + k] = static_cast<uint8_t>(static_cast<int32_t>(p) + 128);
-    }
+    const float inv = activation_step(amax, sx + m);
+    for (int64_t k = 0; k < K; ++k) q[m * K + k] = quantize_activation(xm[k], inv);
   }
 }
 
@@ -334,18 +342,14 @@ PREFIXCAP_VNNI void vnni_quantize_rows(const float* x, uint8_t* q, float* sx, in
     for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(xm + k)));
     float amax = _mm512_reduce_max_ps(vmax);
     for (int64_t t = k; t < K; ++t) amax = std::max(amax, std::fabs(xm[t]));
-    const float inv = amax > 0 ? 127.0f / amax : 0.0f;
-    sx[m] = amax / 127.0f;
+    const float inv = activation_step(amax, sx + m);
     const __m512 vinv = _mm512_set1_ps(inv);
     for (k = 0; k + 16 <= K; k += 16) {
       const __m512 p = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(_mm512_loadu_ps(xm + k), vinv)));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(qm + k),
                        _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(p), offset)));
     }
-    for (; k < K; ++k) {
-      const float p = std::min(127.0f, std::max(-127.0f, std::nearbyint(xm[k] * inv)));
-      qm[k] = static_cast<uint8_t>(static_cast<int32_t>(p) + 128);
-    }
+    for (; k < K; ++k) qm[k] = quantize_activation(xm[k], inv);
   }
 }
 
@@ -460,8 +464,9 @@ bool detect_avx512f() {
 
 bool detect_avx512vnni() {
 #if PREFIXCAP_X86_KERNELS
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vnni");
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vnni");
+  return has;
 #else
   return false;
 #endif
@@ -472,23 +477,30 @@ std::atomic<SkinnyIsa>& isa_choice() {
   return isa;
 }
 
-// y = scale * (x @ w^T) + bias, split over LibTorch's threads in blocks of 4 weight rows;
-// `epilogue(n0, n1)` (if given) runs right after outputs [n0, n1) of every row, on their thread.
+// Outputs [0, N) split over LibTorch's threads in blocks of 4 weight rows (at least `grain` blocks
+// a task): `rows(n0, n1)` computes outputs [n0, n1) of every row, then `epilogue(n0, n1)` (if
+// given) runs on them, on the same thread.
+template <typename Rows>
+void for_output_blocks(int64_t N, int64_t grain, const std::function<void(int64_t, int64_t)>* epilogue,
+                       const Rows& rows) {
+  at::parallel_for(0, (N + 3) / 4, grain, [&](int64_t b0, int64_t b1) {
+    const int64_t n0 = b0 * 4, n1 = std::min(N, b1 * 4);
+    rows(n0, n1);
+    if (epilogue) (*epilogue)(n0, n1);
+  });
+}
+
+// y = scale * (x @ w^T) + bias, split by for_output_blocks.
 template <typename W>
 void run_rows(const float* x, const W* w, const float* scale, const float* bias, float* y, int64_t M, int64_t K,
               int64_t N, const std::function<void(int64_t, int64_t)>* epilogue = nullptr) {
   const bool avx512 = isa_choice().load() == SkinnyIsa::Avx512 && K % 16 == 0;
-  const int64_t blocks = (N + 3) / 4;
-  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
-    const int64_t n0 = b0 * 4, n1 = std::min(N, b1 * 4);
+  for_output_blocks(N, 16, epilogue, [&](int64_t n0, int64_t n1) {
 #if PREFIXCAP_X86_KERNELS
-    if (avx512)
-      avx512_rows(x, w, scale, bias, y, M, K, N, n0, n1);
-    else
+    if (avx512) return avx512_rows(x, w, scale, bias, y, M, K, N, n0, n1);
 #endif
-      generic_rows(x, w, scale, bias, y, M, K, N, n0, n1);
     (void)avx512;
-    if (epilogue) (*epilogue)(n0, n1);
+    generic_rows(x, w, scale, bias, y, M, K, N, n0, n1);
   });
 }
 
@@ -503,6 +515,7 @@ void run_dynamic(const float* x, const WeightRows& w, const float* bias, float* 
   q_buffer.resize(static_cast<size_t>(M * K));
   scale_buffer.resize(static_cast<size_t>(M));
   const bool vnni = isa_choice().load() == SkinnyIsa::Avx512 && detect_avx512vnni();
+  (void)vnni;  // without the x86 kernels
 #if PREFIXCAP_X86_KERNELS
   if (vnni)
     vnni_quantize_rows(x, q_buffer.data(), scale_buffer.data(), M, K);
@@ -513,17 +526,11 @@ void run_dynamic(const float* x, const WeightRows& w, const float* bias, float* 
   xq.q = q_buffer.data();
   xq.scale = scale_buffer.data();
   const int8_t* wq = static_cast<const int8_t*>(w.data);
-  const int64_t blocks = (N + 3) / 4;
-  at::parallel_for(0, blocks, M > 64 ? 1 : 16, [&](int64_t b0, int64_t b1) {
-    const int64_t n0 = b0 * 4, n1 = std::min(N, b1 * 4);
+  for_output_blocks(N, M > 64 ? 1 : 16, epilogue, [&](int64_t n0, int64_t n1) {
 #if PREFIXCAP_X86_KERNELS
-    if (vnni)
-      vnni_dynamic_rows(xq, wq, w.scale, w.row_sum, bias, y, M, K, N, n0, n1);
-    else
+    if (vnni) return vnni_dynamic_rows(xq, wq, w.scale, w.row_sum, bias, y, M, K, N, n0, n1);
 #endif
-      generic_dynamic_rows(xq, wq, w.scale, w.row_sum, bias, y, M, K, N, n0, n1);
-    (void)vnni;
-    if (epilogue) (*epilogue)(n0, n1);
+    generic_dynamic_rows(xq, wq, w.scale, w.row_sum, bias, y, M, K, N, n0, n1);
   });
 }
 

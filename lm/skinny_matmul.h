@@ -56,8 +56,9 @@ const char* weight_dtype_name(WeightDtype dtype);
 //         q = round(w / scale) (so |w - q * scale| <= scale / 2 for every weight);
 //   Int8Dynamic: the same q and scale, and row_sum[n] = sum_k q[n, k]. A product then quantises
 //         each row of x the same way (sx[m] = max_k |x[m, k]| / 127,
-//         p[m, k] = round(x[m, k] * (127 / max_k |x[m, k]|)), ties to even) and computes y[m, n] = sx[m] * scale[n] * sum_k p[m, k] q[n, k] + bias[n]
-//         exactly in integers (p is stored as p + 128, unsigned, for vpdpbusd; row_sum removes the 128).
+//         p[m, k] = round(x[m, k] * (127 / max_k |x[m, k]|)), ties to even) and computes
+//         y[m, n] = sx[m] * scale[n] * sum_k p[m, k] q[n, k] + bias[n], the sum exactly in
+//         integers (p is stored as p + 128, unsigned, for vpdpbusd; row_sum removes the 128).
 struct PackedWeight {
   WeightDtype dtype = WeightDtype::Float32;
   at::Tensor data;     // [N, K] contiguous CPU: float32 | bfloat16 | int8
@@ -98,8 +99,8 @@ int64_t fused_rows_limit(WeightDtype dtype);
 
 // y [M, N] = x [M, K] @ w^T (+ bias) with the packed_linear / skinny_matmul_nk kernels (so the
 // same numbers), M from 1 to fused_rows_limit(w.dtype), split over LibTorch's threads in blocks
-// of outputs; `epilogue(n0, n1)`, if given, runs on the thread that
-// computed outputs [n0, n1) of every row, right after it (an activation, while they are in cache).
+// of outputs; `epilogue(n0, n1)`, if given, runs on the thread that computed outputs [n0, n1) of
+// every row, right after it (an activation, while they are in cache).
 void fused_rows_product(const float* x, const WeightRows& w, const float* bias, float* y, int64_t M,
                         const std::function<void(int64_t, int64_t)>& epilogue = nullptr);
 // Row n of the matrix as float32 (an embedding lookup; as PackedWeight::lookup_rows).
