@@ -13,6 +13,7 @@
 #include <torch/types.h>
 
 #include "bench/bench_util.h"
+#include "core/int8_gemm.h"
 #include "core/threads.h"
 #include "lm/skinny_matmul.h"
 
@@ -71,6 +72,12 @@ int main(int argc, char** argv) {
         r[name + "_us"] = t * 1e6;
         r[name + "_speedup_over_float32"] = t_ref / t;
       }
+      // the encoders' int8 product (core/int8_gemm.h): the same quantisation, a layout for many rows
+      const Int8Matrix encoder = pack_int8_matrix(w, b);
+      int8_linear(x, encoder);
+      const double t_enc = best_time(repeats, [&] { int8_linear(x, encoder); });
+      r["int8_gemm_us"] = t_enc * 1e6;
+      r["int8_gemm_speedup_over_float32"] = t_ref / t_enc;
       out["shapes"][s.name][std::to_string(m)] = r;
     }
   }

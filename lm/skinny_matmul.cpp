@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <c10/core/GradMode.h>
 
+#include "core/int8_gemm.h"
 #include "lm/short_attention.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -90,29 +91,6 @@ struct QuantRows {
 inline float finish_dynamic(int32_t d, int32_t row_sum, float sx, float sw, const float* bias, int64_t n) {
   const float v = static_cast<float>(d - 128 * row_sum);
   return bias ? std::fma(v, sx * sw, bias[n]) : v * (sx * sw);
-}
-
-// A row's scale sx = amax / 127 into *sx; returns the factor its values are multiplied by.
-inline float activation_step(float amax, float* sx) {
-  *sx = amax / 127.0f;
-  return amax > 0 ? 127.0f / amax : 0.0f;
-}
-
-// One activation as the integer kernels read it: nearbyint(x * inv), within +-127, plus 128.
-inline uint8_t quantize_activation(float x, float inv) {
-  const float p = std::min(127.0f, std::max(-127.0f, std::nearbyint(x * inv)));
-  return static_cast<uint8_t>(static_cast<int32_t>(p) + 128);
-}
-
-PREFIXCAP_CLONES void generic_quantize_rows(const float* __restrict x, uint8_t* __restrict q, float* __restrict sx,
-                                            int64_t M, int64_t K) {
-  for (int64_t m = 0; m < M; ++m) {
-    const float* __restrict xm = x + m * K;
-    float amax = 0;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xm[k]));
-    const float inv = activation_step(amax, sx + m);
-    for (int64_t k = 0; k < K; ++k) q[m * K + k] = quantize_activation(xm[k], inv);
-  }
 }
 
 PREFIXCAP_CLONES void generic_dynamic_rows(const QuantRows& x, const int8_t* __restrict w, const float* __restrict sw,
@@ -329,30 +307,6 @@ PREFIXCAP_AVX512 void attention_head(const DecodeAttentionArgs& a, int64_t b, in
 }
 
 #define PREFIXCAP_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl,fma")))
-// generic_quantize_rows' arithmetic, 16 values at a time (cvtps_epi32 rounds to nearest even, as
-// nearbyint does in the default rounding mode).
-PREFIXCAP_VNNI void vnni_quantize_rows(const float* x, uint8_t* q, float* sx, int64_t M, int64_t K) {
-  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
-  const __m512i offset = _mm512_set1_epi32(128);
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xm = x + m * K;
-    uint8_t* qm = q + m * K;
-    __m512 vmax = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(xm + k)));
-    float amax = _mm512_reduce_max_ps(vmax);
-    for (int64_t t = k; t < K; ++t) amax = std::max(amax, std::fabs(xm[t]));
-    const float inv = activation_step(amax, sx + m);
-    const __m512 vinv = _mm512_set1_ps(inv);
-    for (k = 0; k + 16 <= K; k += 16) {
-      const __m512 p = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(_mm512_loadu_ps(xm + k), vinv)));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(qm + k),
-                       _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(p), offset)));
-    }
-    for (; k < K; ++k) qm[k] = quantize_activation(xm[k], inv);
-  }
-}
-
 // The sums of the 16 lanes of a, b, c and d, in that order (13 instructions where four
 // _mm512_reduce_add_epi32 take about 32): pairs of vectors are interleaved and added, then the
 // four 128-bit quarters.
@@ -462,16 +416,6 @@ bool detect_avx512f() {
 #endif
 }
 
-bool detect_avx512vnni() {
-#if PREFIXCAP_X86_KERNELS
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vnni");
-  return has;
-#else
-  return false;
-#endif
-}
-
 std::atomic<SkinnyIsa>& isa_choice() {
   static std::atomic<SkinnyIsa> isa{detect_avx512f() ? SkinnyIsa::Avx512 : SkinnyIsa::Generic};
   return isa;
@@ -514,14 +458,8 @@ void run_dynamic(const float* x, const WeightRows& w, const float* bias, float* 
   thread_local std::vector<float> scale_buffer;
   q_buffer.resize(static_cast<size_t>(M * K));
   scale_buffer.resize(static_cast<size_t>(M));
-  const bool vnni = isa_choice().load() == SkinnyIsa::Avx512 && detect_avx512vnni();
-  (void)vnni;  // without the x86 kernels
-#if PREFIXCAP_X86_KERNELS
-  if (vnni)
-    vnni_quantize_rows(x, q_buffer.data(), scale_buffer.data(), M, K);
-  else
-#endif
-    generic_quantize_rows(x, q_buffer.data(), scale_buffer.data(), M, K);
+  const bool vnni = isa_choice().load() == SkinnyIsa::Avx512 && cpu_has_avx512vnni();
+  quantize_activation_rows(x, M, K, K, q_buffer.data(), K, scale_buffer.data(), vnni);
   QuantRows xq;
   xq.q = q_buffer.data();
   xq.scale = scale_buffer.data();
@@ -552,8 +490,6 @@ at::Tensor float_bias(const at::Tensor& bias, int64_t N) {
 }  // namespace
 
 bool cpu_has_avx512f() { return detect_avx512f(); }
-bool cpu_has_avx512vnni() { return detect_avx512vnni(); }
-
 SkinnyIsa skinny_isa() { return isa_choice().load(); }
 
 const char* skinny_isa_name(SkinnyIsa isa) { return isa == SkinnyIsa::Avx512 ? "avx512" : "generic"; }
@@ -585,23 +521,6 @@ at::Tensor skinny_matmul_nk(const at::Tensor& x_in, const at::Tensor& w, const a
 
 // ---------------------------------------------------------------------------------------
 // packed weights
-
-WeightDtype parse_weight_dtype(const std::string& name) {
-  if (name == "float32") return WeightDtype::Float32;
-  if (name == "bfloat16") return WeightDtype::BFloat16;
-  if (name == "int8") return WeightDtype::Int8;
-  if (name == "int8-dynamic") return WeightDtype::Int8Dynamic;
-  throw std::invalid_argument("weight type '" + name + "' is not one of float32, bfloat16, int8, int8-dynamic");
-}
-
-const char* weight_dtype_name(WeightDtype dtype) {
-  switch (dtype) {
-    case WeightDtype::BFloat16: return "bfloat16";
-    case WeightDtype::Int8: return "int8";
-    case WeightDtype::Int8Dynamic: return "int8-dynamic";
-    default: return "float32";
-  }
-}
 
 size_t PackedWeight::bytes() const {
   size_t n = defined() ? data.numel() * data.element_size() : 0;

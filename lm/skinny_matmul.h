@@ -18,6 +18,9 @@
 
 #include <ATen/Tensor.h>
 
+#include "core/int8_gemm.h"
+#include "core/weight_dtype.h"
+
 namespace prefixcap {
 
 constexpr int64_t kMaxSkinnyRows = 8;        // float32 weights: above this, BLAS gemm is as fast
@@ -33,8 +36,8 @@ const char* skinny_isa_name(SkinnyIsa isa);
 // For tests and benchmarks: use `isa` from now on (Avx512 on a processor without it throws).
 void force_skinny_isa(SkinnyIsa isa);
 bool cpu_has_avx512f();
-// AVX-512 VNNI and BW (the Int8Dynamic kernel's vpdpbusd and byte masks), as the processor reports.
-bool cpu_has_avx512vnni();
+// AVX-512 VNNI and BW (the Int8Dynamic kernel's vpdpbusd and byte masks): cpu_has_avx512vnni(),
+// core/int8_gemm.h.
 
 // True when the float32 kernel applies: CPU float32, contiguous, no gradient needed, rows <= max.
 bool skinny_applicable(const at::Tensor& x, const at::Tensor& weight);
@@ -42,13 +45,7 @@ bool skinny_applicable(const at::Tensor& x, const at::Tensor& weight);
 // y = x @ w^T (+ bias) with w stored [N, K] (Linear / embedding layout). x [M, K] -> [M, N].
 at::Tensor skinny_matmul_nk(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias = {});
 
-// The storage type of frozen inference weights (`--lm-dtype`). Int8Dynamic stores the weights as
-// Int8 does and also quantises each row of activations to int8 when it multiplies (W8A8).
-enum class WeightDtype { Float32, BFloat16, Int8, Int8Dynamic };
-// "float32" | "bfloat16" | "int8" | "int8-dynamic"; anything else throws std::invalid_argument
-// naming the choices.
-WeightDtype parse_weight_dtype(const std::string& name);
-const char* weight_dtype_name(WeightDtype dtype);
+// The storage type of frozen inference weights (`--lm-dtype`): WeightDtype, core/weight_dtype.h.
 
 // A frozen [N, K] weight matrix in a compact type, for inference:
 //   BFloat16: each weight rounded to the nearest bfloat16 (ties to even);

@@ -1,3 +1,5 @@
+#include <map>
+
 #include <gtest/gtest.h>
 
 #include <caffe2/serialize/inline_container.h>
@@ -5,6 +7,7 @@
 #include <torch/nn/modules/linear.h>
 
 #include "core/errors.h"
+#include "core/int8_gemm.h"
 #include "core/json_config.h"
 #include "core/safetensors.h"
 #include "core/threads.h"
@@ -414,4 +417,59 @@ TEST(Threads, ExplicitCountIsApplied) {
   setenv("PREFIXCAP_THREADS", "lots", 1);
   EXPECT_THROW(configure_threads(), ConfigError);
   unsetenv("PREFIXCAP_THREADS");
+}
+
+// The encoders' int8 product against its definition, computed here in float64 from the test's
+// own quantisation (torch.round: ties to even), over shapes that exercise every tail: K not a
+// multiple of 4, N not a multiple of 64, M not a multiple of the 6-row tile or the 48-row task,
+// a zero row; the VNNI kernel equal to the plain one bit for bit.
+TEST(Int8Gemm, IsTheIntegerProductOfRowQuantisedActivationsAndWeights) {
+  torch::NoGradGuard no_grad;
+  std::map<std::string, at::Tensor> by_kernel;
+  std::vector<Int8GemmIsa> kernels = {Int8GemmIsa::Generic};
+  if (cpu_has_avx512vnni()) kernels.push_back(Int8GemmIsa::Vnni);
+  for (Int8GemmIsa isa : kernels) {
+    force_int8_gemm_isa(isa);
+    for (int64_t K : {1, 7, 64, 785}) {
+      for (int64_t N : {1, 37, 64, 130}) {
+        at::manual_seed(K * 1000 + N);
+        const at::Tensor w = at::randn({N, K}), bias = at::randn({N});
+        const Int8Matrix p = pack_int8_matrix(w, bias);
+        const at::Tensor wmax = w.abs().amax(1, true);
+        const at::Tensor q = (w * (127.0f / wmax)).round().clamp(-127, 127);
+        const at::Tensor sw = (wmax / 127.0f).to(at::kDouble);
+        EXPECT_TRUE(at::allclose(p.dequantize().to(at::kDouble), q.to(at::kDouble) * sw, 1e-6, 1e-7)) << N << "x" << K;
+        for (int64_t M : {1, 6, 13, 50, 97}) {
+          at::Tensor x = at::randn({M, K}) * at::rand({M, 1}) * 4;
+          if (M > 6) x[4].zero_();
+          const at::Tensor amax = x.abs().amax(1, true);
+          const at::Tensor inv = at::where(amax > 0, 127.0f / amax, at::zeros_like(amax));
+          const at::Tensor px = (x * inv).round().clamp(-127, 127).to(at::kDouble);
+          const at::Tensor sx = (amax / 127.0f).to(at::kDouble);
+          const at::Tensor ref = at::matmul(px, q.to(at::kDouble).t()) * sx * sw.t() + bias.to(at::kDouble);
+          const at::Tensor got = int8_linear(x, p);
+          ASSERT_EQ(got.sizes(), ref.sizes());
+          const std::string shape = "M=" + std::to_string(M) + " N=" + std::to_string(N) + " K=" + std::to_string(K);
+          const std::string where = (isa == Int8GemmIsa::Vnni ? "vnni " : "generic ") + shape;
+          EXPECT_TRUE(at::allclose(got.to(at::kDouble), ref, 1e-6, 1e-5))
+              << where << ": " << (got.to(at::kDouble) - ref).abs().max().item<double>();
+          if (isa == Int8GemmIsa::Generic)
+            by_kernel[shape] = got;
+          else
+            EXPECT_TRUE(got.equal(by_kernel.at(shape))) << where << ": differs from the generic kernel";
+        }
+      }
+    }
+  }
+  force_int8_gemm_isa(cpu_has_avx512vnni() ? Int8GemmIsa::Vnni : Int8GemmIsa::Generic);
+  // Leading dimensions are kept; no bias means zero.
+  const at::Tensor w = at::randn({70, 33}), x = at::randn({2, 3, 33});
+  const Int8Matrix p = pack_int8_matrix(w);
+  const at::Tensor y = int8_linear(x, p);
+  EXPECT_EQ(y.sizes(), (std::vector<int64_t>{2, 3, 70}));
+  EXPECT_LT((y - at::linear(x, w)).abs().max().item<double>(), 0.05 * at::linear(x, w).abs().max().item<double>());
+  EXPECT_THROW(int8_linear(at::randn({2, 32}), p), std::invalid_argument);
+  EXPECT_THROW(pack_int8_matrix(at::randn({4, 3}), at::randn({5})), std::invalid_argument);
+  EXPECT_THROW(pack_int8_matrix(at::randn({4})), std::invalid_argument);
+  EXPECT_THROW(pack_int8_matrix(at::randn({0, 3})), std::invalid_argument);
 }
