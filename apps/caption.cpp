@@ -184,7 +184,7 @@ void print_caption(std::ostream& out, const std::string& format, const Json& fie
 int main(int argc, char** argv) {
   prefixcap::select_blas_kernels(argv);  // before anything else: may re-execute (core/threads.h)
   CLI::App app{"Caption audio, image and video files with a prefixcap captioner bundle"};
-  std::string model, format = "text", output, device = "cpu", lm_dtype = "float32";
+  std::string model, format = "text", output, device = "cpu", lm_dtype = "float32", encoder_dtype = "float32";
   std::vector<std::string> inputs, stops;
   int batch_size = 8, threads = 0, beam = -1, top_k = 0, max_tokens = -1, num_captions = 1, frames = 8;
   double top_p = 1.0, temperature = 1.0, window = 0, hop = 0;
@@ -204,6 +204,10 @@ int main(int argc, char** argv) {
                  "GPT-2 weights for CPU decoding: float32, bfloat16, int8 (weight-only, per-row scales) or "
                  "int8-dynamic (activations quantised per row too; integer products; fastest for beams and batches)")
       ->capture_default_str()->check(CLI::IsMember({"float32", "bfloat16", "int8", "int8-dynamic"}));
+  app.add_option("--encoder-dtype", encoder_dtype,
+                 "image encoder arithmetic on the CPU: float32, or int8-dynamic (the CLIP ViT's linear layers as "
+                 "int8 products with activations quantised per row: about 3x faster with AVX-512 VNNI, embeddings within 0.999 cosine of float32 in the tests)")
+      ->capture_default_str()->check(CLI::IsMember({"float32", "int8-dynamic"}));
   app.add_option("--beam", beam, "beam size (default: the bundle's)")->check(CLI::PositiveNumber);
   app.add_flag("--greedy", greedy, "greedy decoding (beam 1)");
   app.add_flag("--sample", sample, "sample tokens (with --top-k / --top-p / --temperature / --seed)");
@@ -281,6 +285,7 @@ int main(int argc, char** argv) {
       captioner->to(at::Device(at::kCUDA));
     }
     captioner->set_lm_dtype(parse_weight_dtype(lm_dtype));
+    captioner->set_encoder_dtype(parse_weight_dtype(encoder_dtype));
     options = captioner->default_decoding();
     if (greedy) options.beam_size = 1;
     if (beam > 0) options.beam_size = beam;

@@ -490,7 +490,7 @@ std::string route_of(const httplib::Request& req) {
 int main(int argc, char** argv) {
   prefixcap::select_blas_kernels(argv);  // before anything else: may re-execute (core/threads.h)
   CLI::App app{"Serve a prefixcap captioner bundle over HTTP, batching concurrent requests"};
-  std::string model, host = "127.0.0.1", device = "cpu", lm_dtype = "float32", tmp;
+  std::string model, host = "127.0.0.1", device = "cpu", lm_dtype = "float32", encoder_dtype = "float32", tmp;
   int port = 8080, threads = 0, connections = 32, max_batch = 16;
   double batch_wait_ms = 5, max_body_mb = 64, read_timeout = 30;
   int64_t max_queue = 1024;
@@ -506,6 +506,10 @@ int main(int argc, char** argv) {
                  "GPT-2 weights for CPU decoding: float32, bfloat16, int8 (weight-only, per-row scales) or "
                  "int8-dynamic (activations quantised per row too)")
       ->capture_default_str()->check(CLI::IsMember({"float32", "bfloat16", "int8", "int8-dynamic"}));
+  app.add_option("--encoder-dtype", encoder_dtype,
+                 "image encoder arithmetic on the CPU: float32, or int8-dynamic (the CLIP ViT's linear layers as "
+                 "int8 products with activations quantised per row: about 3x faster with AVX-512 VNNI, embeddings within 0.999 cosine of float32 in the tests)")
+      ->capture_default_str()->check(CLI::IsMember({"float32", "int8-dynamic"}));
   app.add_option("--max-batch", max_batch, "clips, windows or images per batch (1 = no batching)")->capture_default_str()->check(CLI::Range(1, 256));
   app.add_option("--batch-wait-ms", batch_wait_ms, "how long a batch waits for more requests")->capture_default_str()->check(CLI::Range(0.0, 1000.0));
   app.add_option("--max-queue", max_queue, "clips and windows waiting, at most (then 429)")->capture_default_str()->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
@@ -545,6 +549,7 @@ int main(int argc, char** argv) {
       captioner->to(at::Device(at::kCUDA));
     }
     captioner->set_lm_dtype(parse_weight_dtype(lm_dtype));
+    captioner->set_encoder_dtype(parse_weight_dtype(encoder_dtype));
     if (captioner->encoder_kind() == "none") throw std::runtime_error("the bundle has no encoder: it cannot caption media");
     for (const auto& root : allow) s.allowed_roots.push_back(fs::canonical(root));
     const fs::path base = tmp.empty() ? fs::temp_directory_path() : fs::path(tmp);

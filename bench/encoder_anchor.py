@@ -5,7 +5,9 @@
          bn0, six conv blocks, the global pooling and fc1), batch 1 and batch 8, ms per clip.
   vit:   CLIP ViT-B/32 (transformers' CLIPVisionModelWithProjection), images/s at batch 1 and 16.
 Each under torch.inference_mode(), in three settings: float32 eager (NCHW), float32 with
-channels-last (CNN14 only) and bfloat16 autocast (channels-last for CNN14).
+channels-last (CNN14 only) and bfloat16 autocast (channels-last for CNN14); the ViT also with
+PyTorch's dynamic int8 quantisation of its linear layers (quantize_dynamic, per-channel weights),
+the same kind of arithmetic as prefixcap's --encoder-dtype int8-dynamic.
 
   logmel:     CNN14's front end alone (torch.stft, power, mel matrix, 10 log10: what PANNs'
               torchlibrosa layers compute) on 60 s at 32 kHz, as a multiple of real time.
@@ -194,6 +196,22 @@ def bench_vit(repeats):
             t1 = best_time(repeats + 2, lambda: run(one))
             t16 = best_time(repeats, lambda: run(sixteen))
         settings[name] = {"images_per_s_batch1": 1.0 / t1, "images_per_s_batch16": 16.0 / t16}
+    # PyTorch's own W8A8 for the same layers: dynamic quantisation of every nn.Linear (int8
+    # weights per output channel, activations quantised at run time; fbgemm/x86 kernels).
+    try:
+        from torch.ao.quantization import quantize_dynamic, per_channel_dynamic_qconfig
+        import warnings
+        with warnings.catch_warnings():  # its deprecation notices
+            warnings.simplefilter("ignore")
+            q = quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+        with torch.inference_mode():
+            q(pixel_values=one)
+            t1 = best_time(repeats + 2, lambda: q(pixel_values=one))
+            t16 = best_time(repeats, lambda: q(pixel_values=sixteen))
+        settings["int8_dynamic_quantized"] = {"images_per_s_batch1": 1.0 / t1, "images_per_s_batch16": 16.0 / t16,
+                                              "engine": torch.backends.quantized.engine}
+    except Exception as e:  # a PyTorch without quantized kernels: reported, not hidden
+        settings["int8_dynamic_quantized_error"] = repr(e)
     return settings
 
 

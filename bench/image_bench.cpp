@@ -4,6 +4,8 @@
 // in .venv-torch), and CLIP preprocessing (JPEG decode + Pillow bicubic resize + crop +
 // normalise) images/s for a 1024x768 JPEG made here, beside Pillow + openai/CLIP's transform on
 // the same file (encoder_anchor.py --models preprocess). Prints one JSON object.
+// The ViT is timed again with --encoder-dtype int8-dynamic (W8A8 linear layers), beside PyTorch's
+// own dynamic int8 quantisation of the same model, with its outputs' cosine to float32's.
 // Options: --threads N, --python PATH (the anchor's interpreter), --no-anchor.
 #include <unistd.h>
 
@@ -20,6 +22,7 @@
 #include <torch/types.h>
 
 #include "bench/bench_util.h"
+#include "core/int8_gemm.h"
 #include "core/threads.h"
 #include "encoders/clip_vision.h"
 #include "encoders/image_preprocess.h"
@@ -84,6 +87,26 @@ int main(int argc, char** argv) {
   double t16 = best_time(3, [&] { vit->forward(sixteen); });
   out["vit_b32_images_per_s_batch1"] = 1.0 / t1;
   out["vit_b32_images_per_s_batch16"] = 16.0 / t16;
+  // --encoder-dtype int8-dynamic: the same model with its linear layers as W8A8 integer products,
+  // and how far its outputs move from float32's on these 16 inputs.
+  const ClipVisionOutput reference = vit->forward(sixteen);
+  vit->set_compute_dtype(WeightDtype::Int8Dynamic);
+  vit->forward(one);
+  t1 = best_time(5, [&] { vit->forward(one); });
+  t16 = best_time(3, [&] { vit->forward(sixteen); });
+  out["int8_dynamic"]["kernel"] = int8_gemm_isa() == Int8GemmIsa::Vnni ? "avx512-vnni" : "generic";
+  out["int8_dynamic"]["vit_b32_images_per_s_batch1"] = 1.0 / t1;
+  out["int8_dynamic"]["vit_b32_images_per_s_batch16"] = 16.0 / t16;
+  out["int8_dynamic"]["speedup_over_our_float32_batch1"] = 1.0 / t1 / out["vit_b32_images_per_s_batch1"].get<double>();
+  out["int8_dynamic"]["speedup_over_our_float32_batch16"] = 16.0 / t16 / out["vit_b32_images_per_s_batch16"].get<double>();
+  {
+    const ClipVisionOutput q = vit->forward(sixteen);
+    out["int8_dynamic"]["image_embeds_min_cosine_to_float32"] =
+        at::cosine_similarity(q.image_embeds, reference.image_embeds, 1).min().item<double>();
+    out["int8_dynamic"]["tokens_min_cosine_to_float32"] =
+        at::cosine_similarity(q.last_hidden_state.flatten(0, 1), reference.last_hidden_state.flatten(0, 1), 1).min().item<double>();
+  }
+  vit->set_compute_dtype(WeightDtype::Float32);
   if (anchor) {
     const auto py = run_python_anchor<nlohmann::json>(python, std::string(PREFIXCAP_SOURCE_DIR) + "/bench/encoder_anchor.py",
                                                       "--models vit --threads " + std::to_string(setup.num_threads),
@@ -92,13 +115,19 @@ int main(int argc, char** argv) {
     out["anchor"]["what"] = "transformers CLIPVisionModelWithProjection, ViT-B/32 shape, PyTorch 2.x inference mode, same threads";
     if (py.contains("vit")) {
       nlohmann::json ratios;  // ours / anchor in images per second: above 1 means faster
-      for (const auto& [setting, a] : py["vit"].items())
+      nlohmann::json int8_ratios;
+      for (const auto& [setting, a] : py["vit"].items()) {
+        if (!a.is_object()) continue;  // an anchor setting's error message
         for (const char* b : {"batch1", "batch16"}) {
           const std::string key = std::string("images_per_s_") + b;
           ratios[std::string("vit_b32_") + b + "_speedup_over_torch_" + setting] =
               out["vit_b32_" + key].get<double>() / a[key].get<double>();
+          int8_ratios[std::string("vit_b32_") + b + "_speedup_over_torch_" + setting] =
+              out["int8_dynamic"]["vit_b32_" + key].get<double>() / a[key].get<double>();
         }
+      }
       out["speedups"] = ratios;
+      out["int8_dynamic"]["speedups"] = int8_ratios;
     }
   }
   out["peak_rss_MB"] = peak_rss_bytes() / 1e6;

@@ -11,6 +11,7 @@
 
 #include "core/json_config.h"
 #include "core/tensor_map.h"
+#include "core/weight_dtype.h"
 #include "encoders/image_preprocess.h"
 
 namespace prefixcap {
@@ -34,6 +35,14 @@ class ClipImageEncoderImpl : public torch::nn::Module {
   // or the model's own; strict, naming every problem.
   virtual void load_weights(const TensorMap& weights, const std::string& source) = 0;
   void freeze();
+  // `--encoder-dtype`: Float32 (the weights as loaded) or Int8Dynamic, where the encoder has it
+  // (the ViT: its linear layers and patch embedding as W8A8 integer products, core/int8_gemm.h,
+  // CPU only). Anything else throws std::invalid_argument naming what the encoder takes.
+  virtual void set_compute_dtype(WeightDtype dtype);
+  WeightDtype compute_dtype() const { return compute_dtype_; }
+
+ protected:
+  WeightDtype compute_dtype_ = WeightDtype::Float32;
 };
 using ClipImageEncoder = std::shared_ptr<ClipImageEncoderImpl>;
 

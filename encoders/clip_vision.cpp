@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <stdexcept>
 
 #include <ATen/ATen.h>
 
@@ -48,9 +49,24 @@ ClipAttentionImpl::ClipAttentionImpl(const ClipVisionConfig& c) : heads_(c.num_a
 at::Tensor ClipAttentionImpl::forward(const at::Tensor& x) {
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2), D = C / heads_;
   auto heads = [&](const at::Tensor& t) { return t.view({B, N, heads_, D}).transpose(1, 2); };  // [B, H, N, D]
-  at::Tensor q = heads(q_proj(x)) * (1.0 / std::sqrt(double(D)));
-  at::Tensor probs = at::softmax(at::matmul(q, heads(k_proj(x)).transpose(-2, -1)), -1);
-  return out_proj(at::matmul(probs, heads(v_proj(x))).transpose(1, 2).reshape({B, N, C}));
+  at::Tensor q, k, v;
+  if (qkv_int8.defined()) {
+    const at::Tensor qkv = int8_linear(x, qkv_int8);  // [B, N, 3C]
+    q = qkv.narrow(-1, 0, C), k = qkv.narrow(-1, C, C), v = qkv.narrow(-1, 2 * C, C);
+  } else {
+    q = q_proj(x), k = k_proj(x), v = v_proj(x);
+  }
+  at::Tensor probs = at::softmax(at::matmul(heads(q) * (1.0 / std::sqrt(double(D))), heads(k).transpose(-2, -1)), -1);
+  at::Tensor context = at::matmul(probs, heads(v)).transpose(1, 2).reshape({B, N, C});
+  return out_int8.defined() ? int8_linear(context, out_int8) : out_proj(context);
+}
+
+void ClipAttentionImpl::pack_int8(bool on) {
+  qkv_int8 = out_int8 = Int8Matrix();
+  if (!on) return;
+  qkv_int8 = pack_int8_matrix(at::cat({q_proj->weight, k_proj->weight, v_proj->weight}),
+                              at::cat({q_proj->bias, k_proj->bias, v_proj->bias}));
+  out_int8 = pack_int8_matrix(out_proj->weight, out_proj->bias);
 }
 
 ClipMlpImpl::ClipMlpImpl(const ClipVisionConfig& c) : quick_gelu_(c.hidden_act == "quick_gelu") {
@@ -59,9 +75,16 @@ ClipMlpImpl::ClipMlpImpl(const ClipVisionConfig& c) : quick_gelu_(c.hidden_act =
 }
 
 at::Tensor ClipMlpImpl::forward(const at::Tensor& x) {
-  at::Tensor h = fc1(x);
+  at::Tensor h = fc1_int8.defined() ? int8_linear(x, fc1_int8) : fc1(x);
   h = quick_gelu_ ? h * at::sigmoid(1.702 * h) : at::gelu(h);
-  return fc2(h);
+  return fc2_int8.defined() ? int8_linear(h, fc2_int8) : fc2(h);
+}
+
+void ClipMlpImpl::pack_int8(bool on) {
+  fc1_int8 = fc2_int8 = Int8Matrix();
+  if (!on) return;
+  fc1_int8 = pack_int8_matrix(fc1->weight, fc1->bias);
+  fc2_int8 = pack_int8_matrix(fc2->weight, fc2->bias);
 }
 
 ClipEncoderLayerImpl::ClipEncoderLayerImpl(const ClipVisionConfig& c) {
@@ -85,8 +108,22 @@ ClipVisionEmbeddingsImpl::ClipVisionEmbeddingsImpl(const ClipVisionConfig& c) {
   position_embedding = register_module("position_embedding", torch::nn::Embedding(c.num_patches() + 1, c.hidden_size));
 }
 
+void ClipVisionEmbeddingsImpl::pack_int8(bool on) {
+  patch_int8 = Int8Matrix();
+  if (on) patch_int8 = pack_int8_matrix(patch_embedding->weight.flatten(1));  // [C, 3 * p * p]
+}
+
 at::Tensor ClipVisionEmbeddingsImpl::forward(const at::Tensor& pixel_values) {
-  at::Tensor patches = patch_embedding(pixel_values).flatten(2).transpose(1, 2);  // [B, P, C]
+  at::Tensor patches;  // [B, P, C]
+  if (patch_int8.defined()) {
+    // The stride-p, p x p convolution as a product: each patch's pixels in the weight's order (channel, row, column).
+    const int64_t B = pixel_values.size(0), ch = pixel_values.size(1), p = patch_embedding->options.kernel_size()->at(0);
+    const int64_t gh = pixel_values.size(2) / p, gw = pixel_values.size(3) / p;
+    const at::Tensor rows = pixel_values.reshape({B, ch, gh, p, gw, p}).permute({0, 2, 4, 1, 3, 5}).reshape({B * gh * gw, ch * p * p});
+    patches = int8_linear(rows, patch_int8).view({B, gh * gw, -1});
+  } else {
+    patches = patch_embedding(pixel_values).flatten(2).transpose(1, 2);
+  }
   const int64_t B = patches.size(0);
   at::Tensor cls = class_embedding.to(patches.dtype()).view({1, 1, -1}).expand({B, 1, patches.size(2)});
   at::Tensor x = at::cat({cls, patches}, 1);
@@ -195,6 +232,31 @@ void ClipVisionTransformerImpl::load_weights(const TensorMap& weights, const std
                        "transformer.*", "token_embedding.*", "positional_embedding", "ln_final.*", "text_projection",
                        "input_resolution", "context_length", "vocab_size", "visual.attnpool.*"};
   load_state_strict(*this, clip_openai_to_hf(weights, config_), options);
+  if (compute_dtype_ != WeightDtype::Float32) set_compute_dtype(compute_dtype_);  // repack the new weights
+}
+
+void ClipImageEncoderImpl::set_compute_dtype(WeightDtype dtype) {
+  if (dtype != WeightDtype::Float32)
+    throw std::invalid_argument(std::string("the CLIP ") + architecture() + " encoder computes in float32 only, not " +
+                                weight_dtype_name(dtype));
+  compute_dtype_ = dtype;
+}
+
+void ClipVisionTransformerImpl::set_compute_dtype(WeightDtype dtype) {
+  if (dtype != WeightDtype::Float32 && dtype != WeightDtype::Int8Dynamic)
+    throw std::invalid_argument(std::string("the CLIP ViT computes in float32 or int8-dynamic, not ") +
+                                weight_dtype_name(dtype));
+  const bool on = dtype == WeightDtype::Int8Dynamic;
+  if (on && !visual_projection->weight.device().is_cpu())
+    throw std::invalid_argument("the CLIP ViT's int8-dynamic products run on the CPU; the encoder is on " +
+                                visual_projection->weight.device().str());
+  torch::NoGradGuard no_grad;
+  vision_model->embeddings->pack_int8(on);
+  for (auto& layer : vision_model->layer_list) {
+    layer->self_attn->pack_int8(on);
+    layer->mlp->pack_int8(on);
+  }
+  compute_dtype_ = dtype;
 }
 
 void ClipImageEncoderImpl::freeze() {

@@ -15,6 +15,7 @@
 #include <torch/nn/modules/normalization.h>
 #include <torch/nn/pimpl.h>
 
+#include "core/int8_gemm.h"
 #include "core/json_config.h"
 #include "core/tensor_map.h"
 #include "encoders/clip_image_encoder.h"
@@ -43,7 +44,10 @@ class ClipAttentionImpl : public torch::nn::Module {
  public:
   explicit ClipAttentionImpl(const ClipVisionConfig& c);
   at::Tensor forward(const at::Tensor& x);  // [B, N, C]
+  // Int8Dynamic: q, k and v as one [3C, C] integer product, out_proj as another; empty: float.
+  void pack_int8(bool on);
   torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, out_proj{nullptr};
+  Int8Matrix qkv_int8, out_int8;
 
  private:
   int64_t heads_;
@@ -54,7 +58,9 @@ class ClipMlpImpl : public torch::nn::Module {
  public:
   explicit ClipMlpImpl(const ClipVisionConfig& c);
   at::Tensor forward(const at::Tensor& x);
+  void pack_int8(bool on);
   torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+  Int8Matrix fc1_int8, fc2_int8;
 
  private:
   bool quick_gelu_;
@@ -75,8 +81,10 @@ class ClipVisionEmbeddingsImpl : public torch::nn::Module {
  public:
   explicit ClipVisionEmbeddingsImpl(const ClipVisionConfig& c);
   at::Tensor forward(const at::Tensor& pixel_values);  // [B, 3, H, W] -> [B, 1 + patches, C]
+  void pack_int8(bool on);  // the patch embedding as a [C, 3 * patch^2] integer product
   at::Tensor class_embedding;                          // [C]
   torch::nn::Conv2d patch_embedding{nullptr};
+  Int8Matrix patch_int8;
   torch::nn::Embedding position_embedding{nullptr};
 };
 TORCH_MODULE(ClipVisionEmbeddings);
@@ -93,6 +101,9 @@ class ClipVisionTransformerImpl : public ClipImageEncoderImpl {
   int64_t token_dim() const override { return config_.hidden_size; }
   Json config_json() const override;
   std::string architecture() const override { return "vit"; }
+  // Int8Dynamic packs every linear layer and the patch embedding (visual_projection, one row per
+  // image, stays float32); a reload repacks them.
+  void set_compute_dtype(WeightDtype dtype) override;
 
   // vision_model.{embeddings, pre_layrnorm, encoder.layers, post_layernorm}
   struct VisionModelImpl : torch::nn::Module {

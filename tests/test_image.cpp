@@ -9,6 +9,7 @@
 
 #include "core/errors.h"
 #include "core/safetensors.h"
+#include "core/weights.h"
 #include "encoders/clip_image_encoder.h"
 #include "encoders/clip_vision.h"
 #include "encoders/feature_kernels_cpu.h"
@@ -18,6 +19,7 @@
 
 using namespace prefixcap;
 using prefixcap::testing::error_of;
+using prefixcap::testing::message_of;
 using prefixcap::testing::fixture_dir;
 using prefixcap::testing::read_bytes;
 using prefixcap::testing::TempDir;
@@ -218,4 +220,43 @@ TEST(ClipPreprocess, KernelMathEqualsTheCpuPortExactly) {
     EXPECT_TRUE(clip_crop_kernel_math(im, config).equal(crop)) << what;
     EXPECT_TRUE(clip_pixels_kernel_math(im, config).equal(clip_normalize(crop, config))) << what;
   }
+}
+
+// --encoder-dtype int8-dynamic on the clip-vit-tiny fixture (golden outputs from openai/CLIP in
+// float64): every image embedding within cosine 0.999 of upstream's (issue 19's gate; measured
+// 0.99908), every token within 0.998 (measured 0.99875: this model is 64 wide, so each product
+// sums few terms; ViT-B/32 in image_bench: 0.9999), the embeddings' largest difference within 3 %
+// of their range; back to float32, the fixture's own tolerance
+// (1e-4) again; a reload repacks; the ResNet refuses the type by name.
+TEST(ClipVision, Int8DynamicStaysWithinTheAccuracyGate) {
+  SafetensorsFile golden(fixture_dir("clip-vit-tiny") + "/golden.safetensors");
+  torch::NoGradGuard no_grad;
+  const at::Tensor pixels = golden.tensor("vision.pixel_values");
+  const at::Tensor embeds = golden.tensor("vision.image_embeds").to(at::kFloat);
+  const at::Tensor tokens = golden.tensor("vision.last_hidden_state").to(at::kFloat);
+  ClipImageEncoder vit = load_clip_image_encoder(fixture_dir("clip-vit-tiny"));
+  vit->set_compute_dtype(WeightDtype::Int8Dynamic);
+  EXPECT_EQ(vit->compute_dtype(), WeightDtype::Int8Dynamic);
+  ClipVisionOutput q = vit->forward(pixels);
+  const double embed_cos = at::cosine_similarity(q.image_embeds, embeds, 1).min().item<double>();
+  const double token_cos = at::cosine_similarity(q.last_hidden_state.flatten(0, 1), tokens.flatten(0, 1), 1).min().item<double>();
+  EXPECT_GT(embed_cos, 0.999);
+  EXPECT_GT(token_cos, 0.998);
+  EXPECT_LT((q.image_embeds - embeds).abs().max().item<double>(), 0.03 * (embeds.max() - embeds.min()).item<double>());
+  EXPECT_FALSE(at::allclose(q.image_embeds, embeds, 1e-6, 1e-6));  // it did run the integer products
+  std::cout << "int8-dynamic vs upstream: image_embeds min cosine " << embed_cos << ", tokens " << token_cos << "\n";
+  // Reloading the weights repacks them: zeroed weights give a different embedding, the originals the same one.
+  const TensorMap original = load_weight_file(fixture_dir("clip-vit-tiny") + "/model.safetensors");
+  TensorMap zeroed = original;
+  zeroed["vision_model.encoder.layers.0.mlp.fc1.weight"] = at::zeros_like(zeroed["vision_model.encoder.layers.0.mlp.fc1.weight"]);
+  vit->load_weights(zeroed, "zeroed");
+  EXPECT_FALSE(at::allclose(vit->forward(pixels).image_embeds, q.image_embeds, 1e-3, 1e-3));
+  vit->load_weights(original, "original");
+  EXPECT_TRUE(at::equal(vit->forward(pixels).image_embeds, q.image_embeds));
+  vit->set_compute_dtype(WeightDtype::Float32);
+  EXPECT_TRUE(at::allclose(vit->forward(pixels).image_embeds, embeds, 1e-4, 1e-4));
+  EXPECT_NE(message_of([&] { vit->set_compute_dtype(WeightDtype::BFloat16); }).find("float32 or int8-dynamic"), std::string::npos);
+  ClipImageEncoder rn = load_clip_image_encoder(fixture_dir("clip-rn-tiny"));
+  EXPECT_NE(message_of([&] { rn->set_compute_dtype(WeightDtype::Int8Dynamic); }).find("resnet encoder computes in float32 only"),
+            std::string::npos);
 }
