@@ -1,7 +1,8 @@
 // audio_bench: full-size CNN14 (random weights, 32 kHz, 10 s clips) for each conv path
 // (encoders/cnn14.h) with its agreement with the reference path, beside the anchor measured in
 // the same run: the same network in PyTorch 2.x (bench/encoder_anchor.py through the PyPI wheel
-// in .venv-torch) as float32 eager, float32 channels-last and bfloat16 autocast. Then the log-mel
+// in .venv-torch) as float32 eager, float32 channels-last and bfloat16 autocast; also with
+// --encoder-dtype int8-dynamic ("paths"."int8-dynamic": integer convolutions). Then the log-mel
 // front end (beside the anchor's torch.stft front end), and decode + resample to 32 kHz of 60 s
 // MP3 and FLAC files written here, beside librosa.load on the same files (the originals' data
 // preparation; librosa in .venv-torch) with the largest sample difference. Prints one JSON object.
@@ -23,6 +24,7 @@
 #include <torch/types.h>
 
 #include "bench/bench_util.h"
+#include "core/int8_gemm.h"
 #include "core/threads.h"
 #include "encoders/cnn14.h"
 #include "pipeline/audio_decode.h"
@@ -128,6 +130,22 @@ int main(int argc, char** argv) {
       d["embedding_max_abs_diff_over_max_abs_vs_reference"] =
           (embedding - reference).abs().max().item<double>() / reference.abs().max().item<double>();
       d["embedding_min_cosine_vs_reference"] = at::cosine_similarity(embedding, reference, 1).min().item<double>();
+    }
+    // --encoder-dtype int8-dynamic (Auto's paths for the first conv): integer convolutions.
+    {
+      model->set_conv_path(Cnn14ConvPath::Auto);
+      model->set_compute_dtype(WeightDtype::Int8Dynamic);
+      const at::Tensor embedding = model->forward(eight).embedding;
+      double t1 = best_time(3, [&] { model->forward(one); });
+      double t8 = best_time(2, [&] { model->forward(eight); });
+      nlohmann::json& d = cnn["paths"]["int8-dynamic"];
+      d["kernel"] = int8_gemm_isa() == Int8GemmIsa::Vnni ? "avx512-vnni" : "generic";
+      d["ms_per_clip_batch1"] = t1 * 1e3;
+      d["ms_per_clip_batch8"] = t8 * 1e3 / 8;
+      d["embedding_max_abs_diff_over_max_abs_vs_reference"] =
+          (embedding - reference).abs().max().item<double>() / reference.abs().max().item<double>();
+      d["embedding_min_cosine_vs_reference"] = at::cosine_similarity(embedding, reference, 1).min().item<double>();
+      model->set_compute_dtype(WeightDtype::Float32);
     }
     // bfloat16 weights and activations after the float32 front end (Auto's paths; oneDNN's bf16
     // kernels): speed and agreement on this CPU, for the question whether a bf16 encoder pays.

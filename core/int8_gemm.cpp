@@ -6,6 +6,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -29,34 +30,50 @@ constexpr int64_t kTaskRows = 48;  // activation rows per parallel task
 #define PREFIXCAP_CLONES
 #endif
 
-// A row's scale sx = amax / 127 into *sx; returns the factor its values are multiplied by.
-inline float activation_step(float amax, float* sx) {
-  *sx = amax / 127.0f;
-  return amax > 0 ? 127.0f / amax : 0.0f;
+// How a row of activations is coded in bytes. Signed (any values): p in [-127, 127] stored as
+// p + 128, scale amax / 127. NonNegative (inputs known to be >= 0, as after a ReLU): p in
+// [0, 255] stored as is, scale amax / 255: twice the resolution, and no offset to subtract.
+struct Code {
+  float levels, lo, hi;
+  int32_t zero;
+};
+constexpr Code kSigned{127.0f, -127.0f, 127.0f, 128};
+constexpr Code kNonNegative{255.0f, 0.0f, 255.0f, 0};
+
+// A row's scale sx = amax / levels into *sx; returns the factor its values are multiplied by.
+inline float activation_step(float amax, float* sx, const Code& code) {
+  *sx = amax / code.levels;
+  return amax > 0 ? code.levels / amax : 0.0f;
 }
 
-// One activation as the integer kernels read it: nearbyint(x * inv), within +-127, plus 128.
-inline uint8_t quantize_activation(float x, float inv) {
-  const float p = std::min(127.0f, std::max(-127.0f, std::nearbyint(x * inv)));
-  return static_cast<uint8_t>(static_cast<int32_t>(p) + 128);
+// One activation as the integer kernels read it: nearbyint(x * inv) within [lo, hi], plus zero.
+inline uint8_t quantize_activation(float x, float inv, const Code& code) {
+  const float p = std::min(code.hi, std::max(code.lo, std::nearbyint(x * inv)));
+  return static_cast<uint8_t>(static_cast<int32_t>(p) + code.zero);
 }
+
 
 // y = float(d - offset) * (sx * scale) + bias: the same float operations in both kernels.
 inline float finish(int32_t d, int32_t offset, float sx, float scale, float bias) {
   return std::fma(static_cast<float>(d - offset), sx * scale, bias);
 }
 
-PREFIXCAP_CLONES void generic_quantize_row(const float* __restrict x, int64_t K, uint8_t* __restrict q, float* sx) {
+PREFIXCAP_CLONES float generic_amax(const float* __restrict x, int64_t K) {
   float amax = 0;
   for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
-  const float inv = activation_step(amax, sx);
-  for (int64_t k = 0; k < K; ++k) q[k] = quantize_activation(x[k], inv);
+  return amax;
+}
+
+PREFIXCAP_CLONES void generic_quantize_values(const float* __restrict x, int64_t K, float inv, uint8_t* __restrict q,
+                                              const Code& code) {
+  for (int64_t k = 0; k < K; ++k) q[k] = quantize_activation(x[k], inv, code);
 }
 
 // Rows [m0, m1) x outputs [g * 64, g * 64 + 64) of the product, plain C++ (the compiler
 // vectorises the 64 outputs).
 PREFIXCAP_CLONES void generic_task(const uint8_t* __restrict xq, const float* __restrict sx, int64_t ldq,
-                                   const Int8Matrix& w, float* __restrict y, int64_t g, int64_t m0, int64_t m1) {
+                                   const Int8Matrix& w, float* __restrict y, int64_t g, int64_t m0, int64_t m1, bool relu,
+                                   bool offset_free) {
   const int64_t K4 = ldq / 4, N = w.rows;
   const int8_t* __restrict panel = w.packed.data_ptr<int8_t>() + g * K4 * kGroup * 4;
   const float* scale = w.scale.data_ptr<float>() + g * kGroup;
@@ -72,7 +89,10 @@ PREFIXCAP_CLONES void generic_task(const uint8_t* __restrict xq, const float* __
         for (int t = 0; t < 4; ++t) acc[c] += static_cast<int32_t>(xm[4 * k4 + t]) * static_cast<int32_t>(wk[c * 4 + t]);
     }
     float* ym = y + m * N + g * kGroup;
-    for (int64_t c = 0; c < outputs; ++c) ym[c] = finish(acc[c], offset[c], sx[m], scale[c], bias[c]);
+    for (int64_t c = 0; c < outputs; ++c) {
+      const float v = finish(acc[c], offset_free ? 0 : offset[c], sx[m], scale[c], bias[c]);
+      ym[c] = relu ? std::max(v, 0.0f) : v;
+    }
   }
 }
 
@@ -85,24 +105,27 @@ PREFIXCAP_CLONES void generic_task(const uint8_t* __restrict xq, const float* __
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
-// generic_quantize_row's arithmetic, 16 values at a time (cvtps_epi32 rounds to nearest even, as
-// nearbyint does in the default rounding mode).
-PREFIXCAP_VNNI void vnni_quantize_row(const float* x, int64_t K, uint8_t* q, float* sx) {
-  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
-  const __m512i code_of_zero = _mm512_set1_epi32(128);
+PREFIXCAP_VNNI float vnni_amax(const float* x, int64_t K) {
   __m512 vmax = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
   float amax = _mm512_reduce_max_ps(vmax);
-  for (int64_t t = k; t < K; ++t) amax = std::max(amax, std::fabs(x[t]));
-  const __m512 inv = _mm512_set1_ps(activation_step(amax, sx));
-  for (k = 0; k + 16 <= K; k += 16) {
-    const __m512 p = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(_mm512_loadu_ps(x + k), inv)));
+  for (; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+  return amax;
+}
+
+// generic_quantize_values' arithmetic, 16 values at a time (cvtps_epi32 rounds to nearest even,
+// as nearbyint does in the default rounding mode).
+PREFIXCAP_VNNI void vnni_quantize_values(const float* x, int64_t K, float inv, uint8_t* q, const Code& code) {
+  const __m512 lo = _mm512_set1_ps(code.lo), hi = _mm512_set1_ps(code.hi), vinv = _mm512_set1_ps(inv);
+  const __m512i code_of_zero = _mm512_set1_epi32(code.zero);
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 p = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(_mm512_loadu_ps(x + k), vinv)));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k),
                      _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(p), code_of_zero)));
   }
-  const float inv1 = _mm512_cvtss_f32(inv);
-  for (; k < K; ++k) q[k] = quantize_activation(x[k], inv1);
+  for (; k < K; ++k) q[k] = quantize_activation(x[k], inv, code);
 }
 
 // acc += the 16 sums of four products u8 x s8, in place (through the intrinsic GCC 12 moves the
@@ -116,7 +139,8 @@ PREFIXCAP_VNNI inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
 // outputs x 4 k each) and MB broadcasts of 4 activation bytes feed 4 x MB vpdpbusd.
 template <int MB>
 PREFIXCAP_VNNI void vnni_tile(const uint8_t* xq, const float* sx, int64_t ldq, const int8_t* panel, const float* scale,
-                              const int32_t* offset, const float* bias, float* y, int64_t N, int64_t outputs, int64_t m) {
+                              const int32_t* offset, const float* bias, float* y, int64_t N, int64_t outputs, int64_t m,
+                              bool relu, bool offset_free) {
   __m512i acc[MB][4];
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
@@ -137,18 +161,19 @@ PREFIXCAP_VNNI void vnni_tile(const uint8_t* xq, const float* sx, int64_t ldq, c
     const int64_t c0 = 16 * j;
     if (c0 >= outputs) break;
     const __mmask16 keep = outputs - c0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (outputs - c0)) - 1);
-    const __m512i off = _mm512_loadu_si512(offset + c0);
+    const __m512i off = offset_free ? _mm512_setzero_si512() : _mm512_loadu_si512(offset + c0);
     const __m512 sc = _mm512_loadu_ps(scale + c0), b = _mm512_loadu_ps(bias + c0);
     for (int i = 0; i < MB; ++i) {
       const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], off));
       const __m512 s = _mm512_mul_ps(_mm512_set1_ps(sx[m + i]), sc);
-      _mm512_mask_storeu_ps(y + (m + i) * N + c0, keep, _mm512_fmadd_ps(v, s, b));
+      const __m512 out = _mm512_fmadd_ps(v, s, b);
+      _mm512_mask_storeu_ps(y + (m + i) * N + c0, keep, relu ? _mm512_max_ps(out, _mm512_setzero_ps()) : out);
     }
   }
 }
 
 PREFIXCAP_VNNI void vnni_task(const uint8_t* xq, const float* sx, int64_t ldq, const Int8Matrix& w, float* y, int64_t g,
-                              int64_t m0, int64_t m1) {
+                              int64_t m0, int64_t m1, bool relu, bool offset_free) {
   const int64_t K4 = ldq / 4, N = w.rows;
   const int8_t* panel = w.packed.data_ptr<int8_t>() + g * K4 * kGroup * 4;
   const float* scale = w.scale.data_ptr<float>() + g * kGroup;
@@ -158,13 +183,13 @@ PREFIXCAP_VNNI void vnni_task(const uint8_t* xq, const float* sx, int64_t ldq, c
   float* yg = y + g * kGroup;
   int64_t m = m0;
   for (; m + kTileRows <= m1; m += kTileRows)
-    vnni_tile<kTileRows>(xq, sx, ldq, panel, scale, offset, bias, yg, N, outputs, m);
+    vnni_tile<kTileRows>(xq, sx, ldq, panel, scale, offset, bias, yg, N, outputs, m, relu, offset_free);
   switch (m1 - m) {
-    case 5: vnni_tile<5>(xq, sx, ldq, panel, scale, offset, bias, yg, N, outputs, m); break;
-    case 4: vnni_tile<4>(xq, sx, ldq, panel, scale, offset, bias, yg, N, outputs, m); break;
-    case 3: vnni_tile<3>(xq, sx, ldq, panel, scale, offset, bias, yg, N, outputs, m); break;
-    case 2: vnni_tile<2>(xq, sx, ldq, panel, scale, offset, bias, yg, N, outputs, m); break;
-    case 1: vnni_tile<1>(xq, sx, ldq, panel, scale, offset, bias, yg, N, outputs, m); break;
+    case 5: vnni_tile<5>(xq, sx, ldq, panel, scale, offset, bias, yg, N, outputs, m, relu, offset_free); break;
+    case 4: vnni_tile<4>(xq, sx, ldq, panel, scale, offset, bias, yg, N, outputs, m, relu, offset_free); break;
+    case 3: vnni_tile<3>(xq, sx, ldq, panel, scale, offset, bias, yg, N, outputs, m, relu, offset_free); break;
+    case 2: vnni_tile<2>(xq, sx, ldq, panel, scale, offset, bias, yg, N, outputs, m, relu, offset_free); break;
+    case 1: vnni_tile<1>(xq, sx, ldq, panel, scale, offset, bias, yg, N, outputs, m, relu, offset_free); break;
     default: break;
   }
 }
@@ -172,6 +197,22 @@ PREFIXCAP_VNNI void vnni_task(const uint8_t* xq, const float* sx, int64_t ldq, c
 #pragma GCC diagnostic pop
 #endif
 #endif
+
+float amax_of(const float* x, int64_t K, bool vnni) {
+#if PREFIXCAP_X86_KERNELS
+  if (vnni) return vnni_amax(x, K);
+#endif
+  (void)vnni;
+  return generic_amax(x, K);
+}
+
+void quantize_values(const float* x, int64_t K, float inv, uint8_t* q, bool vnni, const Code& code = kSigned) {
+#if PREFIXCAP_X86_KERNELS
+  if (vnni) return vnni_quantize_values(x, K, inv, q, code);
+#endif
+  (void)vnni;
+  generic_quantize_values(x, K, inv, q, code);
+}
 
 bool detect_vnni() {
 #if PREFIXCAP_X86_KERNELS
@@ -194,6 +235,77 @@ void check_cpu_float(const at::Tensor& t, int64_t dim, const char* what) {
                                 "-d floating-point CPU tensor");
 }
 
+// offset_free: the rows are coded NonNegative (no 128 to take out).
+void run_task(const uint8_t* xq, const float* sx, int64_t ldq, const Int8Matrix& w, float* y, int64_t g, int64_t m0,
+              int64_t m1, bool relu, bool offset_free, bool vnni) {
+#if PREFIXCAP_X86_KERNELS
+  if (vnni) return vnni_task(xq, sx, ldq, w, y, g, m0, m1, relu, offset_free);
+#endif
+  (void)vnni;
+  generic_task(xq, sx, ldq, w, y, g, m0, m1, relu, offset_free);
+}
+
+// y [M, N] = the product of M quantised rows (stride padded_cols) and w, split over LibTorch's
+// threads: rows in chunks of at most kTaskRows, as even as whole tiles allow (50 rows: 30 + 20,
+// not 48 + 2), times the panels of 64 outputs, rows-chunk major (a thread's consecutive tasks
+// reuse its chunk of activations).
+void multiply_rows(const uint8_t* xq, const float* sx, int64_t M, const Int8Matrix& w, float* y, bool relu,
+                   bool offset_free) {
+  if (M == 0) return;
+  const int64_t ldq = w.padded_cols(), groups = w.packed.size(0), chunks = (M + kTaskRows - 1) / kTaskRows;
+  const int64_t chunk_rows = ((M + chunks - 1) / chunks + kTileRows - 1) / kTileRows * kTileRows;
+  const bool vnni = int8_gemm_isa() == Int8GemmIsa::Vnni;
+  at::parallel_for(0, groups * chunks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t g = t % groups, m0 = (t / groups) * chunk_rows, m1 = std::min(M, m0 + chunk_rows);
+      if (m0 < m1) run_task(xq, sx, ldq, w, y, g, m0, m1, relu, offset_free, vnni);
+    }
+  });
+}
+
+// The 3x3 patches of a float tensor [B, C, H, W], read channels-last.
+struct Patches {
+  at::Tensor xc, pixel_amax;
+  const float* x = nullptr;     // [B, H, W, C]
+  const float* amax = nullptr;  // [B, H, W]: each pixel's largest |value|
+  int64_t B = 0, C = 0, H = 0, W = 0;
+
+  explicit Patches(const at::Tensor& input) {
+    check_cpu_float(input, 4, "input of the convolution");
+    xc = input.detach().to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
+    x = xc.data_ptr<float>();
+    B = xc.size(0), C = xc.size(1), H = xc.size(2), W = xc.size(3);
+    pixel_amax = at::empty({B, H, W}, at::kFloat);
+    float* pa = pixel_amax.data_ptr<float>();
+    const bool vnni = int8_gemm_isa() == Int8GemmIsa::Vnni;
+    at::parallel_for(0, B * H * W, 256, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) pa[p] = amax_of(x + p * C, C, vnni);
+    });
+    amax = pa;
+  }
+
+  // Rows [m0, m1) (position m = (b * H + h) * W + w) into q (stride ldq) and sx, from index 0.
+  // A patch's largest |value| is the largest of its pixels' (the zero padding adds nothing).
+  void quantize(int64_t m0, int64_t m1, int64_t ldq, uint8_t* q, float* sx, bool vnni, const Code& code) const {
+    for (int64_t m = m0; m < m1; ++m, q += ldq, ++sx) {
+      const int64_t b = m / (H * W), h = m / W % H, w = m % W;
+      float patch_amax = 0;
+      for (int64_t hh = std::max<int64_t>(0, h - 1); hh <= std::min(H - 1, h + 1); ++hh)
+        for (int64_t ww = std::max<int64_t>(0, w - 1); ww <= std::min(W - 1, w + 1); ++ww)
+          patch_amax = std::max(patch_amax, amax[(b * H + hh) * W + ww]);
+      const float inv = activation_step(patch_amax, sx, code);
+      uint8_t* out = q;
+      for (int64_t dh = -1; dh <= 1; ++dh)
+        for (int64_t dw = -1; dw <= 1; ++dw, out += C) {
+          const int64_t hh = h + dh, ww = w + dw;
+          if (hh < 0 || hh >= H || ww < 0 || ww >= W) std::memset(out, code.zero, static_cast<size_t>(C));
+          else quantize_values(x + ((b * H + hh) * W + ww) * C, C, inv, out, vnni, code);
+        }
+      std::memset(out, code.zero, static_cast<size_t>(ldq - 9 * C));
+    }
+  }
+};
+
 }  // namespace
 
 bool cpu_has_avx512vnni() { return detect_vnni(); }
@@ -208,14 +320,10 @@ void force_int8_gemm_isa(Int8GemmIsa isa) {
 
 void quantize_activation_rows(const float* x, int64_t M, int64_t K, int64_t ldx, uint8_t* q, int64_t ldq, float* sx,
                               bool vnni) {
-  (void)vnni;
   for (int64_t m = 0; m < M; ++m) {
     uint8_t* qm = q + m * ldq;
-#if PREFIXCAP_X86_KERNELS
-    if (vnni) vnni_quantize_row(x + m * ldx, K, qm, sx + m);
-    else
-#endif
-      generic_quantize_row(x + m * ldx, K, qm, sx + m);
+    const float inv = activation_step(amax_of(x + m * ldx, K, vnni), sx + m, kSigned);
+    quantize_values(x + m * ldx, K, inv, qm, vnni);
     std::memset(qm + K, 128, static_cast<size_t>(ldq - K));
   }
 }
@@ -277,6 +385,21 @@ Int8Rows quantize_rows(const at::Tensor& x) {
   return r;
 }
 
+Int8Rows quantize_patches_3x3(const at::Tensor& x, bool nonnegative) {
+  const Patches p(x);
+  const Code& code = nonnegative ? kNonNegative : kSigned;
+  const int64_t M = p.B * p.H * p.W, ldq = (9 * p.C + 3) / 4 * 4;
+  Int8Rows r;
+  r.q = at::empty({M, ldq}, at::kByte);
+  r.scale = at::empty({M}, at::kFloat);
+  const bool vnni = int8_gemm_isa() == Int8GemmIsa::Vnni;
+  uint8_t* qp = r.q.data_ptr<uint8_t>();
+  float* sp = r.scale.data_ptr<float>();
+  at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) { p.quantize(m0, m1, ldq, qp + m0 * ldq, sp + m0, vnni, code); });
+  r.nonnegative = nonnegative;
+  return r;
+}
+
 at::Tensor int8_matmul(const Int8Rows& x, const Int8Matrix& w) {
   if (!w.defined()) throw std::invalid_argument("int8 product: the weight is not packed");
   if (!x.q.defined() || x.q.dim() != 2 || x.q.scalar_type() != at::kByte || x.q.size(1) != w.padded_cols() ||
@@ -284,33 +407,50 @@ at::Tensor int8_matmul(const Int8Rows& x, const Int8Matrix& w) {
     throw std::invalid_argument("int8 product: activations quantised for " +
                                 std::to_string(x.q.defined() ? x.q.size(-1) : 0) + " columns, the weight has " +
                                 std::to_string(w.cols) + " (" + std::to_string(w.padded_cols()) + " padded)");
-  const int64_t M = x.q.size(0), N = w.rows, ldq = w.padded_cols();
-  at::Tensor y = at::empty({M, N}, at::kFloat);
-  if (M == 0) return y;
-  const uint8_t* xq = x.q.data_ptr<uint8_t>();
-  const float* sx = x.scale.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  // Rows split into chunks of at most kTaskRows, as even as whole tiles allow (50 rows: 30 + 20,
-  // not 48 + 2).
-  const int64_t groups = w.packed.size(0), chunks = (M + kTaskRows - 1) / kTaskRows;
-  const int64_t chunk_rows = ((M + chunks - 1) / chunks + kTileRows - 1) / kTileRows * kTileRows;
-  const bool vnni = int8_gemm_isa() == Int8GemmIsa::Vnni;
-  (void)vnni;
-  // Tasks run rows-chunk major: a thread's consecutive tasks reuse its chunk of activations.
-  at::parallel_for(0, groups * chunks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t g = t % groups, m0 = (t / groups) * chunk_rows, m1 = std::min(M, m0 + chunk_rows);
-      if (m0 >= m1) continue;
-#if PREFIXCAP_X86_KERNELS
-      if (vnni) {
-        vnni_task(xq, sx, ldq, w, yp, g, m0, m1);
-        continue;
-      }
-#endif
-      generic_task(xq, sx, ldq, w, yp, g, m0, m1);
-    }
-  });
+  at::Tensor y = at::empty({x.q.size(0), w.rows}, at::kFloat);
+  multiply_rows(x.q.data_ptr<uint8_t>(), x.scale.data_ptr<float>(), x.q.size(0), w, y.data_ptr<float>(), false,
+                x.nonnegative);
   return y;
+}
+
+at::Tensor int8_conv3x3(const at::Tensor& x, const Int8Matrix& w, bool relu, bool nonnegative_input) {
+  if (!w.defined()) throw std::invalid_argument("int8 convolution: the weight is not packed");
+  const Patches p(x);
+  if (9 * p.C != w.cols)
+    throw std::invalid_argument("int8 convolution: " + std::to_string(p.C) + " input channels, the weight takes " +
+                                std::to_string(w.cols) + " values per position (9 per channel)");
+  const int64_t M = p.B * p.H * p.W, N = w.rows, ldq = w.padded_cols();
+  at::Tensor y = at::empty({p.B, p.H, p.W, N}, at::kFloat);
+  float* yp = y.data_ptr<float>();
+  const bool vnni = int8_gemm_isa() == Int8GemmIsa::Vnni;
+  const Code& code = nonnegative_input ? kNonNegative : kSigned;
+  const int64_t chunks = (M + kTaskRows - 1) / kTaskRows;
+  if (chunks >= 4 * at::get_num_threads()) {
+    // Many positions: each task quantises its 48 patches into a buffer of its own and multiplies
+    // them by every output at once, while they are in L1 (no [positions, 9C] matrix in memory).
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      thread_local std::vector<uint8_t> q;
+      thread_local std::vector<float> sx;
+      q.resize(static_cast<size_t>(kTaskRows * ldq));
+      sx.resize(kTaskRows);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t m0 = c * kTaskRows, rows = std::min(kTaskRows, M - m0);
+        p.quantize(m0, m0 + rows, ldq, q.data(), sx.data(), vnni, code);
+        for (int64_t g = 0; g < w.packed.size(0); ++g)
+          run_task(q.data(), sx.data(), ldq, w, yp + m0 * N, g, 0, rows, relu, nonnegative_input, vnni);
+      }
+    });
+  } else {
+    // Few positions (the late layers of one clip): quantise them all, then split the product over
+    // outputs as well as rows.
+    std::vector<uint8_t> q(static_cast<size_t>(M * ldq));
+    std::vector<float> sx(static_cast<size_t>(M));
+    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+      p.quantize(m0, m1, ldq, q.data() + m0 * ldq, sx.data() + m0, vnni, code);
+    });
+    multiply_rows(q.data(), sx.data(), M, w, yp, relu, nonnegative_input);
+  }
+  return y.permute({0, 3, 1, 2});  // [B, N, H, W], channels-last in memory
 }
 
 at::Tensor int8_linear(const at::Tensor& x, const Int8Matrix& w) {

@@ -53,8 +53,25 @@ Int8Matrix pack_int8_matrix(const at::Tensor& weight, const at::Tensor& bias = {
 // Activations quantised once for one or more products: q uint8 [M, padded K], scale float [M].
 struct Int8Rows {
   at::Tensor q, scale;
+  // false: p in [-127, 127] stored as p + 128, scale = max |x| / 127 (any values).
+  // true: the values are >= 0 (after a ReLU), p = round(x * 255 / max x) in [0, 255] stored as
+  // is, scale = max x / 255: twice the resolution; negative values would be clamped to 0.
+  bool nonnegative = false;
 };
 Int8Rows quantize_rows(const at::Tensor& x);  // float32 CPU [M, K]
+// The 3x3, stride-1, zero-padded patches of x [B, C, H, W] (any memory format), one row per
+// output position (b, h, w), each row's values in the order (kernel row, kernel column, channel)
+// and quantised as quantize_rows would quantise it: a 3x3 convolution with weight [O, C, 3, 3] is
+// then int8_matmul with pack_int8_matrix(weight.permute({0, 2, 3, 1}).reshape({O, 9 * C})),
+// giving [B * H * W, O] (channels-last order). Built without the float im2col matrix.
+Int8Rows quantize_patches_3x3(const at::Tensor& x, bool nonnegative = false);
+
+// A 3x3, stride-1, zero-padded convolution of x [B, C, H, W] with a weight packed as above
+// (pack_int8_matrix(weight.permute({0, 2, 3, 1}).reshape({O, 9 * C}), bias)), optionally followed
+// by ReLU: int8_matmul(quantize_patches_3x3(x, nonnegative_input), w) without the patch matrix
+// (each task quantises the 48 patches it multiplies). Returns [B, O, H, W] float32, channels-last
+// in memory.
+at::Tensor int8_conv3x3(const at::Tensor& x, const Int8Matrix& w, bool relu, bool nonnegative_input = false);
 
 // y [M, N] float32 = the product above, split over LibTorch's threads in tiles of up to 48 rows x
 // 64 outputs.

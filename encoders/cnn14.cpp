@@ -100,6 +100,13 @@ const char* cnn14_conv_path_name(Cnn14ConvPath path) {
   return "?";
 }
 
+namespace {
+// --encoder-dtype int8-dynamic packs the convs with at least this many input channels (every conv
+// of the published CNN14 but the first): narrower ones are cheap in float32, and their short sums
+// (9 x channels terms) are where 8-bit noise weighs most (docs/encoders.md).
+constexpr int64_t kInt8MinInputChannels = 64;
+}  // namespace
+
 std::vector<Cnn14Impl::FoldedConv> Cnn14Impl::folded_convs() {
   std::vector<std::pair<const void*, int64_t>> sources;
   for (const auto& block : conv_blocks)
@@ -117,6 +124,8 @@ std::vector<Cnn14Impl::FoldedConv> Cnn14Impl::folded_convs() {
     FoldedConv f;
     f.weight = (conv->weight * scale.view({-1, 1, 1, 1})).contiguous();
     f.bias = (bn->bias - bn->running_mean * scale).contiguous();
+    if (compute_dtype_ == WeightDtype::Int8Dynamic && f.weight.size(1) >= kInt8MinInputChannels)
+      f.int8 = pack_int8_matrix(f.weight.permute({0, 2, 3, 1}).reshape({f.weight.size(0), -1}), f.bias);
     convs.push_back(std::move(f));
   };
   for (const auto& block : conv_blocks) {
@@ -126,6 +135,17 @@ std::vector<Cnn14Impl::FoldedConv> Cnn14Impl::folded_convs() {
   folded_ = convs;
   folded_from_ = std::move(sources);
   return convs;
+}
+
+void Cnn14Impl::set_compute_dtype(WeightDtype dtype) {
+  if (dtype != WeightDtype::Float32 && dtype != WeightDtype::Int8Dynamic)
+    throw std::invalid_argument(std::string("CNN14 computes in float32 or int8-dynamic, not ") + weight_dtype_name(dtype));
+  if (dtype == WeightDtype::Int8Dynamic && !fc1->weight.device().is_cpu())
+    throw std::invalid_argument("CNN14's int8-dynamic convolutions run on the CPU; the encoder is on " +
+                                fc1->weight.device().str());
+  std::lock_guard<std::mutex> lock(fold_mutex_);
+  compute_dtype_ = dtype;
+  folded_from_.clear();  // fold (and pack) again on the next forward
 }
 
 namespace {
@@ -166,19 +186,41 @@ Cnn14ConvPath auto_conv_path(const at::Tensor& x) {
 }  // namespace
 
 at::Tensor Cnn14Impl::run_blocks_folded(at::Tensor x, const std::vector<FoldedConv>& convs, std::vector<at::Tensor>* blocks) {
-  for (size_t i = 0; i < conv_blocks.size(); ++i) {
+  auto run_block = [&](size_t i, at::Tensor h) {
     for (int k = 0; k < 2; ++k) {
       const FoldedConv& f = convs[2 * i + k];
-      const Cnn14ConvPath path = conv_path_ == Cnn14ConvPath::Auto ? auto_conv_path(x) : conv_path_;
-      if (path == Cnn14ConvPath::Gemm && x.is_cpu()) {
-        x = conv3x3_gemm(x, f.weight, f.bias);
+      if (f.int8.defined() && h.is_cpu()) {  // --encoder-dtype int8-dynamic (channels-last out)
+        h = int8_conv3x3(h, f.int8, /*relu=*/true, /*nonnegative_input=*/true);  // after a ReLU (and pooling)
+        continue;
+      }
+      const Cnn14ConvPath path = conv_path_ == Cnn14ConvPath::Auto ? auto_conv_path(h) : conv_path_;
+      if (path == Cnn14ConvPath::Gemm && h.is_cpu()) {
+        h = conv3x3_gemm(h, f.weight, f.bias);
       } else {
         const auto format = path == Cnn14ConvPath::ChannelsLast ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-        x = at::conv2d(x.contiguous(format), f.weight.contiguous(format), f.bias, {1, 1}, {1, 1});
+        h = at::conv2d(h.contiguous(format), f.weight.contiguous(format), f.bias, {1, 1}, {1, 1});
       }
-      x.relu_();
+      h.relu_();
     }
-    if (i + 1 < conv_blocks.size()) x = at::avg_pool2d(x, {2, 2});
+    return i + 1 < conv_blocks.size() ? at::avg_pool2d(h, {2, 2}) : h;
+  };
+  size_t i = 0;
+  // With integer convolutions the early blocks are cheap enough that moving their activations
+  // (16 MB per 10 s clip after block 1) costs as much as the arithmetic: a batch runs them clip
+  // by clip, so that each clip's stay in cache, and is batched from the first block whose input
+  // has at most kClipByClipPositions positions per clip (block 4 of 10 s clips).
+  constexpr int64_t kClipByClipPositions = 4096;
+  if (x.size(0) > 1 && x.is_cpu() && convs.back().int8.defined()) {
+    std::vector<at::Tensor> clips = x.split(1);
+    std::vector<std::vector<at::Tensor>> outputs;
+    for (; i < conv_blocks.size() && clips.front().size(2) * clips.front().size(3) > kClipByClipPositions; ++i) {
+      for (at::Tensor& clip : clips) clip = run_block(i, clip);
+      if (blocks) blocks->push_back(at::cat(clips).contiguous());
+    }
+    x = at::cat(clips);
+  }
+  for (; i < conv_blocks.size(); ++i) {
+    x = run_block(i, x);
     if (blocks) blocks->push_back(x.contiguous());
   }
   return x.contiguous();

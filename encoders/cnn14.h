@@ -12,8 +12,10 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 
+#include "core/int8_gemm.h"
 #include "core/json_config.h"
 #include "core/tensor_map.h"
+#include "core/weight_dtype.h"
 #include "encoders/log_mel.h"
 
 namespace prefixcap {
@@ -83,6 +85,13 @@ class Cnn14Impl : public torch::nn::Module {
   const Cnn14Config& config() const { return config_; }
   void set_conv_path(Cnn14ConvPath path) { conv_path_ = path; }
   Cnn14ConvPath conv_path() const { return conv_path_; }
+  // `--encoder-dtype`: Float32, or Int8Dynamic: in eval mode on the CPU, every folded 3x3 conv
+  // after the first (which has one input channel) runs as a W8A8 integer product
+  // (core/int8_gemm.h: each 3x3 patch quantised per output position to 0..255, as its inputs
+  // come out of a ReLU, weights per output channel), channels-last between them; the front end, bn0, the first conv, pooling and fc1
+  // stay float32. Other types throw std::invalid_argument, as does Int8Dynamic off the CPU.
+  void set_compute_dtype(WeightDtype dtype);
+  WeightDtype compute_dtype() const { return compute_dtype_; }
 
   LogMelFrontEnd front_end{nullptr};
   torch::nn::BatchNorm2d bn0{nullptr};
@@ -92,6 +101,7 @@ class Cnn14Impl : public torch::nn::Module {
  private:
   struct FoldedConv {
     at::Tensor weight, bias;  // [O, I, 3, 3] with the BatchNorm folded in, [O]
+    Int8Matrix int8;          // Int8Dynamic (I > 1): weight as [O, 3 * 3 * I] (kernel row, column, channel) + bias
   };
   // The folded convs (2 per block), rebuilt when any source tensor changed (storage, device,
   // dtype or in-place version); safe to call from several threads.
@@ -100,6 +110,7 @@ class Cnn14Impl : public torch::nn::Module {
 
   Cnn14Config config_;
   Cnn14ConvPath conv_path_ = Cnn14ConvPath::Auto;
+  WeightDtype compute_dtype_ = WeightDtype::Float32;
   std::mutex fold_mutex_;
   std::vector<FoldedConv> folded_;
   std::vector<std::pair<const void*, int64_t>> folded_from_;  // (data pointer, version) of each source

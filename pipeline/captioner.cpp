@@ -201,6 +201,7 @@ void Captioner::set_lm_dtype(WeightDtype dtype) {
 
 void Captioner::set_encoder_dtype(WeightDtype dtype) {
   if (clip) return clip->set_compute_dtype(dtype);
+  if (cnn14) return cnn14->set_compute_dtype(dtype);
   if (dtype != WeightDtype::Float32)
     throw std::invalid_argument(std::string("--encoder-dtype ") + weight_dtype_name(dtype) + ": the " + encoder_kind_ +
                                 " encoder computes in float32 only");
@@ -210,8 +211,10 @@ void Captioner::to(const at::Device& device) {
   if (lm && lm->weight_dtype() != WeightDtype::Float32 && !device.is_cpu())
     throw std::invalid_argument(std::string("the LM is packed as ") + weight_dtype_name(lm->weight_dtype()) +
                                 " for CPU decoding (--lm-dtype); it cannot move to " + device.str());
-  if (clip && clip->compute_dtype() != WeightDtype::Float32 && !device.is_cpu())
-    throw std::invalid_argument(std::string("the image encoder computes in ") + weight_dtype_name(clip->compute_dtype()) +
+  const WeightDtype encoder_dtype =
+      clip ? clip->compute_dtype() : cnn14 ? cnn14->compute_dtype() : WeightDtype::Float32;
+  if (encoder_dtype != WeightDtype::Float32 && !device.is_cpu())
+    throw std::invalid_argument(std::string("the encoder computes in ") + weight_dtype_name(encoder_dtype) +
                                 " on the CPU (--encoder-dtype); it cannot move to " + device.str());
   if (cnn14) cnn14->to(device);
   if (clip) clip->to(device);

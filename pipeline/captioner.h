@@ -94,8 +94,9 @@ class Captioner {
   // (Gpt2ModelImpl::pack_weights; float32 leaves them as they are). CPU only; the captioner can
   // then no longer be saved.
   void set_lm_dtype(WeightDtype dtype);
-  // `--encoder-dtype`: float32, or int8-dynamic where the encoder has it (the CLIP ViT; see
-  // ClipImageEncoderImpl::set_compute_dtype). CPU only; throws std::invalid_argument otherwise.
+  // `--encoder-dtype`: float32, or int8-dynamic where the encoder has it (CNN14 and the CLIP ViT;
+  // Cnn14Impl / ClipImageEncoderImpl::set_compute_dtype). CPU only; throws std::invalid_argument
+  // otherwise.
   void set_encoder_dtype(WeightDtype dtype);
   at::Device device() const { return device_; }
 

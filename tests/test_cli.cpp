@@ -102,6 +102,12 @@ TEST(CaptionCli, PackedLmDtypesGiveTheFixtureCaptions) {
                 " --max-tokens 20 --encoder-dtype int8-dynamic -f jsonl -o " + q(out) + " 2>/dev/null"),
             0);
   EXPECT_EQ(read_jsonl(out).at(0).at("caption").get<std::string>(), image_caption);
+  // CNN14's integer convolutions, with the LM's: the Prefix-AAC fixture's caption.
+  ASSERT_EQ(run(std::string(PREFIXCAP_CAPTION_BIN) + " -m " + q(aac_bundle()) + " " +
+                q(fixture_dir("prefix-aac-tiny") + "/rec_leaves_16k_mono_s16.wav") +
+                " --encoder-dtype int8-dynamic --lm-dtype int8-dynamic -f jsonl -o " + q(out) + " 2>/dev/null"),
+            0);
+  EXPECT_EQ(read_jsonl(out).at(0).at("caption").get<std::string>(), audio_caption);
   EXPECT_EQ(run(std::string(PREFIXCAP_CAPTION_BIN) + " -m " + q(aac_bundle()) + " x.wav --encoder-dtype int8 2>/dev/null"), 1);
 }
 

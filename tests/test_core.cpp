@@ -1,3 +1,4 @@
+#include <array>
 #include <map>
 
 #include <gtest/gtest.h>
@@ -472,4 +473,65 @@ TEST(Int8Gemm, IsTheIntegerProductOfRowQuantisedActivationsAndWeights) {
   EXPECT_THROW(pack_int8_matrix(at::randn({4, 3}), at::randn({5})), std::invalid_argument);
   EXPECT_THROW(pack_int8_matrix(at::randn({4})), std::invalid_argument);
   EXPECT_THROW(pack_int8_matrix(at::randn({0, 3})), std::invalid_argument);
+}
+
+// The conv patches are quantised exactly as quantize_rows quantises the explicit im2col matrix
+// (rows (b, h, w), values (kernel row, kernel column, channel)), in NCHW or channels-last, at
+// borders and in 1-pixel-wide inputs; with the permuted weight they give the convolution.
+TEST(Int8Gemm, ConvPatchesAreTheQuantisedIm2colRows) {
+  torch::NoGradGuard no_grad;
+  for (Int8GemmIsa isa : {Int8GemmIsa::Generic, Int8GemmIsa::Vnni}) {
+    if (isa == Int8GemmIsa::Vnni && !cpu_has_avx512vnni()) continue;
+    force_int8_gemm_isa(isa);
+    // (the last two have enough positions for int8_conv3x3's fused quantise-and-multiply tasks)
+    for (auto [B, C, H, W] : std::vector<std::array<int64_t, 4>>{
+             {1, 1, 1, 1}, {2, 3, 5, 1}, {2, 16, 7, 6}, {1, 33, 4, 9}, {1, 8, 20, 24}, {3, 64, 31, 16}}) {
+      at::manual_seed(B * 1000 + C * 10 + H);
+      at::Tensor x = at::relu(at::randn({B, C, H, W})) * 3;
+      if (H > 4) x.select(2, 2).zero_();  // a zero row of pixels
+      const at::Tensor columns = at::im2col(x, {3, 3}, {1, 1}, {1, 1}, {1, 1});  // [B, C*9, H*W], (c, kh, kw)
+      const at::Tensor rows = columns.view({B, C, 9, H * W}).permute({0, 3, 2, 1}).reshape({B * H * W, 9 * C});
+      const Int8Rows expected = quantize_rows(rows);
+      // x >= 0 here, so the non-negative code applies: round(x * 255 / amax), stored as is, padding 0.
+      const at::Tensor row_max = rows.amax(1, true);
+      const at::Tensor unsigned_q = at::zeros({rows.size(0), expected.q.size(1)}, at::kByte);
+      unsigned_q.narrow(1, 0, 9 * C).copy_(
+          at::where(row_max > 0, (rows * (255.0f / row_max)).round(), at::zeros_like(rows)).clamp(0, 255).to(at::kByte));
+      for (auto format : {at::MemoryFormat::Contiguous, at::MemoryFormat::ChannelsLast}) {
+        const Int8Rows got = quantize_patches_3x3(x.contiguous(format));
+        const std::string where = std::to_string(B) + "x" + std::to_string(C) + "x" + std::to_string(H) + "x" +
+                                  std::to_string(W) + (isa == Int8GemmIsa::Vnni ? " vnni" : " generic");
+        ASSERT_TRUE(got.q.equal(expected.q)) << where;
+        ASSERT_TRUE(got.scale.equal(expected.scale)) << where;
+        const Int8Rows nonnegative = quantize_patches_3x3(x.contiguous(format), /*nonnegative=*/true);
+        ASSERT_TRUE(nonnegative.nonnegative);
+        ASSERT_TRUE(nonnegative.q.equal(unsigned_q)) << where;
+        ASSERT_TRUE(nonnegative.scale.equal((row_max / 255.0f).view({-1}))) << where;
+      }
+      const at::Tensor weight = at::randn({70, C, 3, 3}), bias = at::randn({70});
+      const Int8Matrix packed = pack_int8_matrix(weight.permute({0, 2, 3, 1}).reshape({70, 9 * C}), bias);
+      const at::Tensor y = int8_matmul(quantize_patches_3x3(x), packed).view({B, H, W, 70}).permute({0, 3, 1, 2});
+      const at::Tensor exact = at::conv2d(x, weight, bias, {1, 1}, {1, 1});
+      EXPECT_LT((y - exact).abs().max().item<double>(), 0.03 * exact.abs().max().item<double>() + 1e-3);
+      const at::Tensor fused = int8_conv3x3(x, packed, /*relu=*/false);
+      EXPECT_TRUE(fused.equal(y)) << B << "x" << C << "x" << H << "x" << W;
+      EXPECT_TRUE(fused.is_contiguous(at::MemoryFormat::ChannelsLast));
+      EXPECT_TRUE(int8_conv3x3(x, packed, /*relu=*/true).equal(at::relu(y)));
+      // The non-negative code: the product of its integers, nothing subtracted, and closer to the float product.
+      const Int8Rows u = quantize_patches_3x3(x, /*nonnegative=*/true);
+      const at::Tensor wq = packed.dequantize().to(at::kDouble);
+      const at::Tensor u_ref = at::matmul(u.q.narrow(1, 0, 9 * C).to(at::kDouble), wq.t()) * u.scale.to(at::kDouble).unsqueeze(1) +
+                               bias.to(at::kDouble);
+      const at::Tensor yu = int8_matmul(u, packed);
+      EXPECT_TRUE(at::allclose(yu.to(at::kDouble), u_ref, 1e-6, 1e-5)) << (yu.to(at::kDouble) - u_ref).abs().max().item<double>();
+      const at::Tensor fused_u = int8_conv3x3(x, packed, /*relu=*/true, /*nonnegative_input=*/true);
+      EXPECT_TRUE(fused_u.equal(at::relu(yu.view({B, H, W, 70}).permute({0, 3, 1, 2}))));
+      if (C > 8)
+        EXPECT_LT((yu.view({B, H, W, 70}).permute({0, 3, 1, 2}) - exact).abs().max().item<double>(),
+                  (y - exact).abs().max().item<double>());
+    }
+  }
+  force_int8_gemm_isa(cpu_has_avx512vnni() ? Int8GemmIsa::Vnni : Int8GemmIsa::Generic);
+  EXPECT_THROW(quantize_patches_3x3(at::randn({3, 4, 4})), std::invalid_argument);
+  EXPECT_THROW(int8_conv3x3(at::randn({1, 5, 4, 4}), pack_int8_matrix(at::randn({8, 36})), false), std::invalid_argument);
 }
