@@ -3,12 +3,14 @@
 // shapes; beam 5, exactly --tokens tokens), and a batch of 64 clips against the same clips one
 // by one, beside the anchor measured in the same run: Prefix-AAC's own inference algorithm on
 // PyTorch 2.x (bench/e2e_anchor.py through the PyPI wheel in .venv-torch: GPT-2 rerun over the
-// whole sequence at every step, clips one at a time). For each --lm-dtype given. Prints JSON.
+// whole sequence at every step, clips one at a time). For each configuration given: an
+// --lm-dtype, or LM/ENCODER for an --lm-dtype and an --encoder-dtype (float32 encoder otherwise;
+// the key in "dtypes" is that name). Prints JSON.
 // --image does the same for ClipCap's COCO model on one 640x480 image (CLIP preprocessing + CLIP
 // ViT-B/32 + the MLP mapper, 10 prefix vectors + GPT-2 124M with its tied header) against
 // ClipCap's own generate_beam on PyTorch 2.x (the anchor script's --image).
-// Options: --threads N, --tokens N, --batch N, --dtypes float32,int8,int8-dynamic (the default), --image, --python PATH,
-// --no-anchor.
+// Options: --threads N, --tokens N, --batch N, --dtypes float32,int8,int8-dynamic,int8-dynamic/int8-dynamic (the
+// default), --image, --python PATH, --no-anchor.
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -120,7 +122,18 @@ int main(int argc, char** argv) {
   bool anchor = true, image = false;
   std::string python = std::string(PREFIXCAP_SOURCE_DIR) + "/.venv-torch/bin/python";
   std::string fixtures = std::string(PREFIXCAP_SOURCE_DIR) + "/../shared/fixtures";
-  std::vector<WeightDtype> dtypes = {WeightDtype::Float32, WeightDtype::Int8, WeightDtype::Int8Dynamic};
+  // (LM, encoder) per configuration, and its name
+  struct Config {
+    WeightDtype lm, encoder;
+    std::string name;
+  };
+  auto parse_config = [](const std::string& name) {
+    const size_t slash = name.find('/');
+    return Config{parse_weight_dtype(name.substr(0, slash)),
+                  slash == std::string::npos ? WeightDtype::Float32 : parse_weight_dtype(name.substr(slash + 1)), name};
+  };
+  std::vector<Config> dtypes;
+  for (const char* name : {"float32", "int8", "int8-dynamic", "int8-dynamic/int8-dynamic"}) dtypes.push_back(parse_config(name));
   try {
     for (int i = 1; i < argc; ++i) {
       std::string a = argv[i];
@@ -137,9 +150,9 @@ int main(int argc, char** argv) {
       else if (a == "--image") image = true;
       else if (a == "--dtypes") {
         dtypes.clear();
-        for (const std::string& name : split_list(next())) dtypes.push_back(parse_weight_dtype(name));
+        for (const std::string& name : split_list(next())) dtypes.push_back(parse_config(name));
       } else {
-        std::fprintf(stderr, "usage: e2e_bench [--threads N] [--tokens N] [--batch N] [--dtypes float32,bfloat16,int8,int8-dynamic]\n"
+        std::fprintf(stderr, "usage: e2e_bench [--threads N] [--tokens N] [--batch N] [--dtypes LM[/ENCODER],...]\n"
                              "                 [--image] [--fixtures DIR] [--python PATH] [--no-anchor]\n");
         return a == "--help" ? 0 : 1;
       }
@@ -170,10 +183,11 @@ int main(int argc, char** argv) {
   const auto one_image = image ? random_images(1, 640, 480, 7) : std::vector<Image8>{};
   const auto many_images = image ? random_images(batch, 640, 480, 8) : std::vector<Image8>{};
   const int one_by_one = std::min(batch, 8);  // inputs timed one at a time (per input, then scaled)
-  for (WeightDtype dtype : dtypes) {
+  for (const Config& config : dtypes) {
     torch::manual_seed(0);
     Captioner c = image ? make_image_captioner(fixtures, tokens) : make_captioner(fixtures, tokens);
-    c.set_lm_dtype(dtype);
+    c.set_lm_dtype(config.lm);
+    c.set_encoder_dtype(config.encoder);
     const DecodingOptions o = c.default_decoding();
     auto encode = [&](bool many, int index) -> MapperInput {
       if (image) return many ? c.encode_images(many_images) : c.encode_images({many_images[index]});
@@ -201,7 +215,7 @@ int main(int argc, char** argv) {
     d["one_by_one_ms_per_" + unit] = t_single * 1e3;
     d["batch_ms_per_" + unit] = t_batch * 1e3 / batch;
     d["batch_speedup_over_one_by_one"] = t_single * batch / t_batch;
-    out["dtypes"][weight_dtype_name(dtype)] = d;
+    out["dtypes"][config.name] = d;
   }
   out["batch"] = batch;
   out["peak_rss_MB"] = peak_rss_bytes() / 1e6;
