@@ -119,34 +119,25 @@ int main(int argc, char** argv) {
     const at::Tensor reference = model->forward(eight).embedding;
     nlohmann::json cnn;
     cnn["clip_seconds"] = 10;
+    // Times the model as it is set and compares its embeddings with the reference path's.
+    auto measure = [&](nlohmann::json& d) {
+      const at::Tensor embedding = model->forward(eight).embedding;  // also the warm-up
+      d["ms_per_clip_batch1"] = best_time(3, [&] { model->forward(one); }) * 1e3;
+      d["ms_per_clip_batch8"] = best_time(2, [&] { model->forward(eight); }) * 1e3 / 8;
+      d["embedding_max_abs_diff_over_max_abs_vs_reference"] =
+          (embedding - reference).abs().max().item<double>() / reference.abs().max().item<double>();
+      d["embedding_min_cosine_vs_reference"] = at::cosine_similarity(embedding, reference, 1).min().item<double>();
+    };
     for (Cnn14ConvPath path : paths) {
       model->set_conv_path(path);
-      const at::Tensor embedding = model->forward(eight).embedding;  // also the warm-up
-      double t1 = best_time(3, [&] { model->forward(one); });
-      double t8 = best_time(2, [&] { model->forward(eight); });
-      nlohmann::json& d = cnn["paths"][cnn14_conv_path_name(path)];
-      d["ms_per_clip_batch1"] = t1 * 1e3;
-      d["ms_per_clip_batch8"] = t8 * 1e3 / 8;
-      d["embedding_max_abs_diff_over_max_abs_vs_reference"] =
-          (embedding - reference).abs().max().item<double>() / reference.abs().max().item<double>();
-      d["embedding_min_cosine_vs_reference"] = at::cosine_similarity(embedding, reference, 1).min().item<double>();
+      measure(cnn["paths"][cnn14_conv_path_name(path)]);
     }
     // --encoder-dtype int8-dynamic (Auto's paths for the first conv): integer convolutions.
-    {
-      model->set_conv_path(Cnn14ConvPath::Auto);
-      model->set_compute_dtype(WeightDtype::Int8Dynamic);
-      const at::Tensor embedding = model->forward(eight).embedding;
-      double t1 = best_time(3, [&] { model->forward(one); });
-      double t8 = best_time(2, [&] { model->forward(eight); });
-      nlohmann::json& d = cnn["paths"]["int8-dynamic"];
-      d["kernel"] = int8_gemm_isa() == Int8GemmIsa::Vnni ? "avx512-vnni" : "generic";
-      d["ms_per_clip_batch1"] = t1 * 1e3;
-      d["ms_per_clip_batch8"] = t8 * 1e3 / 8;
-      d["embedding_max_abs_diff_over_max_abs_vs_reference"] =
-          (embedding - reference).abs().max().item<double>() / reference.abs().max().item<double>();
-      d["embedding_min_cosine_vs_reference"] = at::cosine_similarity(embedding, reference, 1).min().item<double>();
-      model->set_compute_dtype(WeightDtype::Float32);
-    }
+    model->set_conv_path(Cnn14ConvPath::Auto);
+    model->set_compute_dtype(WeightDtype::Int8Dynamic);
+    cnn["paths"]["int8-dynamic"]["kernel"] = int8_gemm_isa() == Int8GemmIsa::Vnni ? "avx512-vnni" : "generic";
+    measure(cnn["paths"]["int8-dynamic"]);
+    model->set_compute_dtype(WeightDtype::Float32);
     // bfloat16 weights and activations after the float32 front end (Auto's paths; oneDNN's bf16
     // kernels): speed and agreement on this CPU, for the question whether a bf16 encoder pays.
     if (bfloat16) {

@@ -52,7 +52,6 @@ inline uint8_t quantize_activation(float x, float inv, const Code& code) {
   return static_cast<uint8_t>(static_cast<int32_t>(p) + code.zero);
 }
 
-
 // y = float(d - offset) * (sx * scale) + bias: the same float operations in both kernels.
 inline float finish(int32_t d, int32_t offset, float sx, float scale, float bias) {
   return std::fma(static_cast<float>(d - offset), sx * scale, bias);
