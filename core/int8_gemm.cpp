@@ -11,10 +11,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define PREFIXCAP_X86_KERNELS 1
-#include <immintrin.h>
-#endif
+#include "core/x86_kernels.h"
 
 namespace prefixcap {
 
@@ -23,12 +20,6 @@ namespace {
 constexpr int64_t kGroup = 64;     // output rows per packed panel (4 vectors of 16 int32)
 constexpr int64_t kTileRows = 6;   // activation rows per register tile (6 x 4 accumulators)
 constexpr int64_t kTaskRows = 48;  // activation rows per parallel task
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
-#define PREFIXCAP_CLONES __attribute__((target_clones("avx2,fma", "default")))
-#else
-#define PREFIXCAP_CLONES
-#endif
 
 // How a row of activations is coded in bytes. Signed (any values): p in [-127, 127] stored as
 // p + 128, scale amax / 127. NonNegative (inputs known to be >= 0, as after a ReLU): p in
@@ -96,7 +87,7 @@ PREFIXCAP_CLONES void generic_task(const uint8_t* __restrict xq, const float* __
 }
 
 #if PREFIXCAP_X86_KERNELS
-#define PREFIXCAP_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl,fma")))
+using x86::dpbusd;
 // GCC 12 reports its own _mm512_undefined_* (inside the reduce intrinsics) as uninitialised.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
@@ -125,13 +116,6 @@ PREFIXCAP_VNNI void vnni_quantize_values(const float* x, int64_t K, float inv, u
                      _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(p), code_of_zero)));
   }
   for (; k < K; ++k) q[k] = quantize_activation(x[k], inv, code);
-}
-
-// acc += the 16 sums of four products u8 x s8, in place (through the intrinsic GCC 12 moves the
-// accumulators through the stack; see lm/skinny_matmul.cpp).
-PREFIXCAP_VNNI inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
-  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
-  return acc;
 }
 
 // MB rows from m x the 64 outputs of panel g: per 4 values of k, 4 vectors of weights (16

@@ -15,23 +15,12 @@
 #include <c10/core/GradMode.h>
 
 #include "core/int8_gemm.h"
+#include "core/x86_kernels.h"
 #include "lm/short_attention.h"
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define PREFIXCAP_X86_KERNELS 1
-#include <immintrin.h>
-#endif
 
 namespace prefixcap {
 
 namespace {
-
-// Built twice (AVX2+FMA and the x86-64 baseline); the loader picks one for the processor.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
-#define PREFIXCAP_CLONES __attribute__((target_clones("avx2,fma", "default")))
-#else
-#define PREFIXCAP_CLONES
-#endif
 
 // Weight element -> float. bfloat16 is carried as its raw 16 bits (the upper half of a float).
 inline float to_float(float v) { return v; }
@@ -306,7 +295,8 @@ PREFIXCAP_AVX512 void attention_head(const DecodeAttentionArgs& a, int64_t b, in
   }
 }
 
-#define PREFIXCAP_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl,fma")))
+using x86::dpbusd;
+
 // The sums of the 16 lanes of a, b, c and d, in that order (13 instructions where four
 // _mm512_reduce_add_epi32 take about 32): pairs of vectors are interleaved and added, then the
 // four 128-bit quarters.
@@ -319,17 +309,10 @@ PREFIXCAP_VNNI inline __m128i reduce4_epi32(__m512i a, __m512i b, __m512i c, __m
   return _mm_add_epi32(_mm256_castsi256_si128(half), _mm256_extracti128_si256(half, 1));
 }
 
-// acc += the 16 sums of four products u8 x s8 (vpdpbusd), in place: through the intrinsic GCC 12
-// copies each accumulator to a second register and to the stack on every use.
-PREFIXCAP_VNNI inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
-  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
-  return acc;
-}
-
 // One tile of the integer product: NB weight rows from n times MB activation rows from m0. Each
 // 64 weights are loaded once and multiplied with 64 activations of each row by one vpdpbusd
 // (64 products summed in fours into 16 int32 lanes); the last K % 64 through byte masks (masked
-// bytes are 0 on both sides, so they add nothing). With dpbusd() above, the inner loop keeps its
+// bytes are 0 on both sides, so they add nothing). With x86::dpbusd, the inner loop keeps its
 // 20-24 accumulators in registers (checked in the disassembly: 4 + MB loads, NB x MB vpdpbusd,
 // 4 prefetches, no stack traffic; masked loads in the main loop brought the spills back).
 template <int NB, int MB>
