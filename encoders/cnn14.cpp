@@ -212,7 +212,6 @@ at::Tensor Cnn14Impl::run_blocks_folded(at::Tensor x, const std::vector<FoldedCo
   constexpr int64_t kClipByClipPositions = 4096;
   if (x.size(0) > 1 && x.is_cpu() && convs.back().int8.defined()) {
     std::vector<at::Tensor> clips = x.split(1);
-    std::vector<std::vector<at::Tensor>> outputs;
     for (; i < conv_blocks.size() && clips.front().size(2) * clips.front().size(3) > kClipByClipPositions; ++i) {
       for (at::Tensor& clip : clips) clip = run_block(i, clip);
       if (blocks) blocks->push_back(at::cat(clips).contiguous());
