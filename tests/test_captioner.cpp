@@ -382,3 +382,22 @@ TEST(Captioner, APackedLmStaysOnTheCpuAndIsNotSaved) {
   auto captions = c.caption_files({fixture_dir("prefix-aac-tiny") + "/rec_leaves_16k_mono_s16.wav"}, c.default_decoding());
   EXPECT_EQ(captions.at(0).at(0).ids, golden_row("prefix-aac-tiny", "rec.beam_sorted_ids", 0, 0));
 }
+
+// --encoder-dtype int8-dynamic is CPU arithmetic too: a captioner with it refuses to move to a
+// GPU (checked before anything moves); back to float32 the check is gone; bfloat16 is refused.
+TEST(Captioner, AnInt8EncoderStaysOnTheCpu) {
+  Captioner c = Captioner::load(prefixcap::testing::aac_bundle());
+  c.set_encoder_dtype(WeightDtype::Int8Dynamic);
+  EXPECT_EQ(c.cnn14->compute_dtype(), WeightDtype::Int8Dynamic);
+  try {
+    c.to(at::Device(at::kCUDA));
+    FAIL() << "an int8-dynamic encoder moved to CUDA";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("encoder computes in int8-dynamic on the CPU"), std::string::npos) << e.what();
+  }
+  EXPECT_TRUE(c.device().is_cpu());
+  EXPECT_TRUE(c.cnn14->fc1->weight.device().is_cpu());
+  EXPECT_THROW(c.set_encoder_dtype(WeightDtype::BFloat16), std::invalid_argument);
+  c.set_encoder_dtype(WeightDtype::Float32);
+  EXPECT_EQ(c.cnn14->compute_dtype(), WeightDtype::Float32);
+}

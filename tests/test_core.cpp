@@ -470,6 +470,9 @@ TEST(Int8Gemm, IsTheIntegerProductOfRowQuantisedActivationsAndWeights) {
   EXPECT_EQ(y.sizes(), (std::vector<int64_t>{2, 3, 70}));
   EXPECT_LT((y - at::linear(x, w)).abs().max().item<double>(), 0.05 * at::linear(x, w).abs().max().item<double>());
   EXPECT_THROW(int8_linear(at::randn({2, 32}), p), std::invalid_argument);
+  EXPECT_THROW(int8_matmul(quantize_rows(at::randn({2, 40})), p), std::invalid_argument);  // 40 columns for 33
+  EXPECT_THROW(int8_matmul(quantize_rows(x.view({6, 33})), Int8Matrix()), std::invalid_argument);  // not packed
+  EXPECT_THROW(quantize_rows(at::randn({2, 3, 33})), std::invalid_argument);
   EXPECT_THROW(pack_int8_matrix(at::randn({4, 3}), at::randn({5})), std::invalid_argument);
   EXPECT_THROW(pack_int8_matrix(at::randn({4})), std::invalid_argument);
   EXPECT_THROW(pack_int8_matrix(at::randn({0, 3})), std::invalid_argument);
@@ -534,4 +537,5 @@ TEST(Int8Gemm, ConvPatchesAreTheQuantisedIm2colRows) {
   force_int8_gemm_isa(cpu_has_avx512vnni() ? Int8GemmIsa::Vnni : Int8GemmIsa::Generic);
   EXPECT_THROW(quantize_patches_3x3(at::randn({3, 4, 4})), std::invalid_argument);
   EXPECT_THROW(int8_conv3x3(at::randn({1, 5, 4, 4}), pack_int8_matrix(at::randn({8, 36})), false), std::invalid_argument);
+  EXPECT_THROW(int8_conv3x3(at::randn({1, 4, 4, 4}), Int8Matrix(), false), std::invalid_argument);  // not packed
 }
