@@ -135,7 +135,7 @@ int main(int argc, char** argv) {
     // --encoder-dtype int8-dynamic (Auto's paths for the first conv): integer convolutions.
     model->set_conv_path(Cnn14ConvPath::Auto);
     model->set_compute_dtype(WeightDtype::Int8Dynamic);
-    cnn["paths"]["int8-dynamic"]["kernel"] = int8_gemm_isa() == Int8GemmIsa::Vnni ? "avx512-vnni" : "generic";
+    cnn["paths"]["int8-dynamic"]["kernel"] = int8_gemm_isa_name(int8_gemm_isa());
     measure(cnn["paths"]["int8-dynamic"]);
     model->set_compute_dtype(WeightDtype::Float32);
     // bfloat16 weights and activations after the float32 front end (Auto's paths; oneDNN's bf16

@@ -94,7 +94,7 @@ int main(int argc, char** argv) {
   vit->forward(one);
   t1 = best_time(5, [&] { vit->forward(one); });
   t16 = best_time(3, [&] { vit->forward(sixteen); });
-  out["int8_dynamic"]["kernel"] = int8_gemm_isa() == Int8GemmIsa::Vnni ? "avx512-vnni" : "generic";
+  out["int8_dynamic"]["kernel"] = int8_gemm_isa_name(int8_gemm_isa());
   out["int8_dynamic"]["vit_b32_images_per_s_batch1"] = 1.0 / t1;
   out["int8_dynamic"]["vit_b32_images_per_s_batch16"] = 16.0 / t16;
   out["int8_dynamic"]["speedup_over_our_float32_batch1"] = 1.0 / t1 / out["vit_b32_images_per_s_batch1"].get<double>();

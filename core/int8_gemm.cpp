@@ -13,6 +13,14 @@
 
 #include "core/x86_kernels.h"
 
+#if PREFIXCAP_X86_KERNELS
+#include <cpuid.h>
+#endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace prefixcap {
 
 namespace {
@@ -20,6 +28,7 @@ namespace {
 constexpr int64_t kGroup = 64;     // output rows per packed panel (4 vectors of 16 int32)
 constexpr int64_t kTileRows = 6;   // activation rows per register tile (6 x 4 accumulators)
 constexpr int64_t kTaskRows = 48;  // activation rows per parallel task
+constexpr int64_t kAmxRows = 16;   // activation rows per AMX tile
 
 // How a row of activations is coded in bytes. Signed (any values): p in [-127, 127] stored as
 // p + 128, scale amax / 127. NonNegative (inputs known to be >= 0, as after a ReLU): p in
@@ -176,6 +185,105 @@ PREFIXCAP_VNNI void vnni_task(const uint8_t* xq, const float* sx, int64_t ldq, c
     default: break;
   }
 }
+
+// The AMX kernel. A pass multiplies 32 rows by 32 outputs over all of k: per 64 values of k, two
+// A tiles (16 rows x 64 bytes of k each, tmm4/5) and two B tiles (16 groups of 4 k x 16 outputs,
+// tmm6/7) feed four tdpbusd into the sums C (tmm0-3, 16 x 16 int32 each); two passes cover a
+// panel's 64 outputs. The packed panel's 256-byte rows (64 outputs x 4 k) are B tiles as they
+// lie: outputs 16j..16j+15 are bytes 64j..64j+63 of each, read with a stride of 256. (With one A
+// and four B tiles per step the B loads, from L2, held the tiles back.) Needs ldq % 64 == 0. The
+// sums are stored to memory and finished with vnni_tile's epilogue (so the same bits).
+PREFIXCAP_AMX void amx_tile_32x64(const uint8_t* a, int64_t lda, const int8_t* panel, int64_t K4, int32_t* c) {
+  const uint8_t* a1 = a + 16 * lda;
+  for (int half = 0; half < 2; ++half) {
+    const int8_t* b = panel + 128 * half;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k4 = 0; k4 < K4; k4 += 16) {
+      const int8_t* bk = b + k4 * kGroup * 4;
+      _tile_loadd(4, a + 4 * k4, lda);
+      _tile_loadd(6, bk, kGroup * 4);
+      _tile_dpbusd(0, 4, 6);
+      _tile_loadd(7, bk + 64, kGroup * 4);
+      _tile_dpbusd(1, 4, 7);
+      _tile_loadd(5, a1 + 4 * k4, lda);
+      _tile_dpbusd(2, 5, 6);
+      _tile_dpbusd(3, 5, 7);
+    }
+    int32_t* ch = c + 32 * half;  // rows 0-15 then 16-31, outputs 32 * half + (0..31)
+    _tile_stored(0, ch, kGroup * 4);
+    _tile_stored(1, ch + 16, kGroup * 4);
+    _tile_stored(2, ch + 16 * kGroup, kGroup * 4);
+    _tile_stored(3, ch + 16 * kGroup + 16, kGroup * 4);
+  }
+}
+
+// 16 rows x 64 outputs: one A tile, four B tiles per 64 values of k.
+PREFIXCAP_AMX void amx_tile_16x64(const uint8_t* a, int64_t lda, const int8_t* panel, int64_t K4, int32_t* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t k4 = 0; k4 < K4; k4 += 16) {
+    const int8_t* b = panel + k4 * kGroup * 4;
+    _tile_loadd(4, a + 4 * k4, lda);
+    _tile_loadd(5, b, kGroup * 4);
+    _tile_dpbusd(0, 4, 5);
+    _tile_loadd(6, b + 64, kGroup * 4);
+    _tile_dpbusd(1, 4, 6);
+    _tile_loadd(5, b + 128, kGroup * 4);
+    _tile_dpbusd(2, 4, 5);
+    _tile_loadd(6, b + 192, kGroup * 4);
+    _tile_dpbusd(3, 4, 6);
+  }
+  _tile_stored(0, c, kGroup * 4);
+  _tile_stored(1, c + 16, kGroup * 4);
+  _tile_stored(2, c + 32, kGroup * 4);
+  _tile_stored(3, c + 48, kGroup * 4);
+}
+
+PREFIXCAP_AMX void amx_task(const uint8_t* xq, const float* sx, int64_t ldq, const Int8Matrix& w, float* y, int64_t g,
+                            int64_t m0, int64_t m1, bool relu, bool offset_free) {
+  const int64_t K4 = ldq / 4, N = w.rows;
+  const int8_t* panel = w.packed.data_ptr<int8_t>() + g * K4 * kGroup * 4;
+  const float* scale = w.scale.data_ptr<float>() + g * kGroup;
+  const float* bias = w.bias.data_ptr<float>() + g * kGroup;
+  const int32_t* offset = w.offset.data_ptr<int32_t>() + g * kGroup;
+  const int64_t outputs = std::min(kGroup, N - g * kGroup);
+  alignas(64) int32_t c[2 * kAmxRows * kGroup];
+  // rows m .. m + rows - 1 of the sums in c ([row][64]) -> y
+  auto finish = [&](int64_t m, int64_t rows) PREFIXCAP_AMX {
+    for (int j = 0; j < 4; ++j) {
+      const int64_t c0 = 16 * j;
+      if (c0 >= outputs) break;
+      const __mmask16 keep = outputs - c0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (outputs - c0)) - 1);
+      const __m512i off = offset_free ? _mm512_setzero_si512() : _mm512_loadu_si512(offset + c0);
+      const __m512 sc = _mm512_loadu_ps(scale + c0), b = _mm512_loadu_ps(bias + c0);
+      for (int64_t i = 0; i < rows; ++i) {
+        const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(c + i * kGroup + c0), off));
+        const __m512 s = _mm512_mul_ps(_mm512_set1_ps(sx[m + i]), sc);
+        const __m512 out = _mm512_fmadd_ps(v, s, b);
+        _mm512_mask_storeu_ps(y + (m + i) * N + g * kGroup + c0, keep,
+                              relu ? _mm512_max_ps(out, _mm512_setzero_ps()) : out);
+      }
+    }
+  };
+  int64_t m = m0;
+  x86::load_full_tiles();
+  for (; m + 2 * kAmxRows <= m1; m += 2 * kAmxRows) {
+    amx_tile_32x64(xq + m * ldq, ldq, panel, K4, c);
+    finish(m, 2 * kAmxRows);
+  }
+  if (m + kAmxRows <= m1) {
+    amx_tile_16x64(xq + m * ldq, ldq, panel, K4, c);
+    finish(m, kAmxRows);
+    m += kAmxRows;
+  }
+  _tile_release();
+  if (m < m1) vnni_task(xq, sx, ldq, w, y, g, m, m1, relu, offset_free);  // the last rows (< 16)
+}
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
@@ -207,8 +315,30 @@ bool detect_vnni() {
 #endif
 }
 
+// AMX-TILE and AMX-INT8 (CPUID leaf 7), VNNI for the epilogues, and Linux's permission to use
+// the tile registers (arch_prctl ARCH_REQ_XCOMP_PERM; without it the first tile instruction
+// faults). Asked once per process.
+bool detect_amx() {
+#if PREFIXCAP_X86_KERNELS && defined(__linux__)
+  static const bool has = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!detect_vnni() || !__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool tile = (edx >> 24) & 1, int8 = (edx >> 25) & 1;
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+    return tile && int8 && syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+Int8GemmIsa detected_isa() {
+  return detect_amx() ? Int8GemmIsa::Amx : detect_vnni() ? Int8GemmIsa::Vnni : Int8GemmIsa::Generic;
+}
+
 std::atomic<Int8GemmIsa>& isa_choice() {
-  static std::atomic<Int8GemmIsa> choice{detect_vnni() ? Int8GemmIsa::Vnni : Int8GemmIsa::Generic};
+  static std::atomic<Int8GemmIsa> choice{detected_isa()};
   return choice;
 }
 
@@ -218,30 +348,37 @@ void check_cpu_float(const at::Tensor& t, int64_t dim, const char* what) {
                                 "-d floating-point CPU tensor");
 }
 
-// offset_free: the rows are coded NonNegative (no 128 to take out).
+// offset_free: the rows are coded NonNegative (no 128 to take out). The AMX kernel takes rows
+// padded to a multiple of 64 bytes (the published models' shapes: 9 x 64 k channels, 768, 3072);
+// others go to the VNNI kernel, which gives the same bits.
 void run_task(const uint8_t* xq, const float* sx, int64_t ldq, const Int8Matrix& w, float* y, int64_t g, int64_t m0,
-              int64_t m1, bool relu, bool offset_free, bool vnni) {
+              int64_t m1, bool relu, bool offset_free, Int8GemmIsa isa) {
 #if PREFIXCAP_X86_KERNELS
-  if (vnni) return vnni_task(xq, sx, ldq, w, y, g, m0, m1, relu, offset_free);
+  if (isa == Int8GemmIsa::Amx && ldq % 64 == 0) return amx_task(xq, sx, ldq, w, y, g, m0, m1, relu, offset_free);
+  if (isa != Int8GemmIsa::Generic) return vnni_task(xq, sx, ldq, w, y, g, m0, m1, relu, offset_free);
 #endif
-  (void)vnni;
+  (void)isa;
   generic_task(xq, sx, ldq, w, y, g, m0, m1, relu, offset_free);
 }
 
+// The AVX-512 quantiser goes with the VNNI and AMX kernels.
+bool avx512_quantiser() { return int8_gemm_isa() != Int8GemmIsa::Generic; }
+
 // y [M, N] = the product of M quantised rows (stride padded_cols) and w, split over LibTorch's
 // threads: rows in chunks of at most kTaskRows, as even as whole tiles allow (50 rows: 30 + 20,
-// not 48 + 2), times the panels of 64 outputs, rows-chunk major (a thread's consecutive tasks
+// not 48 + 2; with AMX tiles of 16, 32 + 18), times the panels of 64 outputs, rows-chunk major (a thread's consecutive tasks
 // reuse its chunk of activations).
 void multiply_rows(const uint8_t* xq, const float* sx, int64_t M, const Int8Matrix& w, float* y, bool relu,
                    bool offset_free) {
   if (M == 0) return;
+  const Int8GemmIsa isa = int8_gemm_isa();
   const int64_t ldq = w.padded_cols(), groups = w.packed.size(0), chunks = (M + kTaskRows - 1) / kTaskRows;
-  const int64_t chunk_rows = ((M + chunks - 1) / chunks + kTileRows - 1) / kTileRows * kTileRows;
-  const bool vnni = int8_gemm_isa() == Int8GemmIsa::Vnni;
+  const int64_t tile = isa == Int8GemmIsa::Amx && ldq % 64 == 0 ? kAmxRows : kTileRows;
+  const int64_t chunk_rows = ((M + chunks - 1) / chunks + tile - 1) / tile * tile;
   at::parallel_for(0, groups * chunks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t g = t % groups, m0 = (t / groups) * chunk_rows, m1 = std::min(M, m0 + chunk_rows);
-      if (m0 < m1) run_task(xq, sx, ldq, w, y, g, m0, m1, relu, offset_free, vnni);
+      if (m0 < m1) run_task(xq, sx, ldq, w, y, g, m0, m1, relu, offset_free, isa);
     }
   });
 }
@@ -260,7 +397,7 @@ struct Patches {
     B = xc.size(0), C = xc.size(1), H = xc.size(2), W = xc.size(3);
     pixel_amax = at::empty({B, H, W}, at::kFloat);
     float* pa = pixel_amax.data_ptr<float>();
-    const bool vnni = int8_gemm_isa() == Int8GemmIsa::Vnni;
+    const bool vnni = avx512_quantiser();
     at::parallel_for(0, B * H * W, 256, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) pa[p] = amax_of(x + p * C, C, vnni);
     });
@@ -295,9 +432,24 @@ bool cpu_has_avx512vnni() { return detect_vnni(); }
 
 Int8GemmIsa int8_gemm_isa() { return isa_choice().load(); }
 
+bool cpu_has_amx_int8() { return detect_amx(); }
+
+Int8GemmIsa detected_int8_gemm_isa() { return detected_isa(); }
+
+const char* int8_gemm_isa_name(Int8GemmIsa isa) {
+  switch (isa) {
+    case Int8GemmIsa::Amx: return "amx";
+    case Int8GemmIsa::Vnni: return "avx512-vnni";
+    case Int8GemmIsa::Generic: break;
+  }
+  return "generic";
+}
+
 void force_int8_gemm_isa(Int8GemmIsa isa) {
   if (isa == Int8GemmIsa::Vnni && !detect_vnni())
     throw std::invalid_argument("the VNNI int8 kernel needs a processor with AVX-512 VNNI; this one has none");
+  if (isa == Int8GemmIsa::Amx && !detect_amx())
+    throw std::invalid_argument("the AMX int8 kernel needs a processor with AMX-INT8 (and the kernel's permission to use it)");
   isa_choice().store(isa);
 }
 
@@ -358,7 +510,7 @@ Int8Rows quantize_rows(const at::Tensor& x) {
   Int8Rows r;
   r.q = at::empty({M, ldq}, at::kByte);
   r.scale = at::empty({M}, at::kFloat);
-  const bool vnni = int8_gemm_isa() == Int8GemmIsa::Vnni;
+  const bool vnni = avx512_quantiser();
   const float* xp = xf.data_ptr<float>();
   uint8_t* qp = r.q.data_ptr<uint8_t>();
   float* sp = r.scale.data_ptr<float>();
@@ -375,7 +527,7 @@ Int8Rows quantize_patches_3x3(const at::Tensor& x, bool nonnegative) {
   Int8Rows r;
   r.q = at::empty({M, ldq}, at::kByte);
   r.scale = at::empty({M}, at::kFloat);
-  const bool vnni = int8_gemm_isa() == Int8GemmIsa::Vnni;
+  const bool vnni = avx512_quantiser();
   uint8_t* qp = r.q.data_ptr<uint8_t>();
   float* sp = r.scale.data_ptr<float>();
   at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) { p.quantize(m0, m1, ldq, qp + m0 * ldq, sp + m0, vnni, code); });
@@ -405,7 +557,8 @@ at::Tensor int8_conv3x3(const at::Tensor& x, const Int8Matrix& w, bool relu, boo
   const int64_t M = p.B * p.H * p.W, N = w.rows, ldq = w.padded_cols();
   at::Tensor y = at::empty({p.B, p.H, p.W, N}, at::kFloat);
   float* yp = y.data_ptr<float>();
-  const bool vnni = int8_gemm_isa() == Int8GemmIsa::Vnni;
+  const Int8GemmIsa isa = int8_gemm_isa();
+  const bool vnni = avx512_quantiser();
   const Code& code = nonnegative_input ? kNonNegative : kSigned;
   const int64_t chunks = (M + kTaskRows - 1) / kTaskRows;
   if (chunks >= 4 * at::get_num_threads()) {
@@ -420,7 +573,7 @@ at::Tensor int8_conv3x3(const at::Tensor& x, const Int8Matrix& w, bool relu, boo
         const int64_t m0 = c * kTaskRows, rows = std::min(kTaskRows, M - m0);
         p.quantize(m0, m0 + rows, ldq, q.data(), sx.data(), vnni, code);
         for (int64_t g = 0; g < w.packed.size(0); ++g)
-          run_task(q.data(), sx.data(), ldq, w, yp + m0 * N, g, 0, rows, relu, nonnegative_input, vnni);
+          run_task(q.data(), sx.data(), ldq, w, yp + m0 * N, g, 0, rows, relu, nonnegative_input, isa);
       }
     });
   } else {

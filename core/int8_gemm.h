@@ -8,7 +8,9 @@
 // rows x 4 consecutive k per 256 bytes), so a tile of 6 rows x 64 outputs accumulates in 24
 // registers with no reductions; activations are stored as p + 128 (unsigned) and
 // 128 * sum_k q[n, k] is subtracted at the end. A plain C++ kernel computes the same integers and
-// the same float epilogue (same bits) on processors without VNNI.
+// the same float epilogue (same bits) on processors without VNNI. On processors with AMX-INT8 the
+// same packed panels are multiplied in tiles of 16 rows x 64 outputs (tdpbusd), where rows are a
+// multiple of 64 bytes; the sums are exact integers either way, so all three give the same bits.
 #pragma once
 
 #include <cstdint>
@@ -19,11 +21,16 @@ namespace prefixcap {
 
 // AVX-512 F, BW and VNNI, as the processor reports them.
 bool cpu_has_avx512vnni();
+// AMX-TILE and AMX-INT8 as the processor reports them, with AVX-512 VNNI, and the operating
+// system's permission to use the tiles (asked for once; Linux only).
+bool cpu_has_amx_int8();
 
-// The instruction set int8_matmul uses: Vnni where the processor has it, unless forced (tests,
-// benchmarks; forcing Vnni on a processor without it throws std::invalid_argument).
-enum class Int8GemmIsa { Generic, Vnni };
+// The instruction set int8_matmul uses: the best the processor has (detected_int8_gemm_isa),
+// unless forced (tests, benchmarks; forcing one the processor lacks throws std::invalid_argument).
+enum class Int8GemmIsa { Generic, Vnni, Amx };
 Int8GemmIsa int8_gemm_isa();
+Int8GemmIsa detected_int8_gemm_isa();
+const char* int8_gemm_isa_name(Int8GemmIsa isa);  // "generic", "avx512-vnni", "amx"
 void force_int8_gemm_isa(Int8GemmIsa isa);
 
 // Quantises M rows of K floats (row stride ldx) to p + 128 in q (row stride ldq >= K; bytes

@@ -429,9 +429,10 @@ TEST(Int8Gemm, IsTheIntegerProductOfRowQuantisedActivationsAndWeights) {
   std::map<std::string, at::Tensor> by_kernel;
   std::vector<Int8GemmIsa> kernels = {Int8GemmIsa::Generic};
   if (cpu_has_avx512vnni()) kernels.push_back(Int8GemmIsa::Vnni);
+  if (cpu_has_amx_int8()) kernels.push_back(Int8GemmIsa::Amx);  // (K = 64 and 640: rows of 64 bytes)
   for (Int8GemmIsa isa : kernels) {
     force_int8_gemm_isa(isa);
-    for (int64_t K : {1, 7, 64, 785}) {
+    for (int64_t K : {1, 7, 64, 640, 785}) {
       for (int64_t N : {1, 37, 64, 130}) {
         at::manual_seed(K * 1000 + N);
         const at::Tensor w = at::randn({N, K}), bias = at::randn({N});
@@ -451,7 +452,7 @@ TEST(Int8Gemm, IsTheIntegerProductOfRowQuantisedActivationsAndWeights) {
           const at::Tensor got = int8_linear(x, p);
           ASSERT_EQ(got.sizes(), ref.sizes());
           const std::string shape = "M=" + std::to_string(M) + " N=" + std::to_string(N) + " K=" + std::to_string(K);
-          const std::string where = (isa == Int8GemmIsa::Vnni ? "vnni " : "generic ") + shape;
+          const std::string where = std::string(int8_gemm_isa_name(isa)) + " " + shape;
           EXPECT_TRUE(at::allclose(got.to(at::kDouble), ref, 1e-6, 1e-5))
               << where << ": " << (got.to(at::kDouble) - ref).abs().max().item<double>();
           if (isa == Int8GemmIsa::Generic)
@@ -462,7 +463,7 @@ TEST(Int8Gemm, IsTheIntegerProductOfRowQuantisedActivationsAndWeights) {
       }
     }
   }
-  force_int8_gemm_isa(cpu_has_avx512vnni() ? Int8GemmIsa::Vnni : Int8GemmIsa::Generic);
+  force_int8_gemm_isa(detected_int8_gemm_isa());
   // Leading dimensions are kept; no bias means zero.
   const at::Tensor w = at::randn({70, 33}), x = at::randn({2, 3, 33});
   const Int8Matrix p = pack_int8_matrix(w);
@@ -483,8 +484,8 @@ TEST(Int8Gemm, IsTheIntegerProductOfRowQuantisedActivationsAndWeights) {
 // borders and in 1-pixel-wide inputs; with the permuted weight they give the convolution.
 TEST(Int8Gemm, ConvPatchesAreTheQuantisedIm2colRows) {
   torch::NoGradGuard no_grad;
-  for (Int8GemmIsa isa : {Int8GemmIsa::Generic, Int8GemmIsa::Vnni}) {
-    if (isa == Int8GemmIsa::Vnni && !cpu_has_avx512vnni()) continue;
+  for (Int8GemmIsa isa : {Int8GemmIsa::Generic, Int8GemmIsa::Vnni, Int8GemmIsa::Amx}) {
+    if ((isa == Int8GemmIsa::Vnni && !cpu_has_avx512vnni()) || (isa == Int8GemmIsa::Amx && !cpu_has_amx_int8())) continue;
     force_int8_gemm_isa(isa);
     // (the last two have enough positions for int8_conv3x3's fused quantise-and-multiply tasks)
     for (auto [B, C, H, W] : std::vector<std::array<int64_t, 4>>{
@@ -503,7 +504,7 @@ TEST(Int8Gemm, ConvPatchesAreTheQuantisedIm2colRows) {
       for (auto format : {at::MemoryFormat::Contiguous, at::MemoryFormat::ChannelsLast}) {
         const Int8Rows got = quantize_patches_3x3(x.contiguous(format));
         const std::string where = std::to_string(B) + "x" + std::to_string(C) + "x" + std::to_string(H) + "x" +
-                                  std::to_string(W) + (isa == Int8GemmIsa::Vnni ? " vnni" : " generic");
+                                  std::to_string(W) + " " + int8_gemm_isa_name(isa);
         ASSERT_TRUE(got.q.equal(expected.q)) << where;
         ASSERT_TRUE(got.scale.equal(expected.scale)) << where;
         const Int8Rows nonnegative = quantize_patches_3x3(x.contiguous(format), /*nonnegative=*/true);
@@ -534,7 +535,7 @@ TEST(Int8Gemm, ConvPatchesAreTheQuantisedIm2colRows) {
                   (y - exact).abs().max().item<double>());
     }
   }
-  force_int8_gemm_isa(cpu_has_avx512vnni() ? Int8GemmIsa::Vnni : Int8GemmIsa::Generic);
+  force_int8_gemm_isa(detected_int8_gemm_isa());
   EXPECT_THROW(quantize_patches_3x3(at::randn({3, 4, 4})), std::invalid_argument);
   EXPECT_THROW(int8_conv3x3(at::randn({1, 5, 4, 4}), pack_int8_matrix(at::randn({8, 36})), false), std::invalid_argument);
   EXPECT_THROW(int8_conv3x3(at::randn({1, 4, 4, 4}), Int8Matrix(), false), std::invalid_argument);  // not packed
