@@ -214,6 +214,14 @@ int main(int argc, char** argv) {
     const double t_batch = best_time(1, [&] { c.caption(encode(true, 0), o); });
     d["one_by_one_ms_per_" + unit] = t_single * 1e3;
     d["batch_ms_per_" + unit] = t_batch * 1e3 / batch;
+    // the batch's parts, timed once more each: encoder, mapper, decoding (the rest of caption())
+    MapperInput batch_features;
+    const double t_batch_encoder = best_time(1, [&] { batch_features = encode(true, 0); });
+    const double t_batch_mapper = best_time(1, [&] { c.prefix(batch_features); });
+    const double t_batch_caption = best_time(1, [&] { c.caption(batch_features, o); });
+    d["batch_parts_ms_per_" + unit] = {{"encoder", t_batch_encoder * 1e3 / batch},
+                                       {"mapper", t_batch_mapper * 1e3 / batch},
+                                       {"decode", (t_batch_caption - t_batch_mapper) * 1e3 / batch}};
     d["batch_speedup_over_one_by_one"] = t_single * batch / t_batch;
     out["dtypes"][config.name] = d;
   }

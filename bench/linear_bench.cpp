@@ -1,8 +1,10 @@
 // linear_bench: one linear layer of GPT-2 124M's decoding (the shapes a step multiplies) through
 // packed_linear per weight type, beside at::linear on the float32 weight in the same run, at the
 // row counts decoding meets: 1 (greedy), 5 (a beam), 16, 80 (16 beams of 5) and 320 (64 clips
-// x beam 5); int8-dynamic quantises the activations too (W8A8, VNNI). Prints JSON: microseconds
-// per call and the ratio to float32 at::linear.
+// x beam 5); int8-dynamic quantises the activations too (W8A8: VNNI, and AMX tiles from 16 rows
+// where the processor has AMX-INT8); LibTorch's bfloat16 at::linear beside them. Prints JSON:
+// microseconds per call and the ratio to float32 at::linear; with AMX, the integer products also
+// with AMX turned off (`*_vnni_us`).
 //   build/bench/linear_bench [--threads N] [--rows 1,5,16,80,320]
 #include <cstdio>
 #include <string>
@@ -46,6 +48,7 @@ int main(int argc, char** argv) {
   out["benchmark"] = "linear_bench";
   out["cpu"] = cpu_model_name();
   out["threads"] = setup.num_threads;
+  out["int8_kernel"] = int8_gemm_isa_name(int8_gemm_isa());
   struct Shape {
     const char* name;
     int64_t n, k;
@@ -78,6 +81,21 @@ int main(int argc, char** argv) {
       const double t_enc = best_time(repeats, [&] { int8_linear(x, encoder); });
       r["int8_gemm_us"] = t_enc * 1e6;
       r["int8_gemm_speedup_over_float32"] = t_ref / t_enc;
+      // LibTorch's own bfloat16 product (oneDNN; AMX-BF16 where LibTorch 2.x finds it)
+      const at::Tensor wb = w.to(at::kBFloat16), xb = x.to(at::kBFloat16), bb = b.to(at::kBFloat16);
+      at::linear(xb, wb, bb);
+      const double t_bf16 = best_time(repeats, [&] { at::linear(xb, wb, bb); });
+      r["bfloat16_at_linear_us"] = t_bf16 * 1e6;
+      r["bfloat16_at_linear_speedup_over_float32"] = t_ref / t_bf16;
+      if (int8_gemm_isa() == Int8GemmIsa::Amx) {
+        // the same two integer products with AMX turned off (the VNNI kernels; the same bits)
+        force_int8_gemm_isa(Int8GemmIsa::Vnni);
+        const double t_dyn = best_time(repeats, [&] { packed_linear(x, dynamic, b); });
+        const double t_enc_vnni = best_time(repeats, [&] { int8_linear(x, encoder); });
+        force_int8_gemm_isa(Int8GemmIsa::Amx);
+        r["int8-dynamic_vnni_us"] = t_dyn * 1e6;
+        r["int8_gemm_vnni_us"] = t_enc_vnni * 1e6;
+      }
       out["shapes"][s.name][std::to_string(m)] = r;
     }
   }

@@ -162,7 +162,9 @@ int main(int argc, char** argv) {
   out["threads"] = {{"torch", setup.num_threads}, {"blas", setup.blas_threads},
                     {"blas_build", setup.blas_mode == 2 ? "openmp" : setup.blas_mode == 1 ? "pthreads" : "other"}};
   out["kernels"] = skinny_isa_name(skinny_isa());
-  out["int8_dynamic_kernel"] = skinny_isa() == SkinnyIsa::Avx512 && cpu_has_avx512vnni() ? "avx512-vnni" : "generic";
+  out["int8_dynamic_kernel"] = skinny_isa() != SkinnyIsa::Avx512 || !cpu_has_avx512vnni() ? "generic"
+                               : int8_gemm_isa() == Int8GemmIsa::Amx ? "avx512-vnni (amx from 16 rows)"
+                                                                     : "avx512-vnni";
   out["prefix_length"] = P;
   out["tokens"] = tokens;
 

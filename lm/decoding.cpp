@@ -5,6 +5,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -59,6 +60,24 @@ at::Tensor step_logits(Gpt2ModelImpl& lm, KvCache& cache, const at::Tensor& last
   in.logits = LogitsMode::Last;
   at::Tensor logits = lm.forward(in).logits.to(at::kFloat);
   return temperature == 1.0 ? logits : logits / temperature;
+}
+
+// The k most likely next tokens after `last_tokens` [N]: logits [N, k], ids [N, k] and the
+// logsumexp [N, 1] of the logits (divided by the temperature). At temperature 1 the LM's fused
+// decode step computes these without the [N, V] logits.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> step_topk(Gpt2ModelImpl& lm, KvCache& cache,
+                                                         const at::Tensor& last_tokens, double temperature,
+                                                         int64_t k) {
+  if (temperature == 1.0) {
+    Gpt2Input in;
+    in.input_ids = last_tokens.unsqueeze(1);  // [N, 1]
+    in.cache = &cache;
+    in.logits = LogitsMode::Last;
+    in.top_k = k;
+    Gpt2Output out = lm.forward(in);
+    return {out.top_values.to(at::kFloat), out.top_ids, out.logsumexp.to(at::kFloat)};
+  }
+  return topk_logsumexp(step_logits(lm, cache, last_tokens, temperature), k);
 }
 
 at::Tensor step(Gpt2ModelImpl& lm, KvCache& cache, const at::Tensor& last_tokens, double temperature) {
@@ -185,8 +204,7 @@ std::vector<std::vector<DecodedSequence>> generate_beam(Gpt2ModelImpl& lm, const
   for (int t = 1; t < o.max_tokens; ++t) {
     if (stopped.all().item<bool>()) break;
     at::Tensor last = tokens.select(-1, tokens.size(-1) - 1).reshape({B * K});
-    at::Tensor logits = step_logits(lm, cache, last, o.temperature);  // [B*K, V]
-    auto [top_values, top_ids, lse] = topk_logsumexp(logits, C);
+    auto [top_values, top_ids, lse] = step_topk(lm, cache, last, o.temperature, C);  // [B*K, C]
     at::Tensor logp = (top_values - lse).to(at::kDouble).view({B, K, C});
     at::Tensor ids = top_ids.view({B, K, C});
     logp = at::where(stopped.unsqueeze(-1), stop_logp.view({1, 1, C}), logp);

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <filesystem>
 #include <limits>
+#include <tuple>
 
 #include <torch/nn/functional/activation.h>
 #include <torch/nn/functional/normalization.h>
@@ -122,14 +123,28 @@ void KvCache::materialize_rows() {
 }
 
 void KvCache::select_rows(const at::Tensor& index) {
-  const bool in_place = !layers.empty() && index.size(0) == batch_size() &&
+  const int64_t B = batch_size(), N = index.size(0);
+  const bool in_place = !layers.empty() && N >= B &&
                         std::all_of(layers.begin(), layers.end(), [](const LayerKv& l) {
                           return views_storage(l.key, l.key_storage) && views_storage(l.value, l.value_storage);
                         });
   if (in_place) {
-    if (!row_index.defined())
-      row_index = at::arange(batch_size(), index.options()).unsqueeze(1).expand({batch_size(), length()});
+    if (!row_index.defined()) row_index = at::arange(B, index.options()).unsqueeze(1).expand({B, length()});
     row_index = row_index.index_select(0, index);
+    if (N > B) {
+      // An expansion (a prompt's rows to its beams): the rows stay where they are, in storage
+      // with room for N (row b writes sequence b's next positions), and the beams read the
+      // prompt's keys from them, once per prompt rather than once per beam.
+      for (auto& layer : layers)
+        for (auto [kv, storage] : {std::pair{&layer.key, &layer.key_storage}, {&layer.value, &layer.value_storage}}) {
+          auto sizes = storage->sizes().vec();
+          sizes[0] = N;
+          at::Tensor grown = at::empty(sizes, storage->options());
+          grown.narrow(0, 0, B).copy_(*storage);
+          *storage = grown;
+          *kv = grown.narrow(2, 0, kv->size(2));
+        }
+    }
   } else {
     materialize_rows();
     for (auto& layer : layers) {
@@ -471,6 +486,8 @@ Gpt2Output Gpt2ModelImpl::forward(const Gpt2Input& input) {
   out.last_hidden_state = x;
   if (input.logits == LogitsMode::All) out.logits = head(x);
   else if (input.logits == LogitsMode::Last) out.logits = head(x.select(1, N - 1));
+  if (input.logits == LogitsMode::Last && input.top_k > 0)
+    std::tie(out.top_values, out.top_ids, out.logsumexp) = topk_logsumexp(out.logits.to(at::kFloat), input.top_k);
   return out;
 }
 
@@ -504,6 +521,13 @@ bool kv_ready(const LayerKv& l, int64_t B, int64_t S) {
     return views_storage(kv, storage) && float_cpu_contiguous(storage) && kv.size(0) == B && kv.size(2) == S;
   };
   return ready(l.key, l.key_storage) && ready(l.value, l.value_storage);
+}
+
+// x += y over n floats, split over the threads when there are many (batches of clips x beams).
+void add_residual(float* x, const float* y, int64_t n) {
+  at::parallel_for(0, n, 32768, [&](int64_t i0, int64_t i1) {
+    for (int64_t j = i0; j < i1; ++j) x[j] = x[j] + y[j];
+  });
 }
 
 // Room in `storage` for position `S` (append_kv's growth).
@@ -560,7 +584,18 @@ Gpt2Output Gpt2ModelImpl::fused_decode_step(const Gpt2Input& in) {
     cache.row_index = at::cat({cache.row_index, at::arange(B, cache.row_index.options()).unsqueeze(1)}, 1).contiguous();
   const int64_t* row_index = cache.row_index.defined() ? cache.row_index.data_ptr<int64_t>() : nullptr;
 
-  std::vector<float> x(B * C), a(B * C), qkv(B * 3 * C), att(B * C), out(B * C), hidden(B * F);
+  // Working rows, kept by the calling thread from step to step (a batch of clips x beams needs
+  // megabytes; allocated afresh each step, they were page faults every step). Each is written
+  // before it is read. (Local references: lambdas on worker threads must see these, not their own.)
+  thread_local std::vector<float> buffers[6];
+  std::vector<float>&x = buffers[0], &a = buffers[1], &qkv = buffers[2], &att = buffers[3], &out = buffers[4],
+                     &hidden = buffers[5];
+  x.resize(B * C);
+  a.resize(B * C);
+  qkv.resize(B * 3 * C);
+  att.resize(B * C);
+  out.resize(B * C);
+  hidden.resize(B * F);
   // Token embedding + position embedding.
   const WeightRows embedding = wte_packed_.defined() ? weight_rows(wte_packed_) : weight_rows(wte->weight);
   const float* wpe_row = wpe->weight.data_ptr<float>() + position * C;
@@ -604,12 +639,14 @@ Gpt2Output Gpt2ModelImpl::fused_decode_step(const Gpt2Input& in) {
     const int64_t room = layer.key_storage.size(2);
     float* keys = layer.key_storage.data_ptr<float>();
     float* values = layer.value_storage.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t h = 0; h < H; ++h) {
-        const float* k = qkv.data() + b * 3 * C + C + h * D;
-        std::copy(k, k + D, keys + ((b * H + h) * room + S) * D);
-        std::copy(k + C, k + C + D, values + ((b * H + h) * room + S) * D);
-      }
+    at::parallel_for(0, B, 32, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t h = 0; h < H; ++h) {
+          const float* k = qkv.data() + b * 3 * C + C + h * D;
+          std::copy(k, k + D, keys + ((b * H + h) * room + S) * D);
+          std::copy(k + C, k + C + D, values + ((b * H + h) * room + S) * D);
+        }
+    });
     layer.key = layer.key_storage.narrow(2, 0, S + 1);
     layer.value = layer.value_storage.narrow(2, 0, S + 1);
     DecodeAttentionArgs args;
@@ -633,12 +670,12 @@ Gpt2Output Gpt2ModelImpl::fused_decode_step(const Gpt2Input& in) {
       decode_attention_heads(args, begin, end, scratch);
     });
     fused_rows_product(att.data(), conv_rows(attn_proj), attn_proj.bias.data_ptr<float>(), out.data(), B);
-    for (int64_t j = 0; j < B * C; ++j) x[j] = x[j] + out[j];
+    add_residual(x.data(), out.data(), B * C);
     // MLP: LayerNorm, c_fc with the activation on each block of outputs, c_proj.
     norm(block.ln_2, x.data(), a.data());
     fused_rows_product(a.data(), conv_rows(c_fc), c_fc.bias.data_ptr<float>(), hidden.data(), B, activate);
     fused_rows_product(hidden.data(), conv_rows(mlp_proj), mlp_proj.bias.data_ptr<float>(), out.data(), B);
-    for (int64_t j = 0; j < B * C; ++j) x[j] = x[j] + out[j];
+    add_residual(x.data(), out.data(), B * C);
   }
   cache.next_position = position + 1;
   fused_steps_.fetch_add(1, std::memory_order_relaxed);
@@ -647,10 +684,18 @@ Gpt2Output Gpt2ModelImpl::fused_decode_step(const Gpt2Input& in) {
   result.last_hidden_state = at::empty({B, 1, C}, wpe->weight.options());
   float* last = result.last_hidden_state.data_ptr<float>();
   norm(ln_f, x.data(), last);
-  if (in.logits != LogitsMode::None) {
+  const WeightRows header = head_packed_.defined() ? weight_rows(head_packed_)
+                                                   : weight_rows(lm_head ? lm_head->weight : wte->weight);
+  if (in.logits == LogitsMode::Last && in.top_k > 0) {
+    // the k best tokens and the normaliser without the [B, V] logits
+    const int64_t k = std::min(in.top_k, V);
+    result.top_values = at::empty({B, k}, wpe->weight.options());
+    result.top_ids = at::empty({B, k}, wpe->weight.options().dtype(at::kLong));
+    result.logsumexp = at::empty({B, 1}, wpe->weight.options());
+    fused_rows_topk_logsumexp(last, header, B, k, result.top_values.data_ptr<float>(),
+                              result.top_ids.data_ptr<int64_t>(), result.logsumexp.data_ptr<float>());
+  } else if (in.logits != LogitsMode::None) {
     at::Tensor logits = at::empty({B, V}, wpe->weight.options());
-    const WeightRows header = head_packed_.defined() ? weight_rows(head_packed_)
-                                                     : weight_rows(lm_head ? lm_head->weight : wte->weight);
     fused_rows_product(last, header, nullptr, logits.data_ptr<float>(), B);
     result.logits = in.logits == LogitsMode::Last ? logits : logits.view({B, 1, V});
   }

@@ -69,8 +69,10 @@ struct KvCache {
 
   int64_t length() const { return layers.empty() ? 0 : layers[0].key.size(2); }
   int64_t batch_size() const { return layers.empty() ? 0 : layers[0].key.size(0); }
-  // Keeps rows `index` (int64 [N]) in that order: beam reordering and expansion. A reordering
-  // (N = batch size) of a cache that decoding appends in place only updates row_index.
+  // Keeps rows `index` (int64 [N]) in that order: beam reordering and expansion. On a cache
+  // that decoding appends in place, a reordering (N = batch size) only updates row_index, and an
+  // expansion (N > batch size) also gives the storage N rows, the old ones kept where they are
+  // (so beams share their prompt's keys and values instead of copying them).
   void select_rows(const at::Tensor& index);
   // Moves every sequence's keys/values into its own row (row_index undefined afterwards).
   void materialize_rows();
@@ -102,11 +104,18 @@ struct Gpt2Input {
   at::Tensor position_ids;    // [B, P + T] (optional; default continues from the cache)
   KvCache* cache = nullptr;   // read and extended when given
   LogitsMode logits = LogitsMode::All;
+  // LogitsMode::Last: also the top_k largest logits of each sequence with their ids and its
+  // logsumexp (Gpt2Output::top_*). The fused decode step then computes only these (without the
+  // [B, V] logits: fused_rows_topk_logsumexp, lm/skinny_matmul.h); other steps compute the logits
+  // and take them with topk_logsumexp.
+  int64_t top_k = 0;
   bool output_hidden_states = false;
 };
 
 struct Gpt2Output {
   at::Tensor logits;                       // [B, P+T, V], or [B, V] for LogitsMode::Last
+                                           // (undefined when a fused step gave top_* instead)
+  at::Tensor top_values, top_ids, logsumexp;  // Gpt2Input::top_k: [B, k], [B, k] int64, [B, 1]
   at::Tensor last_hidden_state;            // [B, P+T, n_embd] after ln_f
   std::vector<at::Tensor> hidden_states;   // embeddings + each block's output (if asked)
 };

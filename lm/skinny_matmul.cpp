@@ -235,6 +235,54 @@ PREFIXCAP_AVX512 void row_topk_logsumexp(const float* x, int64_t V, int64_t k, f
   *lse = m + static_cast<float>(std::log(total));
 }
 
+// fused_rows_topk_logsumexp's reduction of one row's block of n logits (ids from id0): the k best
+// kept as row_topk_logsumexp keeps them (values/ids start at -inf / -1), and the block's max and
+// sum of exp(x - max) folded into the row's running *m and *s.
+PREFIXCAP_AVX512 void avx512_block_topk_logsumexp(const float* x, int64_t n, int64_t id0, int64_t k, float* values,
+                                                  int64_t* ids, float* m, double* s) {
+  auto insert = [&](float v, int64_t i) {
+    if (!(v > values[k - 1]) && ids[k - 1] >= 0) return;
+    int64_t j = k - 1;
+    while (j > 0 && (v > values[j - 1] || ids[j - 1] < 0)) {
+      values[j] = values[j - 1];
+      ids[j] = ids[j - 1];
+      --j;
+    }
+    values[j] = v;
+    ids[j] = i;
+  };
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    mx = _mm512_max_ps(mx, v);
+    __mmask16 mask = ids[k - 1] < 0 ? __mmask16(0xFFFF)
+                                    : _mm512_cmp_ps_mask(v, _mm512_set1_ps(values[k - 1]), _CMP_GT_OQ);
+    while (mask) {
+      const int j = __builtin_ctz(mask);
+      insert(x[i + j], id0 + i + j);
+      mask = static_cast<__mmask16>(mask & (mask - 1));
+    }
+  }
+  float bm = _mm512_reduce_max_ps(mx);
+  for (; i < n; ++i) {
+    insert(x[i], id0 + i);
+    bm = std::max(bm, x[i]);
+  }
+  __m512 sum = _mm512_setzero_ps();
+  const __m512 mv = _mm512_set1_ps(bm);
+  i = 0;
+  for (; i + 16 <= n; i += 16) sum = _mm512_add_ps(sum, exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), mv)));
+  double bs = _mm512_reduce_add_ps(sum);
+  for (; i < n; ++i) bs += std::exp(double(x[i]) - bm);
+  if (bm > *m) {
+    *s = *s * std::exp(double(*m) - bm) + bs;
+    *m = bm;
+  } else {
+    *s += bs * std::exp(double(bm) - *m);
+  }
+}
+
 // In place: 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), tanh(u) = 1 - 2 / (exp(2u) + 1).
 // The tail goes through the same vector arithmetic (masked), so each value's result does not
 // depend on where a block of work starts (the fused decode step activates blocks of outputs).
@@ -262,8 +310,15 @@ PREFIXCAP_AVX512 void attention_head(const DecodeAttentionArgs& a, int64_t b, in
   const float* br = a.bias ? a.bias + (a.bias_rows == 1 ? 0 : b) * S : nullptr;
   const int64_t* row = a.row_index ? a.row_index + b * S : nullptr;
   float mx = -std::numeric_limits<float>::infinity();
+  auto key = [&](int64_t s) { return a.k + (row ? row[s] : b) * a.k_stride_b + h * a.k_stride_h + s * a.k_stride_s; };
+  auto value = [&](int64_t s) { return a.v + (row ? row[s] : b) * a.v_stride_b + h * a.v_stride_h + s * a.v_stride_s; };
+  // Beams read their keys from other rows (row_index): the next position's key is fetched ahead.
+  auto prefetch = [&](const float* r) {
+    for (int64_t j = 0; j < D; j += 16) _mm_prefetch(reinterpret_cast<const char*>(r + j), _MM_HINT_T0);
+  };
   for (int64_t s = 0; s < S; ++s) {
-    const float* kr = a.k + (row ? row[s] : b) * a.k_stride_b + h * a.k_stride_h + s * a.k_stride_s;
+    const float* kr = key(s);
+    if (s + 4 < S) prefetch(key(s + 4));
     __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qr), _mm512_loadu_ps(kr));
     for (int64_t j = 16; j < D; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qr + j), _mm512_loadu_ps(kr + j), acc);
     p[s] = _mm512_reduce_add_ps(acc) * a.scale + (br ? br[s] : 0.f);
@@ -285,12 +340,28 @@ PREFIXCAP_AVX512 void attention_head(const DecodeAttentionArgs& a, int64_t b, in
   }
   const float inv = 1.f / _mm512_reduce_add_ps(sum);
   float* out = a.y + (b * a.H + h) * D;
+  if (D == 64) {
+    // GPT-2's heads: each value row read once, into four accumulators (the same sums in the same
+    // order as below, so the same bits)
+    __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+    for (int64_t t = 0; t < S; ++t) {
+      const float* vr = value(t);
+      if (t + 4 < S) prefetch(value(t + 4));
+      const __m512 w = _mm512_set1_ps(p[t] * inv);
+      o0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vr), o0);
+      o1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vr + 16), o1);
+      o2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vr + 32), o2);
+      o3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vr + 48), o3);
+    }
+    _mm512_storeu_ps(out, o0);
+    _mm512_storeu_ps(out + 16, o1);
+    _mm512_storeu_ps(out + 32, o2);
+    _mm512_storeu_ps(out + 48, o3);
+    return;
+  }
   for (int64_t j = 0; j < D; j += 16) {
     __m512 o = _mm512_setzero_ps();
-    for (int64_t t = 0; t < S; ++t) {
-      const float* vr = a.v + (row ? row[t] : b) * a.v_stride_b + h * a.v_stride_h + t * a.v_stride_s;
-      o = _mm512_fmadd_ps(_mm512_set1_ps(p[t] * inv), _mm512_loadu_ps(vr + j), o);
-    }
+    for (int64_t t = 0; t < S; ++t) o = _mm512_fmadd_ps(_mm512_set1_ps(p[t] * inv), _mm512_loadu_ps(value(t) + j), o);
     _mm512_storeu_ps(out + j, o);
   }
 }
@@ -386,6 +457,110 @@ PREFIXCAP_VNNI void vnni_dynamic_rows(const QuantRows& x, const int8_t* w, const
   for (; n + 4 <= n1; n += 4) vnni_row_block<4>(x, w, sw, row_sum, bias, y, M, K, N, n);
   for (; n < n1; ++n) vnni_row_block<1>(x, w, sw, row_sum, bias, y, M, K, N, n);
 }
+
+// The AMX kernel for Int8Dynamic (rows of activations >= kAmxMinRows, K % 64 == 0). The weights
+// stay in their [N, K] rows and are the tiles' A side (16 weight rows x 64 bytes of k, signed);
+// the activations are laid out once per product as B tiles ([row block of 16][K / 4][16 rows][4
+// bytes], unsigned; rows past M are 0), and tdpbsud gives C[n][m] = sum_k w[n, k] (p[m, k] + 128)
+// exactly, as vpdpbusd does. A pass takes 32 weight rows x 32 activation rows (tmm0-3 the sums,
+// tmm4/5 weights, tmm6/7 activations); the sums are finished with finish_dynamic's operations
+// (the same bits as the other kernels), transposed back to y[m, n].
+struct AmxRows {
+  const uint8_t* b = nullptr;  // the B tiles, [Mp / 16][K / 4][16][4]
+  const float* scale = nullptr;
+  int64_t M = 0, blocks = 0;  // rows, row blocks of 16
+};
+
+constexpr int64_t kAmxMinRows = 16;
+
+// Rows [m0, m1) of q [M, K] into their places in out (sized (M + 15) / 16 * 16 * K; the padding
+// rows' places are set by whoever takes the last rows).
+void layout_amx_rows(const uint8_t* q, int64_t m0, int64_t m1, int64_t M, int64_t K, uint8_t* out) {
+  const int64_t K4 = K / 4, padded = (M + 15) / 16 * 16;
+  auto* dst = reinterpret_cast<uint32_t*>(out);
+  if (m1 == M)
+    for (int64_t m = M; m < padded; ++m) {
+      uint32_t* block = dst + (m / 16) * K4 * 16 + m % 16;
+      for (int64_t k4 = 0; k4 < K4; ++k4) block[k4 * 16] = 0;
+    }
+  for (int64_t m = m0; m < m1; ++m) {
+    const uint8_t* row = q + m * K;
+    uint32_t* block = dst + (m / 16) * K4 * 16 + m % 16;
+    for (int64_t k4 = 0; k4 < K4; ++k4) std::memcpy(block + k4 * 16, row + 4 * k4, 4);
+  }
+}
+
+// C (16 weight rows x 16 activation rows, int32, [n][m]) -> y[m0 + i, n0 + j] for i < rows.
+PREFIXCAP_AMX void amx_finish(const int32_t* c, const AmxRows& x, int64_t m0, const float* sw, const int32_t* row_sum,
+                              const float* bias, float* y, int64_t N, int64_t n0) {
+  const int64_t rows = std::min<int64_t>(16, x.M - m0);
+  const __m512i rs = _mm512_mullo_epi32(_mm512_loadu_si512(row_sum + n0), _mm512_set1_epi32(128));
+  const __m512 swv = _mm512_loadu_ps(sw + n0);
+  const __m512 b = bias ? _mm512_loadu_ps(bias + n0) : _mm512_setzero_ps();
+  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(16));
+  for (int64_t i = 0; i < rows; ++i) {
+    const __m512i d = _mm512_i32gather_epi32(_mm512_add_epi32(column, _mm512_set1_epi32(static_cast<int>(i))), c, 4);
+    const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(d, rs));
+    const __m512 s = _mm512_mul_ps(_mm512_set1_ps(x.scale[m0 + i]), swv);
+    _mm512_storeu_ps(y + (m0 + i) * N + n0, bias ? _mm512_fmadd_ps(v, s, b) : _mm512_mul_ps(v, s));
+  }
+}
+
+// Outputs [n, n + 16 * NT) (NT = 1 or 2) of every row.
+template <int NT>
+PREFIXCAP_AMX void amx_output_block(const AmxRows& x, const int8_t* w, const float* sw, const int32_t* row_sum,
+                                    const float* bias, float* y, int64_t K, int64_t N, int64_t n) {
+  alignas(64) int32_t c[4][256];
+  const int64_t K4 = K / 4;
+  const int8_t* w0 = w + n * K;
+  const int8_t* w1 = w0 + 16 * K;
+  for (int64_t mb = 0; mb < x.blocks; mb += 2) {
+    const bool two = mb + 1 < x.blocks;
+    const uint8_t* b0 = x.b + mb * K4 * 64;
+    const uint8_t* b1 = b0 + K4 * 64;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k = 0; k < K; k += 64) {
+      _tile_loadd(4, w0 + k, K);
+      _tile_loadd(6, b0 + k * 16, 64);
+      _tile_dpbsud(0, 4, 6);
+      if (two) {
+        _tile_loadd(7, b1 + k * 16, 64);
+        _tile_dpbsud(1, 4, 7);
+      }
+      if constexpr (NT == 2) {
+        _tile_loadd(5, w1 + k, K);
+        _tile_dpbsud(2, 5, 6);
+        if (two) _tile_dpbsud(3, 5, 7);
+      }
+    }
+    _tile_stored(0, c[0], 64);
+    if (two) _tile_stored(1, c[1], 64);
+    if constexpr (NT == 2) {
+      _tile_stored(2, c[2], 64);
+      if (two) _tile_stored(3, c[3], 64);
+    }
+    for (int t = 0; t < NT; ++t) {
+      amx_finish(c[2 * t], x, mb * 16, sw, row_sum, bias, y, N, n + 16 * t);
+      if (two) amx_finish(c[2 * t + 1], x, (mb + 1) * 16, sw, row_sum, bias, y, N, n + 16 * t);
+    }
+  }
+}
+
+// Outputs [n0, n1): blocks of 32 and 16 by AMX, the last N % 16 by the VNNI kernel.
+PREFIXCAP_AMX void amx_dynamic_rows(const AmxRows& ax, const QuantRows& x, const int8_t* w, const float* sw,
+                                    const int32_t* row_sum, const float* bias, float* y, int64_t K, int64_t N,
+                                    int64_t n0, int64_t n1) {
+  x86::load_full_tiles();
+  int64_t n = n0;
+  for (; n + 32 <= n1; n += 32) amx_output_block<2>(ax, w, sw, row_sum, bias, y, K, N, n);
+  for (; n + 16 <= n1; n += 16) amx_output_block<1>(ax, w, sw, row_sum, bias, y, K, N, n);
+  _tile_release();
+  if (n < n1) vnni_dynamic_rows(x, w, sw, row_sum, bias, y, ax.M, K, N, n, n1);
+}
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
@@ -431,7 +606,7 @@ void run_rows(const float* x, const W* w, const float* scale, const float* bias,
   });
 }
 
-// Int8Dynamic: x quantised by rows (on the calling thread), then the integer product split over
+// Int8Dynamic: x quantised by rows (in parallel from 64 rows), then the integer product split over
 // LibTorch's threads as run_rows splits its own (the VNNI kernel with the AVX-512 kernels on a
 // processor that has VNNI, else the generic loop: both give the same bits).
 void run_dynamic(const float* x, const WeightRows& w, const float* bias, float* y, int64_t M,
@@ -442,11 +617,41 @@ void run_dynamic(const float* x, const WeightRows& w, const float* bias, float* 
   q_buffer.resize(static_cast<size_t>(M * K));
   scale_buffer.resize(static_cast<size_t>(M));
   const bool vnni = isa_choice().load() == SkinnyIsa::Avx512 && cpu_has_avx512vnni();
-  quantize_activation_rows(x, M, K, K, q_buffer.data(), K, scale_buffer.data(), vnni);
+  const bool amx = vnni && M >= kAmxMinRows && K % 64 == 0 && int8_gemm_isa() == Int8GemmIsa::Amx;
+  thread_local std::vector<uint8_t> b_buffer;
+  if (amx) b_buffer.resize(static_cast<size_t>((M + 15) / 16 * 16 * K));
+  // (the calling thread's buffers: a worker naming them would get its own)
+  uint8_t* const q = q_buffer.data();
+  uint8_t* const b = b_buffer.data();
+  float* const sx = scale_buffer.data();
+  // many rows (batches of clips x beams) are quantised in parallel, in blocks of 16
+  at::parallel_for(0, (M + 15) / 16, M >= 64 ? 1 : 1 << 20, [&](int64_t b0, int64_t b1) {
+    const int64_t m0 = b0 * 16, m1 = std::min(M, b1 * 16);
+    quantize_activation_rows(x + m0 * K, m1 - m0, K, K, q + m0 * K, K, sx + m0, vnni);
+#if PREFIXCAP_X86_KERNELS
+    if (amx) layout_amx_rows(q, m0, m1, M, K, b);
+#endif
+  });
   QuantRows xq;
-  xq.q = q_buffer.data();
-  xq.scale = scale_buffer.data();
+  xq.q = q;
+  xq.scale = sx;
   const int8_t* wq = static_cast<const int8_t*>(w.data);
+#if PREFIXCAP_X86_KERNELS
+  if (amx) {
+    AmxRows ax;
+    ax.b = b;
+    ax.scale = sx;
+    ax.M = M;
+    ax.blocks = (M + 15) / 16;
+    // blocks of 32 outputs (the last one shorter)
+    at::parallel_for(0, (N + 31) / 32, 1, [&](int64_t b0, int64_t b1) {
+      const int64_t n0 = b0 * 32, n1 = std::min(N, b1 * 32);
+      amx_dynamic_rows(ax, xq, wq, w.scale, w.row_sum, bias, y, K, N, n0, n1);
+      if (epilogue) (*epilogue)(n0, n1);
+    });
+    return;
+  }
+#endif
   for_output_blocks(N, M > 64 ? 1 : 16, epilogue, [&](int64_t n0, int64_t n1) {
 #if PREFIXCAP_X86_KERNELS
     if (vnni) return vnni_dynamic_rows(xq, wq, w.scale, w.row_sum, bias, y, M, K, N, n0, n1);
@@ -641,6 +846,79 @@ int64_t fused_rows_limit(WeightDtype dtype) {
     case WeightDtype::Int8Dynamic: return std::numeric_limits<int64_t>::max();
     default: return kMaxPackedFusedRows;
   }
+}
+
+namespace {
+
+// avx512_block_topk_logsumexp in plain C++.
+void generic_block_topk_logsumexp(const float* x, int64_t n, int64_t id0, int64_t k, float* values, int64_t* ids,
+                                  float* m, double* s) {
+  float bm = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) {
+    bm = std::max(bm, x[i]);
+    if (!(x[i] > values[k - 1]) && ids[k - 1] >= 0) continue;
+    int64_t j = k - 1;
+    while (j > 0 && (x[i] > values[j - 1] || ids[j - 1] < 0)) {
+      values[j] = values[j - 1];
+      ids[j] = ids[j - 1];
+      --j;
+    }
+    values[j] = x[i];
+    ids[j] = id0 + i;
+  }
+  double bs = 0;
+  for (int64_t i = 0; i < n; ++i) bs += std::exp(double(x[i]) - bm);
+  if (bm > *m) {
+    *s = *s * std::exp(double(*m) - bm) + bs;
+    *m = bm;
+  } else {
+    *s += bs * std::exp(double(bm) - *m);
+  }
+}
+
+// Rows [n0, n0 + rows) of w.
+WeightRows weight_rows_slice(const WeightRows& w, int64_t n0, int64_t rows) {
+  WeightRows r = w;
+  const size_t bytes = w.dtype == WeightDtype::Float32 ? 4 : w.dtype == WeightDtype::BFloat16 ? 2 : 1;
+  r.data = static_cast<const char*>(w.data) + static_cast<size_t>(n0 * w.cols) * bytes;
+  if (w.scale) r.scale = w.scale + n0;
+  if (w.row_sum) r.row_sum = w.row_sum + n0;
+  r.rows = rows;
+  return r;
+}
+
+}  // namespace
+
+void fused_rows_topk_logsumexp(const float* x, const WeightRows& w, int64_t M, int64_t k, float* values, int64_t* ids,
+                               float* lse) {
+  const int64_t N = w.rows;
+  TORCH_CHECK(k >= 1 && k <= N, "fused_rows_topk_logsumexp: k = ", k, " for ", N, " outputs");
+  constexpr int64_t kBlock = 2048;  // outputs per product: [M, 2048] floats stay in the caches
+  thread_local std::vector<float> y;  // kept by the calling thread (megabytes for many rows)
+  y.resize(static_cast<size_t>(M * std::min(kBlock, N)));
+  std::vector<float> m(static_cast<size_t>(M), -std::numeric_limits<float>::infinity());
+  std::vector<double> s(static_cast<size_t>(M), 0.0);
+  float* const yp = y.data();  // (workers naming y would get their own)
+  std::fill(values, values + M * k, -std::numeric_limits<float>::infinity());
+  std::fill(ids, ids + M * k, int64_t(-1));
+  const bool avx512 = isa_choice().load() == SkinnyIsa::Avx512;
+  for (int64_t n0 = 0; n0 < N; n0 += kBlock) {
+    const int64_t n = std::min(kBlock, N - n0);
+    fused_rows_product(x, weight_rows_slice(w, n0, n), nullptr, yp, M);
+    at::parallel_for(0, M, 8, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+#if PREFIXCAP_X86_KERNELS
+        if (avx512) {
+          avx512_block_topk_logsumexp(yp + r * n, n, n0, k, values + r * k, ids + r * k, &m[r], &s[r]);
+          continue;
+        }
+#endif
+        (void)avx512;
+        generic_block_topk_logsumexp(yp + r * n, n, n0, k, values + r * k, ids + r * k, &m[r], &s[r]);
+      }
+    });
+  }
+  for (int64_t r = 0; r < M; ++r) lse[r] = m[r] + static_cast<float>(std::log(s[r]));
 }
 
 void fused_rows_product(const float* x, const WeightRows& w, const float* bias, float* y, int64_t M,

@@ -100,6 +100,13 @@ int64_t fused_rows_limit(WeightDtype dtype);
 // every row, right after it (an activation, while they are in cache).
 void fused_rows_product(const float* x, const WeightRows& w, const float* bias, float* y, int64_t M,
                         const std::function<void(int64_t, int64_t)>& epilogue = nullptr);
+// The k largest values of each row of x [M, K] @ w^T (no bias), with their ids, and each row's
+// logsumexp, without the [M, N] matrix (a decode step's header: 320 rows x 50257 logits are
+// 64 MB): fused_rows_product on blocks of 2048 outputs, each reduced while in cache. values and
+// ids [M, k] are topk_logsumexp's of the full product (descending, earlier id first among
+// equals); lse [M] equals its logsumexp to float rounding (summed block by block, rescaled).
+void fused_rows_topk_logsumexp(const float* x, const WeightRows& w, int64_t M, int64_t k, float* values, int64_t* ids,
+                               float* lse);
 // Row n of the matrix as float32 (an embedding lookup; as PackedWeight::lookup_rows).
 void weight_row(const WeightRows& w, int64_t n, float* out);
 // gelu_new on n floats in place, on the calling thread (gelu_tanh's arithmetic when its AVX-512

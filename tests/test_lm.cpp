@@ -501,48 +501,107 @@ TEST(PackedWeight, FusedProductsEqualTheDequantisedMatmulOnEveryKernel) {
 // x, p = round(x * (127 / max |x|)) (ties to even, as torch.round), sx = max |x| / 127. Every
 // kernel, K a multiple of 64 and not (masked tails), M past the other types' fused limit, an
 // all-zero row of x; the VNNI and generic kernels give the same bits.
-TEST(PackedWeight, Int8DynamicIsTheIntegerProductOfRowQuantisedActivations) {
-  at::manual_seed(9);
+// fused_rows_topk_logsumexp (a beam step's header without its [M, V] logits) against the full
+// product reduced by topk_logsumexp: the same values, the same ids (earlier id first among
+// equals: two equal weight rows in different blocks of 2048), the logsumexp to float rounding;
+// every weight type, both kernels, one to 40 rows (int8-dynamic's AMX tiles from 16 rows).
+TEST(PackedWeight, TopKWithoutTheLogits) {
   torch::NoGradGuard no_grad;
-  std::map<std::string, at::Tensor> by_kernel;
   for_each_kernel([&](SkinnyIsa isa) {
-    for (int64_t K : {64, 40, 784}) {
-      for (int64_t N : {1, 7, 37}) {
-        at::manual_seed(K * 100 + N);
-        const at::Tensor w = at::randn({N, K}), bias = at::randn({N});
-        const PackedWeight p = pack_weight(w, WeightDtype::Int8Dynamic);
-        ASSERT_TRUE(p.row_sum.defined());
-        EXPECT_TRUE(p.row_sum.to(at::kLong).equal(p.data.to(at::kLong).sum(1)));
-        EXPECT_TRUE(p.data.equal(pack_weight(w, WeightDtype::Int8).data));  // the same weights as int8
-        EXPECT_EQ(p.bytes(), size_t(N * K + N * 4 + N * 4));
-        for (int64_t M : {1, 5, 6, 7, 13, 65, 130}) {
-          at::Tensor x = at::randn({M, K}) * at::rand({M, 1}) * 4;
-          if (M > 5) x[3].zero_();
-          const at::Tensor amax = x.abs().amax(1, /*keepdim=*/true);
-          const at::Tensor inv = at::where(amax > 0, 127.0f / amax, at::zeros_like(amax));
-          const at::Tensor px = (x * inv).round().clamp(-127, 127).to(at::kDouble);
-          const at::Tensor sx = (amax / 127.0f).to(at::kDouble);
-          const at::Tensor scale = p.scale.to(at::kDouble);
-          const at::Tensor ref = at::matmul(px, p.data.to(at::kDouble).t()) * sx * scale + bias.to(at::kDouble);
-          const at::Tensor got = packed_linear(x, p, bias);
-          ASSERT_EQ(got.sizes(), ref.sizes());
-          const std::string where = std::string(skinny_isa_name(isa)) + " M=" + std::to_string(M) +
-                                    " N=" + std::to_string(N) + " K=" + std::to_string(K);
-          EXPECT_TRUE(at::allclose(got.to(at::kDouble), ref, 1e-6, 1e-5))
-              << where << ": " << (got.to(at::kDouble) - ref).abs().max().item<double>();
-          EXPECT_TRUE(at::allclose(packed_linear(x, p), got - bias, 1e-5, 1e-5)) << where;
-          // Close to the float product too (both sides quantised to 8 bits).
-          const at::Tensor exact = at::linear(x, w, bias);
-          EXPECT_LT((got - exact).abs().max().item<double>(), 0.05 * exact.abs().max().item<double>() + 1e-3) << where;
-          const std::string shape = where.substr(where.find(' ') + 1);
-          if (isa == SkinnyIsa::Generic)
-            by_kernel[shape] = got;
-          else
-            EXPECT_TRUE(got.equal(by_kernel.at(shape))) << where << ": differs from the generic kernel";
+    at::manual_seed(17);
+    const int64_t N = 5000, K = 64;
+    at::Tensor w = at::randn({N, K});
+    w[3500].copy_(w[700]);  // a tie across blocks
+    for (WeightDtype dtype : {WeightDtype::Float32, WeightDtype::BFloat16, WeightDtype::Int8, WeightDtype::Int8Dynamic}) {
+      const PackedWeight p = pack_weight(w, dtype);
+      const WeightRows rows = dtype == WeightDtype::Float32 ? weight_rows(w) : weight_rows(p);
+      for (int64_t M : {1, 5, 40}) {
+        if (M > fused_rows_limit(dtype)) continue;
+        at::Tensor x = at::randn({M, K});
+        x[0].copy_(w[700] * 3);  // row 0's best logit is the tied pair 700 / 3500
+        at::Tensor full = at::empty({M, N});
+        fused_rows_product(x.data_ptr<float>(), rows, nullptr, full.data_ptr<float>(), M);
+        for (int64_t k : {1, 5}) {
+          const std::string where = std::string(skinny_isa_name(isa)) + " " + weight_dtype_name(dtype) +
+                                    " M=" + std::to_string(M) + " k=" + std::to_string(k);
+          at::Tensor values = at::empty({M, k}), lse = at::empty({M});
+          at::Tensor ids = at::empty({M, k}, at::kLong);
+          fused_rows_topk_logsumexp(x.data_ptr<float>(), rows, M, k, values.data_ptr<float>(), ids.data_ptr<int64_t>(),
+                                    lse.data_ptr<float>());
+          const auto [want_values, want_ids, want_lse] = topk_logsumexp(full, k);
+          EXPECT_TRUE(values.equal(want_values)) << where;
+          EXPECT_TRUE(full.gather(1, ids).equal(values)) << where;
+          EXPECT_EQ(ids[0][0].item<int64_t>(), 700) << where;
+          if (k > 1) EXPECT_EQ(ids[0][1].item<int64_t>(), 3500) << where;
+          if (isa == SkinnyIsa::Avx512) EXPECT_TRUE(ids.equal(want_ids)) << where;
+          const at::Tensor exact = at::logsumexp(full.to(at::kDouble), 1);
+          EXPECT_LE((lse.to(at::kDouble) - exact).abs().max().item<double>(), 1e-5 * exact.abs().max().item<double>())
+              << where;
         }
       }
     }
   });
+  float v;
+  int64_t id;
+  float l;
+  const at::Tensor w = at::randn({3, 8});
+  EXPECT_THROW(fused_rows_topk_logsumexp(at::randn({1, 8}).data_ptr<float>(), weight_rows(w), 1, 4, &v, &id, &l),
+               c10::Error);
+}
+
+TEST(PackedWeight, Int8DynamicIsTheIntegerProductOfRowQuantisedActivations) {
+  at::manual_seed(9);
+  torch::NoGradGuard no_grad;
+  std::map<std::string, at::Tensor> by_kernel;
+  // With AVX-512, the VNNI row kernel and (where the processor has AMX) the AMX tiles, which take
+  // 16 rows or more with K % 64 == 0 (here K = 64 and 768, M >= 16; N = 37 leaves 5 to VNNI).
+  std::vector<Int8GemmIsa> integer_kernels = {Int8GemmIsa::Vnni};
+  if (cpu_has_amx_int8()) integer_kernels.push_back(Int8GemmIsa::Amx);
+  for (Int8GemmIsa integer_kernel : integer_kernels) {
+    force_int8_gemm_isa(cpu_has_avx512vnni() ? integer_kernel : Int8GemmIsa::Generic);
+    for_each_kernel([&](SkinnyIsa isa) {
+      if (isa == SkinnyIsa::Generic && integer_kernel == Int8GemmIsa::Amx) return;  // done once
+      for (int64_t K : {64, 40, 784, 768}) {
+        for (int64_t N : {1, 7, 37}) {
+          at::manual_seed(K * 100 + N);
+          const at::Tensor w = at::randn({N, K}), bias = at::randn({N});
+          const PackedWeight p = pack_weight(w, WeightDtype::Int8Dynamic);
+          ASSERT_TRUE(p.row_sum.defined());
+          EXPECT_TRUE(p.row_sum.to(at::kLong).equal(p.data.to(at::kLong).sum(1)));
+          EXPECT_TRUE(p.data.equal(pack_weight(w, WeightDtype::Int8).data));  // the same weights as int8
+          EXPECT_EQ(p.bytes(), size_t(N * K + N * 4 + N * 4));
+          for (int64_t M : {1, 5, 6, 7, 13, 65, 130}) {
+            at::Tensor x = at::randn({M, K}) * at::rand({M, 1}) * 4;
+            if (M > 5) x[3].zero_();
+            const at::Tensor amax = x.abs().amax(1, /*keepdim=*/true);
+            const at::Tensor inv = at::where(amax > 0, 127.0f / amax, at::zeros_like(amax));
+            const at::Tensor px = (x * inv).round().clamp(-127, 127).to(at::kDouble);
+            const at::Tensor sx = (amax / 127.0f).to(at::kDouble);
+            const at::Tensor scale = p.scale.to(at::kDouble);
+            const at::Tensor ref = at::matmul(px, p.data.to(at::kDouble).t()) * sx * scale + bias.to(at::kDouble);
+            const at::Tensor got = packed_linear(x, p, bias);
+            ASSERT_EQ(got.sizes(), ref.sizes());
+            const std::string where = std::string(skinny_isa_name(isa)) +
+                                      (isa == SkinnyIsa::Generic ? "" : std::string("/") + int8_gemm_isa_name(integer_kernel)) +
+                                      " M=" + std::to_string(M) +
+                                      " N=" + std::to_string(N) + " K=" + std::to_string(K);
+            EXPECT_TRUE(at::allclose(got.to(at::kDouble), ref, 1e-6, 1e-5))
+                << where << ": " << (got.to(at::kDouble) - ref).abs().max().item<double>();
+            EXPECT_TRUE(at::allclose(packed_linear(x, p), got - bias, 1e-5, 1e-5)) << where;
+            // Close to the float product too (both sides quantised to 8 bits).
+            const at::Tensor exact = at::linear(x, w, bias);
+            EXPECT_LT((got - exact).abs().max().item<double>(), 0.05 * exact.abs().max().item<double>() + 1e-3) << where;
+            const std::string shape = where.substr(where.find(' ') + 1);
+            if (isa == SkinnyIsa::Generic)
+              by_kernel[shape] = got;
+            else
+              EXPECT_TRUE(got.equal(by_kernel.at(shape))) << where << ": differs from the generic kernel";
+          }
+        }
+      }
+    });
+  }
+  force_int8_gemm_isa(detected_int8_gemm_isa());
   EXPECT_EQ(parse_weight_dtype("int8-dynamic"), WeightDtype::Int8Dynamic);
   EXPECT_STREQ(weight_dtype_name(WeightDtype::Int8Dynamic), "int8-dynamic");
 }
@@ -692,12 +751,40 @@ TEST(Gpt2, ReorderingThroughRowIndexEqualsCopyingTheRows) {
   two.cache = &copied;
   EXPECT_TRUE(at::allclose(a, lm->forward(two).logits, 1e-5, 1e-5));
   EXPECT_FALSE(indexed.row_index.defined());
+
+  // An expansion (3 prompts to 5 beams) keeps the rows in place as well: storage for 5 rows,
+  // the beams reading their prompt's keys through row_index; the same as copying the rows.
+  KvCache expanded;
+  first.cache = &expanded;
+  lm->forward(first);
+  step(expanded, ids);
+  KvCache copies = expanded;
+  for (auto& layer : copies.layers) {
+    layer.key = layer.key.clone();
+    layer.value = layer.value.clone();
+    layer.key_storage = layer.value_storage = at::Tensor();
+  }
+  const at::Tensor beams = at::tensor({2, 0, 0, 1, 2}, at::kLong);
+  expanded.select_rows(beams);
+  copies.select_rows(beams);
+  EXPECT_TRUE(expanded.row_index.defined());
+  EXPECT_FALSE(copies.row_index.defined());
+  EXPECT_EQ(expanded.batch_size(), 5);
+  EXPECT_EQ(expanded.layers[0].key_storage.size(0), 5);
+  const at::Tensor ids5 = at::tensor({5, 9, 13, 7, 3}, at::kLong);
+  EXPECT_TRUE(at::allclose(step(expanded, ids5), step(copies, ids5), 1e-5, 1e-5));
+  const at::Tensor reorder = at::tensor({4, 4, 1, 0, 3}, at::kLong);
+  expanded.select_rows(reorder);
+  copies.select_rows(reorder);
+  EXPECT_TRUE(at::allclose(step(expanded, ids5), step(copies, ids5), 1e-5, 1e-5));
 }
 
 // The fused decode step (one token per sequence after a cache, no gradients) computes what the
 // general path computes: every dtype, both kernels, 1 and 6 sequences (and 70 for int8-dynamic,
 // which has no row limit), each activation, across
-// the cache's growth (16 positions at a time) and beam reorderings through row_index.
+// the cache's growth (16 positions at a time) and beam reorderings through row_index; and with
+// Gpt2Input::top_k, the same best tokens and logsumexp without the logits (vocabulary 300: one
+// block of fused_rows_topk_logsumexp; PackedWeight.TopKWithoutTheLogits covers several).
 TEST(Gpt2, FusedDecodeStepEqualsTheGeneralPath) {
   torch::NoGradGuard no_grad;
   for_each_kernel([](SkinnyIsa isa) {
@@ -751,12 +838,28 @@ TEST(Gpt2, FusedDecodeStepEqualsTheGeneralPath) {
             Gpt2Input in;
             in.input_ids = ids.unsqueeze(1);
             in.logits = step == 7 ? LogitsMode::All : LogitsMode::Last;
+            in.top_k = step % 6 == 3 ? 4 : 0;  // the best 4 without the logits (beam search's step)
             in.cache = &general;
             lm->set_fused_decoding(false);
             const Gpt2Output want = lm->forward(in);
             in.cache = &fused;
             lm->set_fused_decoding(true);
             const Gpt2Output got = lm->forward(in);
+            if (in.top_k > 0) {
+              ASSERT_FALSE(got.logits.defined()) << where;
+              ASSERT_TRUE(got.top_values.defined() && want.top_values.defined()) << where;
+              EXPECT_EQ(got.top_ids.sizes(), (std::vector<int64_t>{B, 4})) << where;
+              EXPECT_TRUE(close(got.top_values, want.top_values)) << where << " step " << step;
+              EXPECT_TRUE(close(got.logsumexp, want.logsumexp)) << where << " step " << step;
+              if (B <= kMaxPackedFusedRows) EXPECT_TRUE(got.top_ids.equal(want.top_ids)) << where << " step " << step;
+              // and they are the logits' best four and logsumexp
+              const auto top = want.logits.topk(4, -1);
+              EXPECT_TRUE(close(want.top_values, std::get<0>(top))) << where;
+              EXPECT_TRUE(close(want.logsumexp, at::logsumexp(want.logits, -1, true))) << where;
+              EXPECT_TRUE(close(got.last_hidden_state, want.last_hidden_state)) << where;
+              ids = want.logits.reshape({B, -1}).argmax(-1);
+              continue;
+            }
             ASSERT_EQ(got.logits.sizes(), want.logits.sizes()) << where;
             const double diff = (got.logits - want.logits).abs().max().item<double>();
             EXPECT_LE(diff, tol * want.logits.abs().max().item<double>()) << where << " step " << step;
