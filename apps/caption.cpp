@@ -207,7 +207,8 @@ int main(int argc, char** argv) {
   app.add_option("--encoder-dtype", encoder_dtype,
                  "encoder arithmetic on the CPU: float32, or int8-dynamic (CNN14's convolutions and the CLIP ViT's "
                  "linear layers as int8 products, activations quantised per row at run time: about 3x float32 with "
-                 "AVX-512 VNNI; embeddings within cosine 0.999 of float32's in the tests; not the CLIP ResNet)")
+                 "AVX-512 VNNI, 4-5x with AMX; embeddings within cosine 0.999 of float32's in the tests; not the CLIP "
+                 "ResNet)")
       ->capture_default_str()->check(CLI::IsMember({"float32", "int8-dynamic"}));
   app.add_option("--beam", beam, "beam size (default: the bundle's)")->check(CLI::PositiveNumber);
   app.add_flag("--greedy", greedy, "greedy decoding (beam 1)");

@@ -509,7 +509,8 @@ int main(int argc, char** argv) {
   app.add_option("--encoder-dtype", encoder_dtype,
                  "encoder arithmetic on the CPU: float32, or int8-dynamic (CNN14's convolutions and the CLIP ViT's "
                  "linear layers as int8 products, activations quantised per row at run time: about 3x float32 with "
-                 "AVX-512 VNNI; embeddings within cosine 0.999 of float32's in the tests; not the CLIP ResNet)")
+                 "AVX-512 VNNI, 4-5x with AMX; embeddings within cosine 0.999 of float32's in the tests; not the CLIP "
+                 "ResNet)")
       ->capture_default_str()->check(CLI::IsMember({"float32", "int8-dynamic"}));
   app.add_option("--max-batch", max_batch, "clips, windows or images per batch (1 = no batching)")->capture_default_str()->check(CLI::Range(1, 256));
   app.add_option("--batch-wait-ms", batch_wait_ms, "how long a batch waits for more requests")->capture_default_str()->check(CLI::Range(0.0, 1000.0));

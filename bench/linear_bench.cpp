@@ -3,14 +3,21 @@
 // row counts decoding meets: 1 (greedy), 5 (a beam), 16, 80 (16 beams of 5) and 320 (64 clips
 // x beam 5); int8-dynamic quantises the activations too (W8A8: VNNI, and AMX tiles from 16 rows
 // where the processor has AMX-INT8); LibTorch's bfloat16 at::linear beside them. Prints JSON:
-// microseconds per call and the ratio to float32 at::linear; with AMX, the integer products also
-// with AMX turned off (`*_vnni_us`).
+// microseconds per call and the ratio to float32 at::linear, the integer products' multiply-adds
+// per second (`*_gmacs`); with AMX, the machine's AMX int8 peak measured in the same run
+// (`amx_int8_peak_gmacs`) and the integer products also with AMX turned off (`*_vnni_us`).
 //   build/bench/linear_bench [--threads N] [--rows 1,5,16,80,320]
 #include <cstdio>
 #include <string>
 #include <vector>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define LINEAR_BENCH_AMX 1
+#endif
+
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <nlohmann/json.hpp>
 #include <torch/types.h>
 
@@ -21,6 +28,37 @@
 
 using namespace prefixcap;
 using namespace prefixcap::bench;
+
+namespace {
+#if LINEAR_BENCH_AMX
+// The AMX int8 peak of one core: tdpbusd on tiles already loaded (no memory traffic), four
+// independent sums. Multiply-adds per second. Call only where cpu_has_amx_int8().
+__attribute__((target("amx-tile,amx-int8"))) double amx_int8_peak_one_core(int64_t repeats) {
+  struct alignas(64) Config {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+    uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+  } config;
+  _tile_loadconfig(&config);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_zero(4);
+  _tile_zero(5);
+  const double t0 = now_seconds();
+  for (int64_t i = 0; i < repeats; ++i) {
+    _tile_dpbusd(0, 4, 5);
+    _tile_dpbusd(1, 4, 5);
+    _tile_dpbusd(2, 4, 5);
+    _tile_dpbusd(3, 4, 5);
+  }
+  const double t = now_seconds() - t0;
+  _tile_release();
+  return repeats * 4.0 * 16 * 16 * 64 / t;
+}
+#endif
+}  // namespace
 
 int main(int argc, char** argv) {
   prefixcap::select_blas_kernels(argv);  // before anything else: may re-execute (core/threads.h)
@@ -49,6 +87,18 @@ int main(int argc, char** argv) {
   out["cpu"] = cpu_model_name();
   out["threads"] = setup.num_threads;
   out["int8_kernel"] = int8_gemm_isa_name(int8_gemm_isa());
+#if LINEAR_BENCH_AMX
+  if (cpu_has_amx_int8()) {
+    // the machine's integer peak with AMX, every thread at once, to set the products against
+    std::vector<double> per_thread(static_cast<size_t>(at::get_num_threads()), 0.0);
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) per_thread[t] = amx_int8_peak_one_core(20000000);
+    });
+    double total = 0;
+    for (double p : per_thread) total += p;
+    out["amx_int8_peak_gmacs"] = total / 1e9;
+  }
+#endif
   struct Shape {
     const char* name;
     int64_t n, k;
@@ -81,6 +131,9 @@ int main(int argc, char** argv) {
       const double t_enc = best_time(repeats, [&] { int8_linear(x, encoder); });
       r["int8_gemm_us"] = t_enc * 1e6;
       r["int8_gemm_speedup_over_float32"] = t_ref / t_enc;
+      const double macs = double(m) * s.n * s.k;  // multiply-adds per product, for the peak above
+      r["int8_gemm_gmacs"] = macs / t_enc / 1e9;
+      r["int8-dynamic_gmacs"] = macs / r["int8-dynamic_us"].get<double>() * 1e-3;
       // LibTorch's own bfloat16 product (oneDNN; AMX-BF16 where LibTorch 2.x finds it)
       const at::Tensor wb = w.to(at::kBFloat16), xb = x.to(at::kBFloat16), bb = b.to(at::kBFloat16);
       at::linear(xb, wb, bb);
