@@ -127,19 +127,55 @@ PREFIXCAP_VNNI void vnni_quantize_values(const float* x, int64_t K, float inv, u
   for (; k < K; ++k) q[k] = quantize_activation(x[k], inv, code);
 }
 
+// Panel g of a packed matrix (64 outputs), as the kernels read it.
+struct Panel {
+  const int8_t* q;  // [K4][64][4]
+  const float *scale, *bias;
+  const int32_t* offset;
+  int64_t K4, N, outputs;  // outputs: this panel's real ones (64, or fewer in the last)
+  float* y;                // the product's first row at this panel's first output (stride N)
+  Panel(const Int8Matrix& w, int64_t g, int64_t ldq, float* y_all)
+      : q(w.packed.data_ptr<int8_t>() + g * (ldq / 4) * kGroup * 4),
+        scale(w.scale.data_ptr<float>() + g * kGroup),
+        bias(w.bias.data_ptr<float>() + g * kGroup),
+        offset(w.offset.data_ptr<int32_t>() + g * kGroup),
+        K4(ldq / 4),
+        N(w.rows),
+        outputs(std::min(kGroup, w.rows - g * kGroup)),
+        y(y_all + g * kGroup) {}
+};
+
+// The epilogue of both kernels: rows m .. m + rows - 1, their sums for outputs 16j .. 16j + 15
+// given by sums(i, j), to y = float(d - offset) * (sx * scale) + bias (then ReLU).
+template <typename Sums>
+PREFIXCAP_VNNI inline void store_rows(const Panel& p, const float* sx, int64_t m, int64_t rows, bool relu,
+                                      bool offset_free, const Sums& sums) {
+  for (int j = 0; j < 4; ++j) {
+    const int64_t c0 = 16 * j;
+    if (c0 >= p.outputs) break;
+    const __mmask16 keep = p.outputs - c0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (p.outputs - c0)) - 1);
+    const __m512i off = offset_free ? _mm512_setzero_si512() : _mm512_loadu_si512(p.offset + c0);
+    const __m512 sc = _mm512_loadu_ps(p.scale + c0), b = _mm512_loadu_ps(p.bias + c0);
+    for (int64_t i = 0; i < rows; ++i) {
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(sums(i, j), off));
+      const __m512 s = _mm512_mul_ps(_mm512_set1_ps(sx[m + i]), sc);
+      const __m512 out = _mm512_fmadd_ps(v, s, b);
+      _mm512_mask_storeu_ps(p.y + (m + i) * p.N + c0, keep, relu ? _mm512_max_ps(out, _mm512_setzero_ps()) : out);
+    }
+  }
+}
+
 // MB rows from m x the 64 outputs of panel g: per 4 values of k, 4 vectors of weights (16
 // outputs x 4 k each) and MB broadcasts of 4 activation bytes feed 4 x MB vpdpbusd.
 template <int MB>
-PREFIXCAP_VNNI void vnni_tile(const uint8_t* xq, const float* sx, int64_t ldq, const int8_t* panel, const float* scale,
-                              const int32_t* offset, const float* bias, float* y, int64_t N, int64_t outputs, int64_t m,
-                              bool relu, bool offset_free) {
+PREFIXCAP_VNNI void vnni_tile(const uint8_t* xq, const float* sx, int64_t ldq, const Panel& p, int64_t m, bool relu,
+                              bool offset_free) {
   __m512i acc[MB][4];
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
-  const int64_t K4 = ldq / 4;
   const uint8_t* xm = xq + m * ldq;
-  for (int64_t k4 = 0; k4 < K4; ++k4) {
-    const int8_t* wk = panel + k4 * kGroup * 4;
+  for (int64_t k4 = 0; k4 < p.K4; ++k4) {
+    const int8_t* wk = p.q + k4 * kGroup * 4;
     __m512i wv[4];
     for (int j = 0; j < 4; ++j) wv[j] = _mm512_loadu_si512(wk + 64 * j);
     for (int i = 0; i < MB; ++i) {
@@ -149,58 +185,43 @@ PREFIXCAP_VNNI void vnni_tile(const uint8_t* xq, const float* sx, int64_t ldq, c
       for (int j = 0; j < 4; ++j) acc[i][j] = dpbusd(acc[i][j], xv, wv[j]);
     }
   }
-  for (int j = 0; j < 4; ++j) {
-    const int64_t c0 = 16 * j;
-    if (c0 >= outputs) break;
-    const __mmask16 keep = outputs - c0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (outputs - c0)) - 1);
-    const __m512i off = offset_free ? _mm512_setzero_si512() : _mm512_loadu_si512(offset + c0);
-    const __m512 sc = _mm512_loadu_ps(scale + c0), b = _mm512_loadu_ps(bias + c0);
-    for (int i = 0; i < MB; ++i) {
-      const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], off));
-      const __m512 s = _mm512_mul_ps(_mm512_set1_ps(sx[m + i]), sc);
-      const __m512 out = _mm512_fmadd_ps(v, s, b);
-      _mm512_mask_storeu_ps(y + (m + i) * N + c0, keep, relu ? _mm512_max_ps(out, _mm512_setzero_ps()) : out);
-    }
-  }
+  store_rows(p, sx, m, MB, relu, offset_free, [&](int64_t i, int j) PREFIXCAP_VNNI { return acc[i][j]; });
 }
 
 PREFIXCAP_VNNI void vnni_task(const uint8_t* xq, const float* sx, int64_t ldq, const Int8Matrix& w, float* y, int64_t g,
                               int64_t m0, int64_t m1, bool relu, bool offset_free) {
-  const int64_t K4 = ldq / 4, N = w.rows;
-  const int8_t* panel = w.packed.data_ptr<int8_t>() + g * K4 * kGroup * 4;
-  const float* scale = w.scale.data_ptr<float>() + g * kGroup;
-  const float* bias = w.bias.data_ptr<float>() + g * kGroup;
-  const int32_t* offset = w.offset.data_ptr<int32_t>() + g * kGroup;
-  const int64_t outputs = std::min(kGroup, N - g * kGroup);
-  float* yg = y + g * kGroup;
+  const Panel p(w, g, ldq, y);
   int64_t m = m0;
-  for (; m + kTileRows <= m1; m += kTileRows)
-    vnni_tile<kTileRows>(xq, sx, ldq, panel, scale, offset, bias, yg, N, outputs, m, relu, offset_free);
+  for (; m + kTileRows <= m1; m += kTileRows) vnni_tile<kTileRows>(xq, sx, ldq, p, m, relu, offset_free);
   switch (m1 - m) {
-    case 5: vnni_tile<5>(xq, sx, ldq, panel, scale, offset, bias, yg, N, outputs, m, relu, offset_free); break;
-    case 4: vnni_tile<4>(xq, sx, ldq, panel, scale, offset, bias, yg, N, outputs, m, relu, offset_free); break;
-    case 3: vnni_tile<3>(xq, sx, ldq, panel, scale, offset, bias, yg, N, outputs, m, relu, offset_free); break;
-    case 2: vnni_tile<2>(xq, sx, ldq, panel, scale, offset, bias, yg, N, outputs, m, relu, offset_free); break;
-    case 1: vnni_tile<1>(xq, sx, ldq, panel, scale, offset, bias, yg, N, outputs, m, relu, offset_free); break;
+    case 5: vnni_tile<5>(xq, sx, ldq, p, m, relu, offset_free); break;
+    case 4: vnni_tile<4>(xq, sx, ldq, p, m, relu, offset_free); break;
+    case 3: vnni_tile<3>(xq, sx, ldq, p, m, relu, offset_free); break;
+    case 2: vnni_tile<2>(xq, sx, ldq, p, m, relu, offset_free); break;
+    case 1: vnni_tile<1>(xq, sx, ldq, p, m, relu, offset_free); break;
     default: break;
   }
 }
 
-// The AMX kernel. A pass multiplies 32 rows by 32 outputs over all of k: per 64 values of k, two
-// A tiles (16 rows x 64 bytes of k each, tmm4/5) and two B tiles (16 groups of 4 k x 16 outputs,
-// tmm6/7) feed four tdpbusd into the sums C (tmm0-3, 16 x 16 int32 each); two passes cover a
-// panel's 64 outputs. The packed panel's 256-byte rows (64 outputs x 4 k) are B tiles as they
-// lie: outputs 16j..16j+15 are bytes 64j..64j+63 of each, read with a stride of 256. (With one A
-// and four B tiles per step the B loads, from L2, held the tiles back.) Needs ldq % 64 == 0. The
-// sums are stored to memory and finished with vnni_tile's epilogue (so the same bits).
-PREFIXCAP_AMX void amx_tile_32x64(const uint8_t* a, int64_t lda, const int8_t* panel, int64_t K4, int32_t* c) {
+// The AMX kernel. A pass multiplies 16 * RB rows (RB = 1 or 2) by 32 outputs over all of k: per
+// 64 values of k, RB A tiles (16 rows x 64 bytes of k each, tmm4/5) and two B tiles (16 groups of
+// 4 k x 16 outputs, tmm6/7) feed 2 * RB tdpbusd into the sums C (tmm0-3, 16 x 16 int32 each);
+// two passes cover a panel's 64 outputs. The packed panel's 256-byte rows (64 outputs x 4 k) are
+// B tiles as they lie: outputs 16j..16j+15 are bytes 64j..64j+63 of each, read with a stride of
+// 256. (With one A and four B tiles per step the B loads, from L2, held the tiles back.) Needs
+// ldq % 64 == 0. The sums go to c ([row][64] int32) and are finished with vnni_tile's epilogue
+// (so the same bits).
+template <int RB>
+PREFIXCAP_AMX void amx_tile(const uint8_t* a, int64_t lda, const int8_t* panel, int64_t K4, int32_t* c) {
   const uint8_t* a1 = a + 16 * lda;
   for (int half = 0; half < 2; ++half) {
     const int8_t* b = panel + 128 * half;
     _tile_zero(0);
     _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
+    if constexpr (RB == 2) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
     for (int64_t k4 = 0; k4 < K4; k4 += 16) {
       const int8_t* bk = b + k4 * kGroup * 4;
       _tile_loadd(4, a + 4 * k4, lda);
@@ -208,77 +229,36 @@ PREFIXCAP_AMX void amx_tile_32x64(const uint8_t* a, int64_t lda, const int8_t* p
       _tile_dpbusd(0, 4, 6);
       _tile_loadd(7, bk + 64, kGroup * 4);
       _tile_dpbusd(1, 4, 7);
-      _tile_loadd(5, a1 + 4 * k4, lda);
-      _tile_dpbusd(2, 5, 6);
-      _tile_dpbusd(3, 5, 7);
+      if constexpr (RB == 2) {
+        _tile_loadd(5, a1 + 4 * k4, lda);
+        _tile_dpbusd(2, 5, 6);
+        _tile_dpbusd(3, 5, 7);
+      }
     }
-    int32_t* ch = c + 32 * half;  // rows 0-15 then 16-31, outputs 32 * half + (0..31)
+    int32_t* ch = c + 32 * half;  // rows 0-15 (then 16-31), outputs 32 * half + (0..31)
     _tile_stored(0, ch, kGroup * 4);
     _tile_stored(1, ch + 16, kGroup * 4);
-    _tile_stored(2, ch + 16 * kGroup, kGroup * 4);
-    _tile_stored(3, ch + 16 * kGroup + 16, kGroup * 4);
+    if constexpr (RB == 2) {
+      _tile_stored(2, ch + 16 * kGroup, kGroup * 4);
+      _tile_stored(3, ch + 16 * kGroup + 16, kGroup * 4);
+    }
   }
-}
-
-// 16 rows x 64 outputs: one A tile, four B tiles per 64 values of k.
-PREFIXCAP_AMX void amx_tile_16x64(const uint8_t* a, int64_t lda, const int8_t* panel, int64_t K4, int32_t* c) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  for (int64_t k4 = 0; k4 < K4; k4 += 16) {
-    const int8_t* b = panel + k4 * kGroup * 4;
-    _tile_loadd(4, a + 4 * k4, lda);
-    _tile_loadd(5, b, kGroup * 4);
-    _tile_dpbusd(0, 4, 5);
-    _tile_loadd(6, b + 64, kGroup * 4);
-    _tile_dpbusd(1, 4, 6);
-    _tile_loadd(5, b + 128, kGroup * 4);
-    _tile_dpbusd(2, 4, 5);
-    _tile_loadd(6, b + 192, kGroup * 4);
-    _tile_dpbusd(3, 4, 6);
-  }
-  _tile_stored(0, c, kGroup * 4);
-  _tile_stored(1, c + 16, kGroup * 4);
-  _tile_stored(2, c + 32, kGroup * 4);
-  _tile_stored(3, c + 48, kGroup * 4);
 }
 
 PREFIXCAP_AMX void amx_task(const uint8_t* xq, const float* sx, int64_t ldq, const Int8Matrix& w, float* y, int64_t g,
                             int64_t m0, int64_t m1, bool relu, bool offset_free) {
-  const int64_t K4 = ldq / 4, N = w.rows;
-  const int8_t* panel = w.packed.data_ptr<int8_t>() + g * K4 * kGroup * 4;
-  const float* scale = w.scale.data_ptr<float>() + g * kGroup;
-  const float* bias = w.bias.data_ptr<float>() + g * kGroup;
-  const int32_t* offset = w.offset.data_ptr<int32_t>() + g * kGroup;
-  const int64_t outputs = std::min(kGroup, N - g * kGroup);
+  const Panel p(w, g, ldq, y);
   alignas(64) int32_t c[2 * kAmxRows * kGroup];
-  // rows m .. m + rows - 1 of the sums in c ([row][64]) -> y
-  auto finish = [&](int64_t m, int64_t rows) PREFIXCAP_AMX {
-    for (int j = 0; j < 4; ++j) {
-      const int64_t c0 = 16 * j;
-      if (c0 >= outputs) break;
-      const __mmask16 keep = outputs - c0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (outputs - c0)) - 1);
-      const __m512i off = offset_free ? _mm512_setzero_si512() : _mm512_loadu_si512(offset + c0);
-      const __m512 sc = _mm512_loadu_ps(scale + c0), b = _mm512_loadu_ps(bias + c0);
-      for (int64_t i = 0; i < rows; ++i) {
-        const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(c + i * kGroup + c0), off));
-        const __m512 s = _mm512_mul_ps(_mm512_set1_ps(sx[m + i]), sc);
-        const __m512 out = _mm512_fmadd_ps(v, s, b);
-        _mm512_mask_storeu_ps(y + (m + i) * N + g * kGroup + c0, keep,
-                              relu ? _mm512_max_ps(out, _mm512_setzero_ps()) : out);
-      }
-    }
-  };
+  auto sums = [&](int64_t i, int j) PREFIXCAP_AMX { return _mm512_load_si512(c + i * kGroup + 16 * j); };
   int64_t m = m0;
   x86::load_full_tiles();
   for (; m + 2 * kAmxRows <= m1; m += 2 * kAmxRows) {
-    amx_tile_32x64(xq + m * ldq, ldq, panel, K4, c);
-    finish(m, 2 * kAmxRows);
+    amx_tile<2>(xq + m * ldq, ldq, p.q, p.K4, c);
+    store_rows(p, sx, m, 2 * kAmxRows, relu, offset_free, sums);
   }
   if (m + kAmxRows <= m1) {
-    amx_tile_16x64(xq + m * ldq, ldq, panel, K4, c);
-    finish(m, kAmxRows);
+    amx_tile<1>(xq + m * ldq, ldq, p.q, p.K4, c);
+    store_rows(p, sx, m, kAmxRows, relu, offset_free, sums);
     m += kAmxRows;
   }
   _tile_release();

@@ -187,57 +187,11 @@ PREFIXCAP_AVX512 inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// One row: its k largest values (descending, earlier index first among equals) and logsumexp.
-// Pass 1 keeps the top k by insertion, testing 16 values at a time against the k-th so far;
-// pass 2 sums exp(x - max).
-PREFIXCAP_AVX512 void row_topk_logsumexp(const float* x, int64_t V, int64_t k, float* values, int64_t* ids,
-                                         float* lse) {
-  for (int64_t j = 0; j < k; ++j) {
-    values[j] = -std::numeric_limits<float>::infinity();
-    ids[j] = -1;
-  }
-  auto insert = [&](float v, int64_t i) {
-    if (!(v > values[k - 1]) && ids[k - 1] >= 0) return;
-    int64_t j = k - 1;
-    while (j > 0 && (v > values[j - 1] || ids[j - 1] < 0)) {
-      values[j] = values[j - 1];
-      ids[j] = ids[j - 1];
-      --j;
-    }
-    values[j] = v;
-    ids[j] = i;
-  };
-  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  int64_t i = 0;
-  for (; i + 16 <= V; i += 16) {
-    const __m512 v = _mm512_loadu_ps(x + i);
-    mx = _mm512_max_ps(mx, v);
-    // ids[k - 1] < 0: not full yet, everything goes in
-    __mmask16 mask = ids[k - 1] < 0 ? __mmask16(0xFFFF)
-                                    : _mm512_cmp_ps_mask(v, _mm512_set1_ps(values[k - 1]), _CMP_GT_OQ);
-    while (mask) {
-      const int j = __builtin_ctz(mask);
-      insert(x[i + j], i + j);
-      mask = static_cast<__mmask16>(mask & (mask - 1));
-    }
-  }
-  float m = _mm512_reduce_max_ps(mx);
-  for (; i < V; ++i) {
-    insert(x[i], i);
-    m = std::max(m, x[i]);
-  }
-  __m512 sum = _mm512_setzero_ps();
-  const __m512 mv = _mm512_set1_ps(m);
-  i = 0;
-  for (; i + 16 <= V; i += 16) sum = _mm512_add_ps(sum, exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), mv)));
-  double total = _mm512_reduce_add_ps(sum);
-  for (; i < V; ++i) total += std::exp(double(x[i]) - m);
-  *lse = m + static_cast<float>(std::log(total));
-}
-
-// fused_rows_topk_logsumexp's reduction of one row's block of n logits (ids from id0): the k best
-// kept as row_topk_logsumexp keeps them (values/ids start at -inf / -1), and the block's max and
-// sum of exp(x - max) folded into the row's running *m and *s.
+// One row's block of n logits (ids from id0) folded into what is kept of the row: its k best by
+// insertion (descending, earlier id first among equals; values/ids start at -inf / -1), testing
+// 16 values at a time against the k-th so far, and its running max *m and sum *s of exp(x - *m)
+// (the block's sum rescaled to the larger max). fused_rows_topk_logsumexp calls it per block of
+// outputs, row_topk_logsumexp once per row.
 PREFIXCAP_AVX512 void avx512_block_topk_logsumexp(const float* x, int64_t n, int64_t id0, int64_t k, float* values,
                                                   int64_t* ids, float* m, double* s) {
   auto insert = [&](float v, int64_t i) {
@@ -281,6 +235,19 @@ PREFIXCAP_AVX512 void avx512_block_topk_logsumexp(const float* x, int64_t n, int
   } else {
     *s += bs * std::exp(double(bm) - *m);
   }
+}
+
+// One row: its k largest values (descending, earlier index first among equals) and logsumexp:
+// the row as one block (pass 1 keeps the top k by insertion, testing 16 values at a time against
+// the k-th so far; pass 2 sums exp(x - max)).
+PREFIXCAP_AVX512 void row_topk_logsumexp(const float* x, int64_t V, int64_t k, float* values, int64_t* ids,
+                                         float* lse) {
+  std::fill(values, values + k, -std::numeric_limits<float>::infinity());
+  std::fill(ids, ids + k, int64_t(-1));
+  float m = -std::numeric_limits<float>::infinity();
+  double s = 0;
+  avx512_block_topk_logsumexp(x, V, 0, k, values, ids, &m, &s);
+  *lse = m + static_cast<float>(std::log(s));
 }
 
 // In place: 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), tanh(u) = 1 - 2 / (exp(2u) + 1).
