@@ -9,8 +9,9 @@
 // registers with no reductions; activations are stored as p + 128 (unsigned) and
 // 128 * sum_k q[n, k] is subtracted at the end. A plain C++ kernel computes the same integers and
 // the same float epilogue (same bits) on processors without VNNI. On processors with AMX-INT8 the
-// same packed panels are multiplied in tiles of 16 rows x 64 outputs (tdpbusd), where rows are a
-// multiple of 64 bytes; the sums are exact integers either way, so all three give the same bits.
+// same packed panels are multiplied with tdpbusd in passes of 32 (or 16) rows x 32 outputs, where
+// rows are a multiple of 64 bytes; the sums are exact integers either way, so all three give the
+// same bits.
 #pragma once
 
 #include <cstdint>
@@ -80,7 +81,7 @@ Int8Rows quantize_patches_3x3(const at::Tensor& x, bool nonnegative = false);
 // in memory.
 at::Tensor int8_conv3x3(const at::Tensor& x, const Int8Matrix& w, bool relu, bool nonnegative_input = false);
 
-// y [M, N] float32 = the product above, split over LibTorch's threads in tiles of up to 48 rows x
+// y [M, N] float32 = the product above, split over LibTorch's threads in tasks of up to 48 rows x
 // 64 outputs.
 at::Tensor int8_matmul(const Int8Rows& x, const Int8Matrix& w);
 // x float32 [..., K] -> [..., N]: quantise the rows, then int8_matmul.
