@@ -11,11 +11,6 @@
 #include <string>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define LINEAR_BENCH_AMX 1
-#endif
-
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <nlohmann/json.hpp>
@@ -24,22 +19,18 @@
 #include "bench/bench_util.h"
 #include "core/int8_gemm.h"
 #include "core/threads.h"
+#include "core/x86_kernels.h"
 #include "lm/skinny_matmul.h"
 
 using namespace prefixcap;
 using namespace prefixcap::bench;
 
 namespace {
-#if LINEAR_BENCH_AMX
+#if PREFIXCAP_X86_KERNELS
 // The AMX int8 peak of one core: tdpbusd on tiles already loaded (no memory traffic), four
 // independent sums. Multiply-adds per second. Call only where cpu_has_amx_int8().
-__attribute__((target("amx-tile,amx-int8"))) double amx_int8_peak_one_core(int64_t repeats) {
-  struct alignas(64) Config {
-    uint8_t palette = 1, start_row = 0, reserved[14] = {};
-    uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
-    uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
-  } config;
-  _tile_loadconfig(&config);
+PREFIXCAP_AMX double amx_int8_peak_one_core(int64_t repeats) {
+  x86::load_full_tiles();
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
@@ -87,7 +78,7 @@ int main(int argc, char** argv) {
   out["cpu"] = cpu_model_name();
   out["threads"] = setup.num_threads;
   out["int8_kernel"] = int8_gemm_isa_name(int8_gemm_isa());
-#if LINEAR_BENCH_AMX
+#if PREFIXCAP_X86_KERNELS
   if (cpu_has_amx_int8()) {
     // the machine's integer peak with AMX, every thread at once, to set the products against
     std::vector<double> per_thread(static_cast<size_t>(at::get_num_threads()), 0.0);

@@ -328,13 +328,16 @@ void check_cpu_float(const at::Tensor& t, int64_t dim, const char* what) {
                                 "-d floating-point CPU tensor");
 }
 
-// offset_free: the rows are coded NonNegative (no 128 to take out). The AMX kernel takes rows
-// padded to a multiple of 64 bytes (the published models' shapes: 9 x 64 k channels, 768, 3072);
-// others go to the VNNI kernel, which gives the same bits.
+// Whether `isa` multiplies rows of ldq bytes with AMX tiles: rows padded to a multiple of 64
+// bytes (the published models' shapes: 9 x 64 k channels, 768, 3072); others go to the VNNI
+// kernel, which gives the same bits.
+bool uses_amx(Int8GemmIsa isa, int64_t ldq) { return isa == Int8GemmIsa::Amx && ldq % 64 == 0; }
+
+// offset_free: the rows are coded NonNegative (no 128 to take out).
 void run_task(const uint8_t* xq, const float* sx, int64_t ldq, const Int8Matrix& w, float* y, int64_t g, int64_t m0,
               int64_t m1, bool relu, bool offset_free, Int8GemmIsa isa) {
 #if PREFIXCAP_X86_KERNELS
-  if (isa == Int8GemmIsa::Amx && ldq % 64 == 0) return amx_task(xq, sx, ldq, w, y, g, m0, m1, relu, offset_free);
+  if (uses_amx(isa, ldq)) return amx_task(xq, sx, ldq, w, y, g, m0, m1, relu, offset_free);
   if (isa != Int8GemmIsa::Generic) return vnni_task(xq, sx, ldq, w, y, g, m0, m1, relu, offset_free);
 #endif
   (void)isa;
@@ -346,14 +349,14 @@ bool avx512_quantiser() { return int8_gemm_isa() != Int8GemmIsa::Generic; }
 
 // y [M, N] = the product of M quantised rows (stride padded_cols) and w, split over LibTorch's
 // threads: rows in chunks of at most kTaskRows, as even as whole tiles allow (50 rows: 30 + 20,
-// not 48 + 2; with AMX tiles of 16, 32 + 18), times the panels of 64 outputs, rows-chunk major (a thread's consecutive tasks
-// reuse its chunk of activations).
+// not 48 + 2; with AMX tiles of 16, 32 + 18), times the panels of 64 outputs, rows-chunk major
+// (a thread's consecutive tasks reuse its chunk of activations).
 void multiply_rows(const uint8_t* xq, const float* sx, int64_t M, const Int8Matrix& w, float* y, bool relu,
                    bool offset_free) {
   if (M == 0) return;
   const Int8GemmIsa isa = int8_gemm_isa();
   const int64_t ldq = w.padded_cols(), groups = w.packed.size(0), chunks = (M + kTaskRows - 1) / kTaskRows;
-  const int64_t tile = isa == Int8GemmIsa::Amx && ldq % 64 == 0 ? kAmxRows : kTileRows;
+  const int64_t tile = uses_amx(isa, ldq) ? kAmxRows : kTileRows;
   const int64_t chunk_rows = ((M + chunks - 1) / chunks + tile - 1) / tile * tile;
   at::parallel_for(0, groups * chunks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {

@@ -1,7 +1,7 @@
 // What the hand-written CPU kernels (core/int8_gemm.cpp, lm/skinny_matmul.cpp) share: whether the
 // x86 intrinsics are available, how a plain C++ kernel is built for several instruction sets, the
 // target of the VNNI and AMX kernels, the one VNNI instruction they use and the AMX tile shape.
-// Included by kernel sources only.
+// Included by kernel sources only (and linear_bench, for its AMX peak probe).
 #pragma once
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))

@@ -688,7 +688,7 @@ Gpt2Output Gpt2ModelImpl::fused_decode_step(const Gpt2Input& in) {
                                                    : weight_rows(lm_head ? lm_head->weight : wte->weight);
   if (in.logits == LogitsMode::Last && in.top_k > 0) {
     // the k best tokens and the normaliser without the [B, V] logits
-    const int64_t k = std::min(in.top_k, V);
+    const int64_t k = in.top_k;  // (more than V: fused_rows_topk_logsumexp throws, as topk_logsumexp does)
     result.top_values = at::empty({B, k}, wpe->weight.options());
     result.top_ids = at::empty({B, k}, wpe->weight.options().dtype(at::kLong));
     result.logsumexp = at::empty({B, 1}, wpe->weight.options());

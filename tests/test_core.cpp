@@ -464,6 +464,11 @@ TEST(Int8Gemm, IsTheIntegerProductOfRowQuantisedActivationsAndWeights) {
     }
   }
   force_int8_gemm_isa(detected_int8_gemm_isa());
+  // A kernel the processor lacks is refused by name.
+  if (!cpu_has_amx_int8()) EXPECT_THROW(force_int8_gemm_isa(Int8GemmIsa::Amx), std::invalid_argument);
+  if (!cpu_has_avx512vnni()) EXPECT_THROW(force_int8_gemm_isa(Int8GemmIsa::Vnni), std::invalid_argument);
+  EXPECT_STREQ(int8_gemm_isa_name(Int8GemmIsa::Amx), "amx");
+  EXPECT_STREQ(int8_gemm_isa_name(Int8GemmIsa::Generic), "generic");
   // Leading dimensions are kept; no bias means zero.
   const at::Tensor w = at::randn({70, 33}), x = at::randn({2, 3, 33});
   const Int8Matrix p = pack_int8_matrix(w);

@@ -707,6 +707,32 @@ TEST(DecodeKernels, TopkLogsumexpAndGeluEqualLibTorchOnEveryKernel) {
   });
 }
 
+// Asking a step for more best tokens than the vocabulary has is refused on both paths.
+TEST(Gpt2, TopKBeyondTheVocabularyIsRefused) {
+  auto lm = tiny_lm();
+  torch::NoGradGuard no_grad;
+  const int64_t V = lm->config().vocab_size;
+  for (bool fused : {true, false}) {
+    KvCache cache;
+    Gpt2Input first;
+    first.prefix_embeds = random_prefix(2, 3, lm->config().n_embd, 4);
+    first.cache = &cache;
+    first.logits = LogitsMode::Last;
+    lm->forward(first);
+    Gpt2Input step;
+    step.input_ids = at::tensor({5, 9}, at::kLong).unsqueeze(1);
+    step.cache = &cache;
+    step.logits = LogitsMode::Last;
+    lm->forward(step);  // now the cache grows in place: the next step can be fused
+    lm->set_fused_decoding(fused);
+    const int64_t taken = lm->fused_steps_taken();
+    step.top_k = V + 1;
+    EXPECT_THROW(lm->forward(step), c10::Error) << (fused ? "fused" : "general");
+    if (fused) EXPECT_EQ(lm->fused_steps_taken(), taken + 1);  // the fused step was the one refusing
+    lm->set_fused_decoding(true);
+  }
+}
+
 // A beam reordering of a cache that grows in place only rewrites row_index; decoding through it
 // must equal decoding from a cache whose rows were physically reordered.
 TEST(Gpt2, ReorderingThroughRowIndexEqualsCopyingTheRows) {
